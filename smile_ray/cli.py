@@ -1,0 +1,113 @@
+"""The ``smile-ray`` command line: parse, call one library function, print.
+
+Every user error surfaces as a :class:`~smile_ray.errors.SmileError` (or a click usage
+error) and is printed as one line on stderr with a non-zero exit; tracebacks are kept for
+bugs.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import click
+import yaml
+
+from smile_ray.config import KEYS, Config, resolve_config
+from smile_ray.errors import SmileError
+
+
+def _keys_help() -> str:
+    width = max(map(len, KEYS))
+    lines = ["\b", "Config keys (for --set KEY=VALUE and --config files; defaults in brackets):"]
+    for name, f in KEYS.items():
+        default = f.default
+        shown = f"{default:.4g}" if isinstance(default, float) else str(default).lower() if isinstance(default, bool) else default
+        lines.append(f"  {name:<{width}}  {f.metadata['help']} [{shown}]")
+    return "\n".join(lines)
+
+
+config_option = click.option(
+    "--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+    help="YAML/JSON file of config keys; a metrics.json or best.json is accepted too.",
+)
+set_option = click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+    help="Override one config key (repeatable); applied after --config.",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="smile-ray")
+def cli() -> None:
+    """smile-ray: fine-tune pre-trained CNNs with SMILE (sample-to-feature mixup).
+
+    Everything runs on the embedded digits benchmark by default (no download).
+    """
+
+
+@cli.command(epilog=_keys_help())
+@click.option("--method", help="Fine-tuning method: smile (default), mixup or l2.")
+@click.option("--dataset", help="Target dataset (default: digits, embedded).")
+@config_option
+@set_option
+@click.option(
+    "--output", type=click.Path(file_okay=False, path_type=Path),
+    help="Run directory for metrics.json, model.pt and the checkpoint [runs/METHOD-DATASET-TIME]. "
+    "A directory holding a checkpoint of the same config is resumed.",
+)
+@click.option("--overwrite", is_flag=True, help="Discard a checkpoint already in --output and start afresh.")
+@click.option(
+    "--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+    help="Where pre-trained source models are cached [$SMILE_RAY_CACHE or ~/.cache/smile-ray].",
+)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(method, dataset, config_file, overrides, output, overwrite, cache_dir, quiet) -> None:
+    """Fine-tune one model and write OUTPUT/metrics.json.
+
+    metrics.json holds the method, the full config, validation and test accuracy, test
+    ECE and NLL, steps, seconds and the per-evaluation history; model.pt the student's
+    weights; checkpoint/state.pt the state to resume from.
+    """
+    from smile_ray.train import train as run_train
+
+    config = resolve_config(config_file, overrides, method=method, dataset=dataset)
+    if output is None:
+        output = Path("runs") / f"{config.method}-{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if overwrite:
+        shutil.rmtree(output / "checkpoint", ignore_errors=True)
+    metrics = run_train(config, output, cache_dir=cache_dir, progress=not quiet)
+    click.echo(
+        f"{config.method} on {config.dataset}: val_acc {metrics['val_acc']:.4f}  test_acc {metrics['test_acc']:.4f}  "
+        f"test_ece {metrics['test_ece']:.4f}  {metrics['steps']} steps in {metrics['seconds']:.1f} s"
+    )
+    click.echo(f"wrote {output / 'metrics.json'}")
+
+
+@cli.command("config")
+@config_option
+@set_option
+def show_config(config_file, overrides) -> None:
+    """Print the resolved config as YAML (a starting point for --config files)."""
+    config: Config = resolve_config(config_file, overrides)
+    click.echo(yaml.safe_dump(config.to_dict(), sort_keys=False), nl=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        rv = cli.main(args=argv, prog_name="smile-ray", standalone_mode=False)
+    except SmileError as e:
+        click.echo(f"error: {e}", err=True)
+        return 2
+    except click.ClickException as e:
+        click.echo(f"error: {e.format_message()}", err=True)
+        return e.exit_code
+    except (click.Abort, KeyboardInterrupt):
+        click.echo("error: interrupted; rerun the same command to resume from the last checkpoint", err=True)
+        return 130
+    return rv if isinstance(rv, int) else 0
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""The one config: every knob of a run, with one flat name used everywhere.
+
+The same names appear in ``--set key=value``, in config/search-space/ablation YAML, in
+MLflow params and in result tables. :func:`make_config` is the single place where user
+input becomes a :class:`Config`; it validates types and ranges once and raises
+:class:`~smile_ray.errors.SmileError` naming the key (and file) at fault.
+
+Defaults are the SMILE reference values (see ``METHOD.md``) where they apply; only
+``steps`` (and ``eval_every``) are scaled down for the embedded digits task, whose images
+are 32 px instead of 224 px.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from smile_ray.errors import SmileError
+
+# The reference implementation runs 9000 steps and drops the regularisers for the last
+# 1000 of them; we keep that proportion whatever ``steps`` is.
+REFERENCE_PLAIN_TAIL_FRACTION = 1000 / 9000
+
+SWITCHES = ("feature_mixup", "source_label", "mean_teacher", "label_mixup", "head_l2", "plain_tail")
+
+
+def _key(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated run configuration. Build it with :func:`make_config`."""
+
+    # what to run
+    method: str = _key("smile", "fine-tuning method: smile, mixup or l2")
+    dataset: str = _key("digits", "target dataset (digits is embedded; no download)")
+    backbone: str = _key("digits_cnn", "backbone: digits_cnn, resnet18, resnet50")
+    weights: str = _key(
+        "source",
+        "source (pre-train on the dataset's source task, cached), imagenet (torch hub cache), none, or a file",
+    )
+    samples_per_class: int = _key(5, "training images per target class, drawn by seed")
+    image_size: int = _key(32, "input side in pixels (digits 32; the paper uses 224)")
+    # optimisation
+    steps: int = _key(300, "optimiser steps (reference: 9000 on 224 px datasets)")
+    batch_size: int = _key(48, "global batch size")
+    lr: float = _key(0.01, "SGD learning rate; x0.1 at two thirds of training")
+    weight_decay: float = _key(1e-4, "SGD weight decay on all parameters")
+    momentum: float = _key(0.9, "SGD Nesterov momentum")
+    seed: int = _key(2022, "seed of the training subset, initialisation and every draw")
+    # SMILE
+    mixup_alpha: float = _key(0.2, "Beta(alpha, alpha) for the mixing weight lambda")
+    ema_decay: float = _key(0.999, "mean-teacher EMA decay")
+    ema_every: int = _key(10, "steps between mean-teacher updates")
+    feature_weight: float = _key(0.01, "weight of the feature-mixup loss")
+    source_label_weight: float = _key(0.1, "weight of the source-label mixup loss")
+    head_l2_weight: float = _key(1e-4, "weight of the L2 penalty on the classifier heads")
+    plain_tail_fraction: float = _key(
+        REFERENCE_PLAIN_TAIL_FRACTION, "final fraction of steps trained without mixup/regularisers"
+    )
+    # SMILE components (ablation switches)
+    feature_mixup: bool = _key(True, "smile: mixed teacher feature maps as a target")
+    source_label: bool = _key(True, "smile: source-label head trained on mixed teacher predictions")
+    mean_teacher: bool = _key(True, "smile: teacher is an EMA of the student (else frozen)")
+    label_mixup: bool = _key(True, "smile: target classifier trained on mixed labels (else clean CE)")
+    head_l2: bool = _key(True, "all methods: L2 penalty on the classifier heads")
+    plain_tail: bool = _key(True, "mixup/smile: plain fine-tuning for the final steps")
+    # running
+    eval_every: int = _key(100, "steps between validation evaluations and checkpoints")
+    device: str = _key("auto", "auto, cpu, cuda or cuda:N")
+    precision: str = _key("fp32", "fp32 or bf16 (autocast)")
+    channels_last: bool = _key(False, "use the channels_last memory format")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "Config":
+        return make_config({**self.to_dict(), **changes})
+
+    @property
+    def lr_decay_step(self) -> int:
+        """Step at which the learning rate drops x0.1 (two thirds of training)."""
+        return (2 * self.steps) // 3
+
+    @property
+    def plain_tail_start(self) -> int:
+        """First step of the plain tail (``steps`` when the tail is off or empty)."""
+        if not self.plain_tail:
+            return self.steps
+        return self.steps - int(round(self.plain_tail_fraction * self.steps))
+
+
+KEYS: dict[str, dataclasses.Field] = {f.name: f for f in fields(Config)}
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def _coerce(name: str, value: Any, kind: type, where: str) -> Any:
+    """Turn a YAML / ``--set`` value into the field's type or fail naming it."""
+
+    def bad() -> SmileError:
+        return SmileError(
+            f"{where}: {name}={value!r} is not a valid {kind.__name__}"
+        )
+
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise bad()
+    if isinstance(value, bool):
+        raise bad()
+    if kind is int:
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise bad() from None
+        raise bad()
+    if kind is float:
+        if isinstance(value, (int, float)):
+            out = float(value)
+        elif isinstance(value, str):
+            try:
+                out = float(value)
+            except ValueError:
+                raise bad() from None
+        else:
+            raise bad()
+        if not math.isfinite(out):
+            raise bad()
+        return out
+    if kind is str:
+        if isinstance(value, (str, int, float)):
+            return str(value)
+        raise bad()
+    raise TypeError(kind)
+
+
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def _check_ranges(c: Config, where: str) -> None:
+    def need(ok: bool, key: str, rule: str) -> None:
+        if not ok:
+            raise SmileError(f"{where}: {key}={getattr(c, key)!r} is out of range ({rule})")
+
+    need(c.samples_per_class >= 1, "samples_per_class", "must be >= 1")
+    need(c.image_size >= 8, "image_size", "must be >= 8")
+    need(c.steps >= 1, "steps", "must be >= 1")
+    need(c.batch_size >= 1, "batch_size", "must be >= 1")
+    need(c.lr > 0, "lr", "must be > 0")
+    need(c.weight_decay >= 0, "weight_decay", "must be >= 0")
+    need(0 <= c.momentum < 1, "momentum", "must be in [0, 1)")
+    need(c.seed >= 0, "seed", "must be >= 0")
+    need(c.mixup_alpha > 0, "mixup_alpha", "must be > 0")
+    need(0 <= c.ema_decay < 1, "ema_decay", "must be in [0, 1)")
+    need(c.ema_every >= 1, "ema_every", "must be >= 1")
+    need(c.feature_weight >= 0, "feature_weight", "must be >= 0")
+    need(c.source_label_weight >= 0, "source_label_weight", "must be >= 0")
+    need(c.head_l2_weight >= 0, "head_l2_weight", "must be >= 0")
+    need(0 <= c.plain_tail_fraction < 1, "plain_tail_fraction", "must be in [0, 1)")
+    need(c.eval_every >= 1, "eval_every", "must be >= 1")
+    need(bool(_DEVICE.match(c.device)), "device", "auto, cpu, cuda or cuda:N")
+    need(c.precision in ("fp32", "bf16"), "precision", "fp32 or bf16")
+    need(c.weights != "", "weights", "source, imagenet, none or a file path")
+
+
+def _check_names(c: Config, where: str) -> None:
+    # Imported here: the registries import this module.
+    from smile_ray.data import DATASETS
+    from smile_ray.methods import METHODS
+    from smile_ray.models import BACKBONES
+
+    for registry, key in ((METHODS, "method"), (DATASETS, "dataset"), (BACKBONES, "backbone")):
+        try:
+            registry.get(getattr(c, key))
+        except SmileError as e:
+            raise SmileError(f"{where}: {e}") from None
+
+
+def make_config(values: Mapping[str, Any] | None = None, where: str = "config") -> Config:
+    """Validate a mapping of config keys (missing keys take defaults) into a Config.
+
+    ``where`` names the source of the values (a file, ``--set``) in error messages.
+    """
+    values = dict(values or {})
+    unknown = [k for k in values if k not in KEYS]
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(str(k), KEYS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise SmileError(f"{where}: unknown config key {k!r}{hint}")
+    typed = {}
+    for k, v in values.items():
+        kind = _TYPES[KEYS[k].type] if isinstance(KEYS[k].type, str) else KEYS[k].type
+        typed[k] = _coerce(k, v, kind, where)
+    config = Config(**typed)
+    _check_ranges(config, where)
+    _check_names(config, where)
+    return config
+
+
+def parse_overrides(pairs: Iterable[str], where: str = "--set") -> dict[str, Any]:
+    """``["mixup_alpha=0.4", "feature_mixup=false"]`` -> ``{"mixup_alpha": 0.4, ...}``."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SmileError(f"{where}: expected key=value, got {pair!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a YAML (or JSON) file, turning every failure into a one-line SmileError."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SmileError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SmileError(f"{path}: cannot read ({e.__class__.__name__})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "invalid syntax"
+        raise SmileError(f"{path}: malformed YAML{at}: {problem}") from None
+
+
+def load_config_values(path: str | Path) -> dict[str, Any]:
+    """Config keys from a YAML/JSON file.
+
+    A file whose top level has a ``config`` mapping (``metrics.json`` of a run, a tuning
+    study's ``best.json``) contributes that mapping, so a result is reusable as a config.
+    """
+    data = read_yaml(path)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SmileError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    if isinstance(data.get("config"), dict):
+        data = data["config"]
+    return data
+
+
+def resolve_config(
+    config_file: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    **explicit: Any,
+) -> Config:
+    """Defaults <- config file <- ``explicit`` keyword values <- ``--set`` overrides."""
+    values: dict[str, Any] = {}
+    where = "config"
+    if config_file is not None:
+        values.update(load_config_values(config_file))
+        where = str(config_file)
+        make_config(values, where=where)  # blame the file for its own mistakes
+    values.update({k: v for k, v in explicit.items() if v is not None})
+    sets = parse_overrides(overrides)
+    values.update(sets)
+    return make_config(values, where="--set" if sets else where)
+
+
+def config_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """Keys whose values differ between two config dicts."""
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def dumps(config: Config) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True)

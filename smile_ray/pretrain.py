@@ -1,0 +1,119 @@
+"""Source models: where pre-trained weights come from.
+
+``weights=source`` pre-trains the backbone on the dataset's source task (digits 0-4 for
+the embedded default) once and caches the result under the cache directory, keyed by
+everything that determines it; later runs, and every trial of a study, reuse the file.
+``weights=imagenet`` reads torchvision's file from torch's hub cache, ``weights=none`` is
+a random initialisation, and any other value is a path to a weight file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from smile_ray import rng
+from smile_ray.config import Config
+from smile_ray.data import DATASETS, TensorTask
+from smile_ray.errors import SmileError
+from smile_ray.models import SourceModel, build_source_model, hub_weights_path, load_source_model
+
+# Bump when pre-training code changes what it produces: old cache entries are then unused.
+RECIPE_VERSION = 1
+RECIPE = {"steps": 1000, "batch_size": 64, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "seed": 0}
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get("SMILE_RAY_CACHE"):
+        return Path(os.environ["SMILE_RAY_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "smile-ray"
+
+
+def source_weights_path(dataset: str, backbone: str, image_size: int, cache_dir: Path) -> Path:
+    key = json.dumps(
+        {"dataset": dataset, "backbone": backbone, "image_size": image_size, "recipe": RECIPE, "v": RECIPE_VERSION},
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return Path(cache_dir) / f"source-{dataset}-{backbone}-{image_size}px-{digest}.pt"
+
+
+@torch.no_grad()
+def accuracy(model: SourceModel, task: TensorTask, split: str) -> float:
+    model.eval()
+    correct = total = 0
+    for x, y in task.eval_batches(split):
+        correct += int((model(x)[1].argmax(1) == y).sum())
+        total += len(y)
+    model.train()
+    return correct / total
+
+
+def pretrain_source(task: TensorTask, backbone: str, log=print) -> tuple[SourceModel, dict]:
+    """Supervised pre-training on the source task (SGD, Nesterov, cosine schedule)."""
+    r = RECIPE
+    with torch.random.fork_rng():
+        torch.manual_seed(rng.derive_seed(r["seed"], rng.INIT))
+        model = build_source_model(backbone, task.num_classes)
+    if task.in_channels != model.in_channels:
+        raise SmileError(f"backbone {backbone!r} takes {model.in_channels}-channel images, the source task has {task.in_channels}")
+    opt = torch.optim.SGD(model.parameters(), lr=r["lr"], momentum=r["momentum"], nesterov=True, weight_decay=r["weight_decay"])
+    start = time.perf_counter()
+    model.train()
+    for step in range(r["steps"]):
+        for g in opt.param_groups:
+            g["lr"] = 0.5 * r["lr"] * (1 + math.cos(math.pi * step / r["steps"]))
+        x, y = task.train_batch(step, r["batch_size"])
+        loss = F.cross_entropy(model(x)[1], y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    info = {"seconds": time.perf_counter() - start, "source_val_acc": accuracy(model, task, "val"), **r}
+    return model, info
+
+
+def load_source(config: Config, cache_dir: str | Path | None = None, log=print) -> tuple[SourceModel, str]:
+    """The pre-trained source model for ``config.weights`` and a description of where it came from."""
+    w = config.weights
+    if w == "source":
+        spec = DATASETS.get(config.dataset)
+        if spec.source is None:
+            raise SmileError(
+                f"weights=source: dataset {config.dataset!r} has no source task; use weights=imagenet or a weight file"
+            )
+        path = source_weights_path(config.dataset, config.backbone, config.image_size, Path(cache_dir or default_cache_dir()))
+        if not path.is_file():
+            log(f"pre-training {config.backbone} on the {config.dataset} source task (cached at {path})")
+            model, info = pretrain_source(spec.source(config.image_size), config.backbone)
+            save_weights(model, path, info)
+            log(f"source model: {info['source_val_acc']:.1%} held-out source accuracy, {info['seconds']:.1f} s")
+        return load_source_model(config.backbone, path), str(path)
+    if w == "imagenet":
+        path = hub_weights_path(config.backbone)
+        if not path.is_file():
+            raise SmileError(
+                f"weights=imagenet: {path} not found (nothing is downloaded; put torchvision's file there)"
+            )
+        return load_source_model(config.backbone, path), str(path)
+    if w == "none":
+        return build_source_model(config.backbone, 1000 if config.backbone.startswith("resnet") else 5), "none"
+    return load_source_model(config.backbone, w), str(Path(w).resolve())
+
+
+def save_weights(model: SourceModel, path: Path, info: dict) -> None:
+    """Write the weights and a JSON sidecar atomically (concurrent trials may race here)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    torch.save(model.weights_state_dict(), tmp)
+    Path(tmp).with_suffix(".json").write_text(json.dumps(info, indent=2))
+    os.replace(Path(tmp).with_suffix(".json"), path.with_suffix(".json"))
+    os.replace(tmp, path)
