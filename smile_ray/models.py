@@ -171,10 +171,16 @@ def load_source_model(backbone: str, path: str | Path) -> SourceModel:
     model = build_source_model(backbone, int(state["fc.weight"].shape[0]))
     fc = {k[3:]: v for k, v in state.items() if k.startswith("fc.")}
     body = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    try:
-        model.fc.load_state_dict(fc)
-        model.body.load_state_dict(body)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise SmileError(f"weights file {path} does not fit backbone {backbone!r}: {first}") from None
+    for part, values in ((model.fc, fc), (model.body, body)):
+        try:
+            result = part.load_state_dict(values, strict=False)
+        except RuntimeError as e:
+            detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), "shape mismatch")
+            raise SmileError(f"weights file {path} does not fit backbone {backbone!r}: {detail}") from None
+        if result.missing_keys or result.unexpected_keys:
+            keys = result.missing_keys or result.unexpected_keys
+            what = "lacks" if result.missing_keys else "has unexpected"
+            raise SmileError(
+                f"weights file {path} does not fit backbone {backbone!r}: it {what} {len(keys)} keys (e.g. {keys[0]})"
+            )
     return model

@@ -1,0 +1,3 @@
+from smile_ray.cli import entry
+
+entry()

@@ -1,0 +1,115 @@
+"""``smile-ray train`` end to end, and one clear line for every kind of bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from smile_ray.cli import main
+
+
+def test_train_on_digits_end_to_end(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "smile_ray", "train", "--output", str(out), "--cache-dir", str(cache_dir), "--quiet"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["method"] == "smile" and m["steps"] == 300 and m["config"]["samples_per_class"] == 5
+    assert m["test_acc"] > 0.6  # chance is 0.2 on five classes
+    assert (out / "model.pt").is_file() and (out / "checkpoint" / "state.pt").is_file()
+    assert "test_acc" in proc.stdout
+
+
+def run(capfd, *argv):
+    code = main(list(argv))
+    captured = capfd.readouterr()
+    return code, captured.err
+
+
+@pytest.fixture
+def bad(tmp_path, capfd, cache_dir):
+    def check(*argv, expect):
+        out = tmp_path / "out"
+        code, err = run(capfd, "train", "--output", str(out), "--cache-dir", str(cache_dir), "--quiet", *argv)
+        assert code != 0
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), err
+        assert expect in lines[0]
+        return out
+
+    return check
+
+
+@pytest.mark.parametrize(
+    "argv, expect",
+    [
+        (["--set", "alpha=0.3"], "unknown config key 'alpha'"),
+        (["--set", "mixup_alpha=0"], "mixup_alpha=0.0 is out of range"),
+        (["--set", "ema_decay=1"], "ema_decay=1.0 is out of range"),
+        (["--set", "feature_weight=-1"], "feature_weight=-1.0 is out of range"),
+        (["--set", "steps=ten"], "steps='ten' is not a valid int"),
+        (["--set", "samples_per_class=1000"], "samples_per_class=1000 is larger than the digits training pool"),
+        (["--method", "delta"], "unknown method 'delta'"),
+        (["--dataset", "cifar"], "unknown dataset 'cifar'"),
+        (["--set", "backbone=vgg16"], "unknown backbone 'vgg16'"),
+        (["--set", "weights=/nonexistent/w.pt"], "weights file /nonexistent/w.pt does not exist"),
+        (["--set", "mixup_alpha"], "expected key=value"),
+        (["--bogus-flag"], "--bogus-flag"),
+    ],
+)
+def test_bad_input_is_one_line(bad, argv, expect):
+    out = bad(*argv, expect=expect)
+    assert not (out / "metrics.json").exists()
+
+
+def test_bad_config_files(bad, tmp_path):
+    malformed = tmp_path / "malformed.yaml"
+    malformed.write_text("steps: [1, 2\n")
+    bad("--config", str(malformed), expect=f"{malformed}: malformed YAML at line")
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("mixup_alpha: 0.3\nteacher_decay: 0.9\n")
+    bad("--config", str(unknown), expect=f"{unknown}: unknown config key 'teacher_decay'")
+    bad("--config", str(tmp_path / "missing.yaml"), expect="missing.yaml: no such file")
+
+
+def test_corrupt_checkpoint(bad, tmp_path):
+    ckpt = tmp_path / "out" / "checkpoint"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.pt").write_bytes(b"truncated")
+    bad("--set", "steps=5", expect="is unreadable or corrupt")
+    assert (ckpt / "state.pt").read_bytes() == b"truncated"  # nothing lost
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu(bad):
+    bad("--set", "device=cuda", expect="no CUDA device is available")
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    env = {**os.environ, "SMILE_RAY_CACHE": str(tmp_path)}
+    script = Path(sys.executable).with_name("smile-ray")  # the installed console script
+    proc = subprocess.run([str(script), "train", "--set", "ema_decay=2"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: --set: ema_decay=2.0 is out of range (must be in [0, 1))"]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_help_explains_every_config_key(capfd):
+    from smile_ray.config import KEYS
+
+    code = main(["train", "--help"])
+    out = capfd.readouterr().out
+    assert code == 0 and all(k in out for k in KEYS) and "--set KEY=VALUE" in out
+
+
+def test_config_command_prints_a_usable_config(tmp_path, capfd):
+    assert main(["config", "--set", "mixup_alpha=0.4"]) == 0
+    text = capfd.readouterr().out
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    assert main(["config", "--config", str(f)]) == 0
+    assert "mixup_alpha: 0.4" in capfd.readouterr().out

@@ -1,0 +1,89 @@
+"""The one config: defaults, types, ranges, files and overrides."""
+import json
+
+import pytest
+
+from smile_ray.config import REFERENCE_PLAIN_TAIL_FRACTION, make_config, parse_overrides, resolve_config
+from smile_ray.errors import SmileError
+
+
+def test_defaults_are_the_reference_values():
+    c = make_config()
+    assert (c.mixup_alpha, c.ema_decay, c.ema_every) == (0.2, 0.999, 10)
+    assert (c.feature_weight, c.source_label_weight, c.head_l2_weight) == (0.01, 0.1, 1e-4)
+    assert (c.lr, c.momentum, c.weight_decay, c.batch_size, c.seed) == (0.01, 0.9, 1e-4, 48, 2022)
+    assert c.plain_tail_fraction == REFERENCE_PLAIN_TAIL_FRACTION
+    assert c.lr_decay_step == 200 and c.plain_tail_start == 300 - 33
+
+
+def test_overrides_are_typed_from_yaml_spelling():
+    values = parse_overrides(["mixup_alpha=0.4", "feature_mixup=false", "head_l2_weight=1e-3", "steps=20"])
+    c = make_config(values)
+    assert c.mixup_alpha == 0.4 and c.feature_mixup is False and c.head_l2_weight == 1e-3 and c.steps == 20
+
+
+@pytest.mark.parametrize(
+    "values, fragment",
+    [
+        ({"alpha": 0.3}, "unknown config key 'alpha'"),
+        ({"mixup_alpa": 0.3}, "did you mean 'mixup_alpha'"),
+        ({"mixup_alpha": 0}, "mixup_alpha=0.0 is out of range"),
+        ({"mixup_alpha": -1}, "mixup_alpha"),
+        ({"ema_decay": 1.0}, "ema_decay=1.0 is out of range"),
+        ({"ema_decay": -0.1}, "ema_decay"),
+        ({"feature_weight": -0.01}, "feature_weight=-0.01 is out of range"),
+        ({"source_label_weight": -1}, "source_label_weight"),
+        ({"head_l2_weight": -1}, "head_l2_weight"),
+        ({"steps": "many"}, "steps='many' is not a valid int"),
+        ({"steps": 2.5}, "steps=2.5 is not a valid int"),
+        ({"lr": True}, "lr=True is not a valid float"),
+        ({"feature_mixup": "maybe"}, "feature_mixup='maybe' is not a valid bool"),
+        ({"method": "delta"}, "unknown method 'delta' (choose from: l2, mixup, smile)"),
+        ({"dataset": "imagenet21k"}, "unknown dataset 'imagenet21k'"),
+        ({"backbone": "vgg"}, "unknown backbone 'vgg'"),
+        ({"precision": "fp16"}, "precision='fp16' is out of range"),
+        ({"device": "tpu"}, "device='tpu'"),
+    ],
+)
+def test_bad_values_name_the_key(values, fragment):
+    with pytest.raises(SmileError) as e:
+        make_config(values)
+    assert fragment in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_config_file_then_explicit_then_set(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("method: mixup\nmixup_alpha: 0.5\nsteps: 10\n")
+    c = resolve_config(f, ["steps=12"], method="l2")
+    assert (c.method, c.mixup_alpha, c.steps) == ("l2", 0.5, 12)
+
+
+def test_result_files_are_configs(tmp_path):
+    f = tmp_path / "metrics.json"
+    f.write_text(json.dumps({"val_acc": 0.9, "config": {"method": "mixup", "seed": 3}}))
+    c = resolve_config(f)
+    assert (c.method, c.seed) == ("mixup", 3)
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("method: [smile\n", "malformed YAML at line"),
+        ("- a\n- b\n", "expected a mapping"),
+        ("mixup_alpha: 0.2\nbogus: 1\n", "unknown config key 'bogus'"),
+    ],
+)
+def test_bad_files_name_the_file(tmp_path, text, fragment):
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(SmileError) as e:
+        resolve_config(f)
+    assert str(f) in str(e.value) and fragment in str(e.value)
+
+
+def test_missing_file_and_bad_set_syntax(tmp_path):
+    with pytest.raises(SmileError, match="no such file"):
+        resolve_config(tmp_path / "nope.yaml")
+    with pytest.raises(SmileError, match="expected key=value"):
+        resolve_config(None, ["mixup_alpha"])

@@ -1,0 +1,58 @@
+"""The embedded digits task: fixed splits, seeded subsets, deterministic batches."""
+import pytest
+import torch
+
+from smile_ray.config import make_config
+from smile_ray.data import build_task, digits_source
+from smile_ray.errors import SmileError
+
+
+def rows(x):
+    return {tuple(r.flatten().tolist()) for r in x}
+
+
+def test_splits_are_fixed_disjoint_and_balanced():
+    a = build_task(make_config({"seed": 1}))
+    b = build_task(make_config({"seed": 2}))
+    sizes = a.split_sizes()
+    assert sizes["train"] == 25 and sizes["val"] >= 170 and sizes["test"] >= 350
+    for split in ("val", "test"):  # every run is scored on the same images
+        assert torch.equal(a.splits[split][0], b.splits[split][0])
+    assert not rows(a.splits["train"][0]) & rows(a.splits["test"][0])
+    assert not rows(a.splits["val"][0]) & rows(a.splits["test"][0])
+    assert torch.bincount(a.splits["train"][1]).tolist() == [5] * 5
+    assert a.num_classes == 5 and a.in_channels == 1
+    assert a.splits["train"][0].shape[-2:] == (32, 32)
+
+
+def test_training_subset_depends_on_seed_only():
+    a = build_task(make_config({"seed": 1}))
+    again = build_task(make_config({"seed": 1}))
+    b = build_task(make_config({"seed": 2}))
+    assert torch.equal(a.splits["train"][0], again.splits["train"][0])
+    assert rows(a.splits["train"][0]) != rows(b.splits["train"][0])
+
+
+def test_source_task_holds_other_digits_than_the_target():
+    src = digits_source(32)
+    tgt = build_task(make_config({"samples_per_class": 60}))
+    assert not rows(src.splits["train"][0]) & rows(tgt.splits["train"][0])
+
+
+def test_batches_are_a_function_of_step_and_shards_partition_them():
+    task = build_task(make_config({"samples_per_class": 4}))  # 20 images, batch of 48 spans epochs
+    x1, y1 = task.train_batch(7, 48)
+    x2, y2 = task.train_batch(7, 48)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    x3, _ = task.train_batch(8, 48)
+    assert not torch.equal(x1, x3)
+    shards = [task.train_batch(7, 48, rank=r, world_size=2) for r in range(2)]
+    assert torch.equal(torch.cat([s[0] for s in shards]), x1)
+    # every image is seen once per epoch
+    idx = torch.cat([task.train_indices(s, 4) for s in range(5)])
+    assert sorted(idx.tolist()) == list(range(20))
+
+
+def test_samples_per_class_larger_than_the_pool():
+    with pytest.raises(SmileError, match="samples_per_class=500 is larger than the digits training pool"):
+        build_task(make_config({"samples_per_class": 500}))

@@ -1,0 +1,169 @@
+"""Methods: the mean teacher's EMA, the component switches, the plain tail."""
+import copy
+
+import pytest
+import torch
+
+from smile_ray.config import make_config
+from smile_ray.methods import build_method
+from smile_ray.models import TransferNet, build_source_model
+
+
+def make(config, source=None):
+    torch.manual_seed(0)
+    source = source or build_source_model("digits_cnn", 5)
+    method = build_method(config)
+    torch.manual_seed(1)
+    model = TransferNet(source, 5, source_head=method.uses_source_head)
+    method.attach(model, source)
+    return source, model, method
+
+
+def batch(n=8, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 32, 32, generator=g), torch.randint(0, 5, (n,), generator=g)
+
+
+def test_ema_matches_closed_form_only_on_update_steps():
+    cfg = make_config({"ema_decay": 0.9, "ema_every": 3})
+    source, model, smile = make(cfg)
+    theta0 = [p.detach().clone() for p in source.body.parameters()]
+    student = list(model.body.parameters())
+    expected = [t.clone() for t in theta0]
+    updates = 0
+    for step in range(9):
+        with torch.no_grad():
+            for i, p in enumerate(student):
+                p.fill_(float(step + i))  # a different student at every step
+        smile.after_step(model, step)
+        if (step + 1) % 3 == 0:  # steps 2, 5, 8 update
+            updates += 1
+            expected = [0.9 * e + 0.1 * s.detach() for e, s in zip(expected, student)]
+        for got, want in zip(smile.teacher.body.parameters(), expected):
+            torch.testing.assert_close(got, want)
+    assert updates == 3
+
+
+def test_ema_leaves_batchnorm_statistics_and_source_classifier_alone():
+    cfg = make_config({"ema_decay": 0.5, "ema_every": 1})
+    source, model, smile = make(cfg)
+    with torch.no_grad():
+        for m in model.body.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.fill_(7.0)
+                m.running_var.fill_(3.0)
+        for p in model.body.parameters():
+            p.add_(1.0)
+        model.source_head.weight.add_(1.0)
+    teacher_fc = copy.deepcopy(smile.teacher.fc.state_dict())
+    for step in range(4):
+        smile.after_step(model, step)
+    for name, buf in smile.teacher.body.named_buffers():
+        torch.testing.assert_close(buf, dict(source.body.named_buffers())[name])
+    for k, v in smile.teacher.fc.state_dict().items():
+        torch.testing.assert_close(v, teacher_fc[k])
+    # ...while the parameters did move
+    moved = [not torch.equal(t, s) for t, s in zip(smile.teacher.body.parameters(), source.body.parameters())]
+    assert all(moved)
+
+
+def test_frozen_teacher_when_mean_teacher_is_off():
+    cfg = make_config({"mean_teacher": False, "ema_every": 1})
+    source, model, smile = make(cfg)
+    with torch.no_grad():
+        for p in model.body.parameters():
+            p.add_(1.0)
+    smile.after_step(model, 0)
+    for t, s in zip(smile.teacher.body.parameters(), source.body.parameters()):
+        assert torch.equal(t, s)
+
+
+def test_source_label_head_is_initialised_from_the_source_classifier():
+    source, model, smile = make(make_config())
+    assert torch.equal(model.source_head.weight, source.fc.weight)
+    assert torch.equal(model.source_head.bias, source.fc.bias)
+    assert model.source_head.weight.data_ptr() != source.fc.weight.data_ptr()
+
+
+def loss_of(config, step=5):
+    # alpha=2 keeps lambda away from 1, where mixing would be indistinguishable from none
+    source, model, method = make(config.replace(mixup_alpha=2.0))
+    x, y = batch()
+    loss, parts = method.loss(model, x, y, step)
+    return loss, parts, method
+
+
+def test_smile_without_teacher_terms_is_mixup():
+    off = {"feature_mixup": False, "source_label": False}
+    smile, parts, method = loss_of(make_config({"method": "smile", **off}))
+    mixup, _, _ = loss_of(make_config({"method": "mixup"}))
+    assert method.teacher is None  # no teacher, hence no teacher forward
+    assert set(parts) == {"cls", "head"}
+    assert smile.item() == mixup.item()
+    full, full_parts, _ = loss_of(make_config({"method": "smile"}))
+    assert set(full_parts) == {"cls", "feat", "src", "head"}
+    assert full.item() != mixup.item()
+
+
+def test_smile_without_any_mixing_is_l2():
+    off = {"feature_mixup": False, "source_label": False, "label_mixup": False}
+    smile, _, _ = loss_of(make_config({"method": "smile", **off}))
+    l2, _, _ = loss_of(make_config({"method": "l2"}))
+    mixup, _, _ = loss_of(make_config({"method": "mixup"}))
+    assert smile.item() == l2.item()
+    assert l2.item() != mixup.item()
+
+
+def test_head_l2_switch_removes_the_penalty():
+    with_l2, parts, _ = loss_of(make_config({"method": "l2"}))
+    without, _, _ = loss_of(make_config({"method": "l2", "head_l2": False}))
+    assert with_l2.item() == pytest.approx(without.item() + 1e-4 * parts["head"].item())
+
+
+def test_plain_tail_is_plain_fine_tuning():
+    cfg = {"steps": 90, "source_label": False}  # tail = last 10 steps
+    assert make_config(cfg).plain_tail_start == 80
+    smile_tail, parts, _ = loss_of(make_config({"method": "smile", **cfg}), step=85)
+    l2_tail, _, _ = loss_of(make_config({"method": "l2", **cfg}), step=85)
+    assert set(parts) == {"cls", "head"}
+    assert smile_tail.item() == l2_tail.item()
+    smile_early, _, _ = loss_of(make_config({"method": "smile", **cfg}), step=79)
+    assert smile_early.item() != l2_tail.item()
+    no_tail, _, _ = loss_of(make_config({"method": "smile", "plain_tail": False, **cfg}), step=85)
+    assert no_tail.item() != l2_tail.item()
+    # with the source-label head, the tail's head L2 covers both heads (reference)
+    _, parts, _ = loss_of(make_config({"method": "smile", "steps": 90}), step=85)
+    assert set(parts) == {"cls", "head"}
+
+
+def test_label_mixup_off_trains_the_classifier_on_clean_images():
+    cfg = make_config({"method": "smile", "label_mixup": False})
+    source, model, method = make(cfg)
+    x, y = batch()
+    loss, parts = method.loss(model, x, y, 5)
+    assert set(parts) == {"cls", "feat", "src", "head"}
+    loss.backward()
+    assert model.classifier.weight.grad is not None
+    assert all(p.grad is None for p in method.teacher.parameters())
+
+
+def test_source_label_off_has_no_source_head():
+    source, model, method = make(make_config({"source_label": False}))
+    assert model.source_head is None and method.teacher is not None
+    x, y = batch()
+    _, parts = method.loss(model, x, y, 5)
+    assert set(parts) == {"cls", "feat", "head"}
+
+
+def test_same_step_gives_same_draw_and_different_steps_differ():
+    cfg = make_config({"method": "mixup"})
+    m = build_method(cfg)
+    x = torch.zeros(16, 1, 4, 4)
+    lam1, perm1 = m.draw_mix(x, 7)
+    lam2, perm2 = m.draw_mix(x, 7)
+    lam3, perm3 = m.draw_mix(x, 8)
+    assert lam1 == lam2 and torch.equal(perm1, perm2)
+    assert lam1 != lam3 and not torch.equal(perm1, perm3)
+    other_rank = build_method(cfg, rank=1)
+    lam4, perm4 = other_rank.draw_mix(x, 7)
+    assert lam4 == lam1 and not torch.equal(perm4, perm1)  # shared lambda, own permutation
