@@ -26,7 +26,7 @@ from smile_ray.errors import SmileError
 from smile_ray.models import SourceModel, build_source_model, hub_weights_path, load_source_model
 
 # Bump when pre-training code changes what it produces: old cache entries are then unused.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 RECIPE = {"steps": 1000, "batch_size": 64, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "seed": 0}
 
 
@@ -104,7 +104,9 @@ def load_source(config: Config, cache_dir: str | Path | None = None, log=print) 
             )
         return load_source_model(config.backbone, path), str(path)
     if w == "none":
-        return build_source_model(config.backbone, 1000 if config.backbone.startswith("resnet") else 5), "none"
+        from smile_ray.models import BACKBONES
+
+        return build_source_model(config.backbone, BACKBONES.get(config.backbone).hub_classes or 5), "none"
     return load_source_model(config.backbone, w), str(Path(w).resolve())
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -85,13 +86,15 @@ def setup(
     world_size: int = 1,
     device: torch.device | None = None,
     prepare_model: Callable[[nn.Module], nn.Module] | None = None,
+    task: TensorTask | None = None,
     log: Callable[[str], None] = print,
 ) -> Run:
-    """Build data, models, method and optimiser for ``config``."""
+    """Build data, models, method and optimiser for ``config`` (``task`` overrides the
+    config's dataset, e.g. with synthetic batches for benchmarks)."""
     if config.batch_size % world_size:
         raise SmileError(f"batch_size={config.batch_size} does not split evenly over {world_size} workers")
     device = device or resolve_device(config.device)
-    task = build_task(config)
+    task = task or build_task(config)
     source, source_weights = load_source(config, cache_dir, log=log)
     if source.in_channels == 1 and task.in_channels != 1:
         raise SmileError(f"backbone {config.backbone!r} takes 1-channel images; dataset {config.dataset!r} has {task.in_channels}")
@@ -254,12 +257,15 @@ def train(
     log = log or (lambda msg: print(msg, file=sys.stderr))
     lead = rank == 0
     out = Path(output_dir) if output_dir is not None else None
-    ckpt_dir = out / "checkpoint" if out is not None else Path(tempfile.mkdtemp(prefix="smile-ray-ckpt-"))
+    # Checkpoints go where they can be resumed from (output_dir) or handed on (report);
+    # a run with neither writes none.
+    scratch = out is None and report is not None
+    ckpt_dir = out / "checkpoint" if out is not None else Path(tempfile.mkdtemp(prefix="smile-ray-ckpt-")) if scratch else None
     run = setup(config, cache_dir, rank=rank, world_size=world_size, device=device, prepare_model=prepare_model, log=log)
 
     step, history, seconds = 0, [], 0.0
-    resume_path = Path(resume_from) / CHECKPOINT_FILE if resume_from else ckpt_dir / CHECKPOINT_FILE
-    if resume_from or resume_path.is_file():
+    resume_path = Path(resume_from) / CHECKPOINT_FILE if resume_from else ckpt_dir / CHECKPOINT_FILE if ckpt_dir else None
+    if resume_from or (resume_path is not None and resume_path.is_file()):
         state = read_checkpoint(resume_path)
         restore(run, state, resume_path)
         step, history, seconds = state["step"], list(state["history"]), float(state["seconds"])
@@ -291,7 +297,7 @@ def train(
             elapsed = seconds + time.perf_counter() - started
             if bar is not None:
                 bar.set_postfix(loss=f"{entry['train_loss']:.3f}", val_acc=f"{val['acc']:.3f}")
-            if lead:
+            if lead and ckpt_dir is not None:
                 save_checkpoint(run, ckpt_dir / CHECKPOINT_FILE, step, history, elapsed)
             if report is not None and step < config.steps:
                 report(dict(entry), str(ckpt_dir))
@@ -321,4 +327,6 @@ def train(
     if report is not None:
         final = {k: v for k, v in metrics.items() if k not in ("history", "config", "split_sizes")}
         report({**history[-1], **final, "done": True} if history else final, str(ckpt_dir))
+    if scratch:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     return metrics

@@ -1,0 +1,48 @@
+"""Test accuracy of methods on the digits target over seeds (mean +- std), in-process.
+
+    python benchmarks/accuracy.py                                # l2, mixup, smile at 2 and 5 per class, 5 seeds
+    python benchmarks/accuracy.py --methods smile --samples 5 --seeds 3 --set mixup_alpha=0.5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from smile_ray.config import make_config, parse_overrides  # noqa: E402
+from smile_ray.train import train  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", default="l2,mixup,smile")
+    ap.add_argument("--samples", default="2,5", help="samples_per_class values")
+    ap.add_argument("--seeds", type=int, default=5, help="seeds 0..K-1")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    base = parse_overrides(args.overrides)
+    rows = []
+    for spc in [int(s) for s in args.samples.split(",")]:
+        for method in args.methods.split(","):
+            accs = []
+            for seed in range(args.seeds):
+                cfg = make_config({**base, "method": method, "samples_per_class": spc, "seed": seed})
+                m = train(cfg, None, log=lambda msg: print(msg, file=sys.stderr))
+                accs.append(m["test_acc"])
+                rows.append({"method": method, "samples_per_class": spc, "seed": seed, "test_acc": m["test_acc"],
+                             "val_acc": m["val_acc"], "test_ece": m["test_ece"], "seconds": m["seconds"]})
+            sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            print(f"{method:<6} samples_per_class={spc}: test_acc {100 * statistics.mean(accs):.2f} +- {100 * sd:.2f}  "
+                  f"(seeds: {' '.join(f'{100 * a:.1f}' for a in accs)})", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

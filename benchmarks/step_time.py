@@ -1,0 +1,151 @@
+"""Time the training step of l2, mixup and smile (and smile minus each component).
+
+Every variant runs the library's own ``train_step`` on the same pre-built batches, in
+interleaved rounds (so drift in machine load hits all variants alike); the figure per
+variant is the median over rounds of the mean step time. Needs only torch and
+torchvision (no Ray, no MLflow), so it runs on a bare GPU box too.
+
+    python benchmarks/step_time.py                       # digits_cnn, 32 px, batch 48, CPU
+    python benchmarks/step_time.py --full                # + source pre-training and a default train run
+    python benchmarks/step_time.py --backbone resnet50 --image-size 224 --batch-size 64 \\
+        --synthetic --device cuda --precision bf16 --channels-last
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from smile_ray.config import make_config  # noqa: E402
+from smile_ray.pretrain import default_cache_dir  # noqa: E402
+from smile_ray.train import resolve_device, setup, train, train_step  # noqa: E402
+
+VARIANTS = {
+    "l2": {"method": "l2"},
+    "mixup": {"method": "mixup"},
+    "smile": {"method": "smile"},
+    "smile -feature_mixup": {"method": "smile", "feature_mixup": False},
+    "smile -source_label": {"method": "smile", "source_label": False},
+    "smile -mean_teacher": {"method": "smile", "mean_teacher": False},
+    "smile -label_mixup": {"method": "smile", "label_mixup": False},
+    "smile -head_l2": {"method": "smile", "head_l2": False},
+}
+
+
+class SyntheticTask:
+    """Random images on the device: times the step alone, with no data pipeline."""
+
+    def __init__(self, batch_size, channels, size, num_classes, device):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        self.x = torch.randn(batch_size, channels, size, size, generator=g).to(device)
+        self.y = torch.randint(0, num_classes, (batch_size,), generator=g).to(device)
+        self.num_classes, self.in_channels = num_classes, channels
+
+    def train_batch(self, step, batch_size, rank=0, world_size=1):
+        return self.x, self.y
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", default="digits_cnn")
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=48)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--synthetic", action="store_true", help="random batches (required for backbones other than digits_cnn)")
+    ap.add_argument("--steps", type=int, default=30, help="timed steps per variant and round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
+    ap.add_argument("--full", action="store_true", help="also time source pre-training and a default `train` run")
+    ap.add_argument("--json", type=Path, help="write the figures here as JSON")
+    ap.add_argument("--cache-dir", type=Path, default=None, help="source-model cache [smile-ray's default]")
+    args = ap.parse_args()
+
+    device = resolve_device(args.device)
+    cache = args.cache_dir or default_cache_dir()
+    results: dict = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(), "args": vars(args) | {"json": None}}
+
+    if args.full:
+        from smile_ray.data import digits_source
+        from smile_ray.pretrain import pretrain_source
+
+        t = time.perf_counter()
+        _, info = pretrain_source(digits_source(32), "digits_cnn")
+        results["pretrain_seconds"] = time.perf_counter() - t
+        print(f"source pre-training (digits 0-4, digits_cnn): {results['pretrain_seconds']:.1f} s, "
+              f"held-out source accuracy {info['source_val_acc']:.3f}")
+
+    base = {
+        "backbone": args.backbone, "image_size": args.image_size, "batch_size": args.batch_size,
+        "precision": args.precision, "channels_last": args.channels_last, "device": str(device),
+        "steps": 10**7,  # every timed step is in the regularised phase, before the lr drop
+        "weights": "none" if args.synthetic else "source",
+    }
+    names = [v.strip() for v in args.variants.split(",")]
+    runs, batches = {}, None
+    for name in names:
+        cfg = make_config({**base, **VARIANTS[name]})
+        task = None
+        if args.synthetic:
+            task = SyntheticTask(args.batch_size, 3 if args.backbone != "digits_cnn" else 1, args.image_size, 10, device)
+        runs[name] = setup(cfg, cache, device=device, task=task, log=lambda m: print(m, file=sys.stderr))
+        if batches is None:
+            n = args.warmup + args.steps
+            batches = [runs[name].to_device(*runs[name].task.train_batch(s, args.batch_size)) for s in range(n)]
+
+    def time_steps(run, steps, offset):
+        sync(device)
+        t = time.perf_counter()
+        for i, s in enumerate(steps):
+            x, y = batches[s]
+            train_step(run, offset + i, x, y)
+        sync(device)
+        return (time.perf_counter() - t) / len(steps)
+
+    for name in names:  # warm-up: allocator, kernels, caches
+        time_steps(runs[name], range(args.warmup), 0)
+    per_round = {name: [] for name in names}
+    for r in range(args.rounds):
+        for name in names:
+            timed = range(args.warmup, args.warmup + args.steps)
+            per_round[name].append(time_steps(runs[name], timed, args.warmup + r * args.steps))
+
+    ref = statistics.median(per_round[names[0]]) if names[0] == "l2" else None
+    print(f"\n{args.backbone} {args.image_size}px batch {args.batch_size} on {device} ({args.precision}"
+          f"{', channels_last' if args.channels_last else ''}), median of {args.rounds} rounds x {args.steps} steps")
+    print(f"{'variant':<22} {'ms/step':>9} {'img/s':>9} {'vs l2':>7}")
+    results["variants"] = {}
+    for name in names:
+        ms = 1000 * statistics.median(per_round[name])
+        ratio = ms / (1000 * ref) if ref else float("nan")
+        results["variants"][name] = {"ms_per_step": ms, "images_per_s": args.batch_size / ms * 1000, "ratio_to_l2": ratio}
+        print(f"{name:<22} {ms:>9.2f} {args.batch_size / ms * 1000:>9.0f} {ratio:>7.3f}")
+
+    if args.full:
+        cfg = make_config({"device": str(device)})
+        t = time.perf_counter()
+        m = train(cfg, None, cache_dir=cache, log=lambda msg: None)
+        results["train_seconds"] = time.perf_counter() - t
+        results["train_test_acc"] = m["test_acc"]
+        print(f"\ndefault `train` run (smile, digits, {cfg.steps} steps, source model cached): "
+              f"{results['train_seconds']:.1f} s wall, test_acc {m['test_acc']:.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
