@@ -63,7 +63,21 @@ def cli() -> None:
     help="Where pre-trained source models are cached [$SMILE_RAY_CACHE or ~/.cache/smile-ray].",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(method, dataset, config_file, overrides, output, overwrite, cache_dir, quiet) -> None:
+@click.option(
+    "--workers", type=click.IntRange(min=1),
+    help="Run data-parallel on N Ray Train workers (DDP; gloo on CPU, nccl with --gpu). "
+    "batch_size is the global batch. Without it the core runs in this process.",
+)
+@click.option("--gpu", is_flag=True, help="One GPU per Ray Train worker.")
+@click.option("--address", help="Ray cluster to join ('auto', host:port or ray://host:port) [start a local Ray].")
+@click.option(
+    "--max-failures", type=click.IntRange(min=-1), default=1, show_default=True,
+    help="Worker failures to recover from (restarting at the latest checkpoint); -1: no limit.",
+)
+@click.option("--cpus-per-worker", type=click.IntRange(min=1),
+              help="CPUs (and torch threads) per Ray Train worker [CPU workers share the cluster's CPUs].")
+def train(method, dataset, config_file, overrides, output, overwrite, cache_dir, quiet, workers, gpu, address,
+          max_failures, cpus_per_worker) -> None:
     """Fine-tune one model and write OUTPUT/metrics.json.
 
     metrics.json holds the method, the full config, validation and test accuracy, test
@@ -77,7 +91,17 @@ def train(method, dataset, config_file, overrides, output, overwrite, cache_dir,
         output = Path("runs") / f"{config.method}-{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     if overwrite:
         shutil.rmtree(output / "checkpoint", ignore_errors=True)
-    metrics = run_train(config, output, cache_dir=cache_dir, progress=not quiet)
+    if workers is None and (gpu or address or cpus_per_worker):
+        raise SmileError("--gpu, --address and --cpus-per-worker need --workers N (they run on Ray Train)")
+    if workers is None:
+        metrics = run_train(config, output, cache_dir=cache_dir, progress=not quiet)
+    else:
+        from smile_ray.distributed import train_distributed
+
+        metrics = train_distributed(
+            config, output, workers=workers, use_gpu=gpu, address=address, max_failures=max_failures,
+            cache_dir=cache_dir, progress=not quiet, cpus_per_worker=cpus_per_worker,
+        )
     click.echo(
         f"{config.method} on {config.dataset}: val_acc {metrics['val_acc']:.4f}  test_acc {metrics['test_acc']:.4f}  "
         f"test_ece {metrics['test_ece']:.4f}  {metrics['steps']} steps in {metrics['seconds']:.1f} s"

@@ -11,6 +11,7 @@ two thirds of training; the method decides what each step's loss is.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -181,7 +182,7 @@ def atomic_write_json(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(run: Run, path: Path, step: int, history: list, seconds: float) -> None:
+def save_checkpoint(run: Run, path: Path, step: int, history: list, seconds: float, resumed_from: list) -> None:
     atomic_save(
         {
             "step": step,
@@ -192,6 +193,7 @@ def save_checkpoint(run: Run, path: Path, step: int, history: list, seconds: flo
             "torch_rng": torch.get_rng_state(),
             "history": history,
             "seconds": seconds,
+            "resumed_from": resumed_from,
         },
         path,
     )
@@ -263,12 +265,13 @@ def train(
     ckpt_dir = out / "checkpoint" if out is not None else Path(tempfile.mkdtemp(prefix="smile-ray-ckpt-")) if scratch else None
     run = setup(config, cache_dir, rank=rank, world_size=world_size, device=device, prepare_model=prepare_model, log=log)
 
-    step, history, seconds = 0, [], 0.0
+    step, history, seconds, resumed_from = 0, [], 0.0, []
     resume_path = Path(resume_from) / CHECKPOINT_FILE if resume_from else ckpt_dir / CHECKPOINT_FILE if ckpt_dir else None
     if resume_from or (resume_path is not None and resume_path.is_file()):
         state = read_checkpoint(resume_path)
         restore(run, state, resume_path)
         step, history, seconds = state["step"], list(state["history"]), float(state["seconds"])
+        resumed_from = list(state.get("resumed_from", [])) + [step]
         if lead and step:
             log(f"resuming from step {step} ({resume_path})")
 
@@ -276,7 +279,8 @@ def train(
     if progress and lead:
         from tqdm import tqdm
 
-        bar = tqdm(total=config.steps, initial=step, desc=f"{config.method} {config.dataset}", unit="step", file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(total=config.steps, initial=step, desc=f"{config.method} {config.dataset}", unit="step",
+                   file=sys.stderr, dynamic_ncols=True)
     loss_sum, loss_n = torch.zeros((), device=run.device), 0
     started = time.perf_counter()
     while step < config.steps:
@@ -287,23 +291,34 @@ def train(
         if bar is not None:
             bar.update(1)
         if step % config.eval_every == 0 or step == config.steps:
-            val = evaluate(run, "val")
-            entry = {"step": step, "train_loss": (loss_sum / loss_n).item(), "lr": learning_rate(config, step - 1),
-                     "val_acc": val["acc"], "val_ece": val["ece"]}
-            if not math.isfinite(entry["train_loss"]):
-                raise SmileError(f"training diverged at step {step} (loss {entry['train_loss']}); lower lr or the loss weights")
-            history.append(entry)
+            entry = {"step": step}
+            if lead:  # other ranks hold the same weights; only rank 0's metrics are kept
+                val = evaluate(run, "val")
+                entry.update(train_loss=(loss_sum / loss_n).item(), lr=learning_rate(config, step - 1),
+                             val_acc=val["acc"], val_ece=val["ece"])
+                if not math.isfinite(entry["train_loss"]):
+                    raise SmileError(f"training diverged at step {step} (loss {entry['train_loss']}); "
+                                     "lower lr or the loss weights")
+                history.append(entry)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{entry['train_loss']:.3f}", val_acc=f"{val['acc']:.3f}")
+                if ckpt_dir is not None:
+                    elapsed = seconds + time.perf_counter() - started
+                    save_checkpoint(run, ckpt_dir / CHECKPOINT_FILE, step, history, elapsed, resumed_from)
             loss_sum, loss_n = torch.zeros((), device=run.device), 0
-            elapsed = seconds + time.perf_counter() - started
-            if bar is not None:
-                bar.set_postfix(loss=f"{entry['train_loss']:.3f}", val_acc=f"{val['acc']:.3f}")
-            if lead and ckpt_dir is not None:
-                save_checkpoint(run, ckpt_dir / CHECKPOINT_FILE, step, history, elapsed)
             if report is not None and step < config.steps:
                 report(dict(entry), str(ckpt_dir))
     if bar is not None:
         bar.close()
     seconds += time.perf_counter() - started
+    consistent = ranks_consistent(run) if world_size > 1 else None
+
+    if not lead:
+        if report is not None:
+            report({"step": step, "done": True}, str(ckpt_dir))
+        if scratch:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        return {"step": step}
 
     val, test = evaluate(run, "val"), evaluate(run, "test")
     metrics = {
@@ -316,17 +331,40 @@ def train(
         "test_nll": test["nll"],
         "steps": step,
         "seconds": seconds,
+        "workers": world_size,
+        "resumed_from": resumed_from,
         "source_weights": run.source_weights,
         "split_sizes": run.task.split_sizes(),
         "history": history,
         "config": config.to_dict(),
     }
-    if out is not None and lead:
-        atomic_save(unwrap(run.model).state_dict(), out / "model.pt")
-        atomic_write_json(metrics, out / "metrics.json")
+    if consistent is not None:
+        metrics["ranks_consistent"] = consistent
+    # The run's files go to output_dir, or into the checkpoint that report hands on.
+    for where in [d for d in (out, ckpt_dir if scratch else None) if d is not None]:
+        atomic_save(unwrap(run.model).state_dict(), where / "model.pt")
+        atomic_write_json(metrics, where / "metrics.json")
     if report is not None:
-        final = {k: v for k, v in metrics.items() if k not in ("history", "config", "split_sizes")}
+        final = {k: v for k, v in metrics.items() if k not in ("history", "config", "split_sizes", "resumed_from")}
         report({**history[-1], **final, "done": True} if history else final, str(ckpt_dir))
     if scratch:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     return metrics
+
+
+def ranks_consistent(run: Run) -> bool:
+    """Whether every data-parallel rank holds the same student and teacher parameters
+    (gathered checksums; BatchNorm buffers are rank 0's, broadcast by DDP)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return True
+    tensors = list(unwrap(run.model).parameters()) + [t for t in run.method.state_dict().get("teacher", {}).values()
+                                                    if t.is_floating_point()]
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    digest = h.hexdigest()
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, digest)
+    return all(g == gathered[0] for g in gathered)

@@ -1,0 +1,128 @@
+"""Ray Train: data-parallel SMILE over real TorchTrainer workers (gloo on CPU).
+
+Ray starts once for this module; each TorchTrainer launch costs tens of seconds here.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+from smile_ray.config import make_config
+from smile_ray.distributed import train_distributed
+from smile_ray.train import train
+
+CONFIG = {"steps": 60, "eval_every": 20, "samples_per_class": 5, "batch_size": 48}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    from smile_ray.distributed import connect
+
+    connect()  # the product's own start-up of a local Ray
+    yield
+    ray.shutdown()
+
+
+def test_two_workers_match_one_process(ray_local, tmp_path, cache_dir):
+    cfg = make_config(CONFIG)
+    local = train(cfg, tmp_path / "local", cache_dir=cache_dir)
+    dist = train_distributed(cfg, tmp_path / "dist", workers=2, cache_dir=cache_dir)
+    on_disk = json.loads((tmp_path / "dist" / "metrics.json").read_text())
+    assert set(local) <= set(on_disk)  # the same schema as a local run, and more
+    assert on_disk["workers"] == 2 and on_disk["steps"] == 60 and on_disk["config"] == cfg.to_dict()
+    assert on_disk["ranks_consistent"] is True  # student and mean teacher identical on all ranks
+    assert [h["step"] for h in on_disk["history"]] == [20, 40, 60]
+    assert abs(dist["test_acc"] - local["test_acc"]) < 0.08
+    assert dist["test_acc"] > 0.5
+    assert (tmp_path / "dist" / "model.pt").is_file() and (tmp_path / "dist" / "checkpoint" / "state.pt").is_file()
+
+
+def _train_worker_pids():
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().decode(errors="ignore")
+            except OSError:
+                continue
+            if "RayTrainWorker" in cmd:
+                pids.append(int(entry.name))
+    return pids
+
+
+def _registered_checkpoint_step(out):
+    """Step of the latest checkpoint Ray Train's controller has registered (0 if none).
+
+    Workers' reports reach the controller at its polls (every 2 s), so a checkpoint a
+    worker has written is not yet one the controller would restart from."""
+    for snapshot in (out / "ray").glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+        except (OSError, ValueError):
+            continue
+        if latest:
+            return latest["metrics"]["step"]
+    return 0
+
+
+def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(ray_local, tmp_path, cache_dir):
+    cfg = make_config({**CONFIG, "steps": 400, "eval_every": 25})
+    out = tmp_path / "ft"
+    result = {}
+
+    def run():
+        try:
+            result["metrics"] = train_distributed(cfg, out, workers=2, cache_dir=cache_dir, max_failures=1)
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            result["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.time() + 240
+    killed = None
+    while time.time() < deadline and thread.is_alive() and killed is None:
+        if _registered_checkpoint_step(out) > 0:  # the controller holds a checkpoint: kill a worker
+            pids = _train_worker_pids()
+            if pids:
+                killed = max(pids)
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.2)
+    thread.join(timeout=400)
+    assert killed is not None, "no worker to kill"
+    assert "error" not in result, result.get("error")
+    m = result["metrics"]
+    assert m["steps"] == 400
+    assert m["resumed_from"] and 0 < m["resumed_from"][0] < 400  # from a checkpoint, not from step 0
+    assert [h["step"] for h in m["history"]] == list(range(25, 401, 25))
+
+
+def test_unreachable_address_is_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "smile_ray", "train", "--workers", "1", "--address", "127.0.0.1:9",
+         "--output", str(tmp_path / "x"), "--quiet"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot reach a Ray cluster at --address '127.0.0.1:9'" in lines[0], proc.stderr
+
+
+def test_cluster_file_passes_rays_own_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load(Path(__file__).resolve().parents[1].joinpath("cluster", "gpu.yaml").read_text())
+    validate_config(prepare_config(raw))  # what `ray up` applies before launching anything
+    assert raw["file_mounts"]["~/smile-ray"] == "."
+    assert any("pip install" in c and "~/smile-ray" in c for c in raw["setup_commands"])
+    workers = {k: v for k, v in raw["available_node_types"].items() if k != raw["head_node_type"]}
+    assert workers and all(v["resources"].get("GPU", 0) >= 1 for v in workers.values())
+    assert raw["available_node_types"][raw["head_node_type"]]["resources"].get("GPU", 0) == 0
+    assert raw["idle_timeout_minutes"] > 0 and raw["max_workers"] >= 1
