@@ -109,6 +109,42 @@ def train(method, dataset, config_file, overrides, output, overwrite, cache_dir,
     click.echo(f"wrote {output / 'metrics.json'}")
 
 
+@cli.command()
+@click.option("--space", "space_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Search-space YAML (see search_spaces/ and the README).")
+@click.option("--num-samples", type=int, help="Number of trials [the file's num_samples].")
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path),
+              help="Study directory [runs/tune-SPACE-TIME].")
+@click.option("--address", help="Ray cluster to join ('auto', host:port or ray://host:port) [start a local Ray].")
+@click.option("--tracking-uri", help="MLflow tracking URI, e.g. http://host:5000 [sqlite:///$PWD/mlflow.db].")
+@click.option("--experiment", help="MLflow experiment name [smile-ray-DATASET].")
+@click.option("--resume", is_flag=True, help="Continue the interrupted study in --output; finished trials are kept.")
+@set_option
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Source-model cache.")
+def tune(space_file, num_samples, output, address, tracking_uri, experiment, resume, overrides, cache_dir) -> None:
+    """Search hyper-parameters with Ray Tune + HyperOpt; track everything in MLflow.
+
+    Tuning optimises the validation metric; test accuracy is recorded per trial but never
+    used for selection. Writes OUTPUT/trials.parquet (a row per trial), OUTPUT/best.json
+    (the best trial's full config and metrics: use it as `train --config`) and a PNG of the
+    metric against each searched parameter.
+    """
+    from smile_ray.config import parse_overrides
+    from smile_ray.tune import run_study
+
+    if resume and output is None:
+        raise SmileError("--resume needs --output DIR (the study to continue)")
+    if output is None:
+        output = Path("runs") / f"tune-{space_file.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    best = run_study(space_file, output, num_samples=num_samples, overrides=parse_overrides(overrides),
+                     address=address, tracking_uri=tracking_uri, experiment=experiment, resume=resume,
+                     cache_dir=cache_dir)
+    s = best["study"]
+    click.echo(f"best trial {best['trial_id']}: {best['metric']} {best[best['metric']]:.4f}  "
+               f"test_acc {best['test_acc']:.4f}  ({s['trials']} trials, {s['wall_seconds']:.0f} s)")
+    click.echo(f"wrote {output / 'trials.parquet'}, {output / 'best.json'}")
+
+
 @cli.command("config")
 @config_option
 @set_option
@@ -116,6 +152,10 @@ def show_config(config_file, overrides) -> None:
     """Print the resolved config as YAML (a starting point for --config files)."""
     config: Config = resolve_config(config_file, overrides)
     click.echo(yaml.safe_dump(config.to_dict(), sort_keys=False), nl=False)
+
+
+def argv_has(argv: list[str] | None, word: str) -> bool:
+    return word in (argv if argv is not None else sys.argv[1:])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"error: {e.format_message()}", err=True)
         return e.exit_code
     except (click.Abort, KeyboardInterrupt):
-        click.echo("error: interrupted; rerun the same command to resume from the last checkpoint", err=True)
+        resume = "add --resume to continue" if argv_has(argv, "tune") else "rerun the same command to resume"
+        click.echo(f"error: interrupted; {resume}", err=True)
         return 130
     return rv if isinstance(rv, int) else 0
 

@@ -48,10 +48,10 @@ from smile_ray.train import CHECKPOINT_FILE, train
 def connect(address: str | None = None) -> None:
     """Start a local Ray (no address) or join an existing cluster (``auto``, ``host:port``,
     ``ray://host:port``); an unreachable address is a one-line SmileError."""
-    if ray.is_initialized():
-        return
     if address and address != "auto":
         _probe(address)
+    if ray.is_initialized():
+        return
     try:
         # Workers' own lines (progress, errors) reach this terminal; Ray's log chatter does
         # not (without a dashboard, Train's placement-group cleaner warns every few seconds).

@@ -1,0 +1,146 @@
+"""MLflow tracking for studies (orchestration layer): one parent run per study, one
+nested child run per trial, all written from the Ray driver through ``MlflowClient``.
+
+Logging from the driver, not from trials, sidesteps two Ray pitfalls: trainables do not
+inherit the tracking URI (ray-project/ray#36257), and Ray's ``MLflowLoggerCallback``
+makes top-level runs with no parent. Nesting uses MLflow's ``mlflow.parentRunId`` tag.
+Any run that ends in error is marked FAILED, never left RUNNING.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from smile_ray.errors import SmileError
+
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def default_tracking_uri() -> str:
+    """MLflow 3's own default store, ``sqlite:///mlflow.db`` in the working directory, as
+    an absolute path so that every process writes to the same file whatever its cwd."""
+    return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+@contextmanager
+def _fail_fast() -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "10"
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def connect(tracking_uri: str | None) -> MlflowClient:
+    """A client for ``tracking_uri`` (default: :func:`default_tracking_uri`), checked with
+    one cheap request so that a bad URI fails before anything is created."""
+    uri = tracking_uri or default_tracking_uri()
+    for name in ("mlflow", "alembic"):  # schema set-up chatter of a new sqlite store
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        with _fail_fast():
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)
+    except Exception as e:  # mlflow raises many types for bad URIs and dead servers
+        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else e.__class__.__name__
+        raise SmileError(f"--tracking-uri {uri!r} is not usable: {detail}") from None
+    return client
+
+
+def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        # Artifacts beside the database, by absolute path (MLflow's default is ./mlruns
+        # relative to whichever process happens to log).
+        location = (Path(uri[len("sqlite:///"):]).parent / "mlruns").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def flat_params(values: dict[str, Any]) -> list[Param]:
+    return [Param(k, str(v)) for k, v in sorted(values.items())]
+
+
+class StudyLogger(tune.Callback):
+    """Ray Tune callback: a child run per trial under ``parent_run_id``.
+
+    Params are the trial's full config (flat config names); metrics are logged at every
+    evaluation with ``step``; the final report adds the test metrics."""
+
+    LOGGED = ("val_acc", "val_ece", "train_loss", "lr", "test_acc", "test_ece", "test_nll", "seconds")
+
+    def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, study_name: str, base: dict[str, Any]):
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.parent_run_id = parent_run_id
+        self.study_name = study_name
+        self.base = base
+        self.runs: dict[str, str] = {}
+        self._client: MlflowClient | None = None
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            # A resumed study finds the child runs its trials already have.
+            for run in self._client.search_runs(
+                [self.experiment], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'", max_results=10000
+            ):
+                trial = run.data.tags.get("trial_id")
+                if trial:
+                    self.runs[trial] = run.info.run_id
+        return self._client
+
+    def _run_for(self, trial) -> str:
+        client = self.client
+        if trial.trial_id not in self.runs:
+            config = {**self.base, **trial.config}
+            run = client.create_run(
+                self.experiment,
+                run_name=f"{self.study_name}-{trial.trial_id}",
+                tags={PARENT_TAG: self.parent_run_id, "trial_id": trial.trial_id, "study": self.study_name,
+                      "method": str(config.get("method")), "dataset": str(config.get("dataset"))},
+            )
+            client.log_batch(run.info.run_id, params=flat_params(config))
+            self.runs[trial.trial_id] = run.info.run_id
+        else:
+            client.update_run(self.runs[trial.trial_id], status="RUNNING")
+        return self.runs[trial.trial_id]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._run_for(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id = self._run_for(trial)
+        step = int(result.get("step", 0))
+        ts = int(result.get("timestamp", 0)) * 1000
+        metrics = [Metric(k, float(result[k]), ts, step) for k in self.LOGGED if isinstance(result.get(k), (int, float))]
+        if metrics:
+            self.client.log_batch(run_id, metrics=metrics)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.client.set_terminated(self._run_for(trial), status="FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.client.set_terminated(self._run_for(trial), status="FAILED")
+
+    def close_open_runs(self, status: str) -> None:
+        """Mark the runs of trials that never finished (interrupt, driver error)."""
+        for run_id in self.runs.values():
+            if self.client.get_run(run_id).info.status == "RUNNING":
+                self.client.set_terminated(run_id, status=status)

@@ -1,0 +1,228 @@
+"""``smile-ray tune``: a real Ray Tune + HyperOpt study, tracked in a real MLflow store."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from smile_ray.cli import main
+from smile_ray.tune import run_study
+
+TINY = {
+    "base": {"method": "smile", "steps": 20, "eval_every": 10, "samples_per_class": 3},
+    "num_samples": 4,
+    "max_concurrent": 2,
+    "space": {
+        "mixup_alpha": {"loguniform": [0.05, 2.0]},
+        "feature_weight": {"uniform": [0.0, 0.1]},
+        "label_mixup": {"choice": [True, False]},
+    },
+}
+
+
+def write_space(path, **changes):
+    path.write_text(yaml.safe_dump({**TINY, **changes}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from smile_ray.distributed import connect
+
+    connect()
+    yield
+    ray.shutdown()
+
+
+def children(client, parent_id):
+    exp = client.get_run(parent_id).info.experiment_id
+    return client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def check_study(out, client, num_trials):
+    rows = pq.read_table(out / "trials.parquet").to_pylist()
+    assert len(rows) == num_trials
+    assert {"trial_id", "mixup_alpha", "feature_weight", "label_mixup", "val_acc", "test_acc", "test_ece",
+            "steps", "seconds", "status"} <= set(rows[0])
+    assert all(r["status"] == "TERMINATED" and r["steps"] == 20 for r in rows)
+    best = json.loads((out / "best.json").read_text())
+    assert best["val_acc"] == max(r["val_acc"] for r in rows)
+    winner = next(r for r in rows if r["trial_id"] == best["trial_id"])
+    assert best["config"]["mixup_alpha"] == winner["mixup_alpha"] and best["test_acc"] == winner["test_acc"]
+    assert (out / "val_acc_vs_params.png").stat().st_size > 1000
+
+    parent_id = json.loads((out / "study.json").read_text())["parent_run_id"]
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["best_val_acc"] == pytest.approx(best["val_acc"])
+    artifacts = {a.path for a in client.list_artifacts(parent_id)}
+    assert {"trials.parquet", "best.json", "val_acc_vs_params.png"} <= artifacts
+    kids = children(client, parent_id)
+    assert len(kids) == num_trials
+    for kid in kids:
+        assert kid.info.status == "FINISHED"
+        assert kid.data.tags["method"] == "smile" and kid.data.tags["dataset"] == "digits"
+        assert kid.data.params["steps"] == "20" and "mixup_alpha" in kid.data.params
+        history = client.get_metric_history(kid.info.run_id, "val_acc")
+        assert sorted(m.step for m in history) == [10, 20]
+        assert "test_acc" in kid.data.metrics
+    return rows, best
+
+
+def test_tiny_study_end_to_end_and_best_is_reproducible(ray_local, tmp_path, cache_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default store is ./mlflow.db
+    out = tmp_path / "study"
+    run_study(write_space(tmp_path / "space.yaml"), out, cache_dir=cache_dir, verbose=0)
+    assert (tmp_path / "mlflow.db").is_file()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    rows, best = check_study(out, client, 4)
+
+    # The best config trains to the same validation accuracy (trials ran on one thread).
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "smile_ray", "train", "--config", str(out / "best.json"), "--output",
+         str(tmp_path / "again"), "--cache-dir", str(cache_dir), "--quiet"],
+        capture_output=True, text=True, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert again["val_acc"] == best["val_acc"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_against_a_real_mlflow_server(ray_local, tmp_path, cache_dir):
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        client = MlflowClient(uri)
+        deadline = time.time() + 90
+        while True:
+            try:
+                client.search_experiments(max_results=1)
+                break
+            except Exception:
+                assert time.time() < deadline, "mlflow server did not start"
+                time.sleep(1)
+        out = tmp_path / "study"
+        run_study(write_space(tmp_path / "space.yaml"), out, tracking_uri=uri, experiment="served",
+                  cache_dir=cache_dir, verbose=0)
+        check_study(out, client, 4)
+        assert client.get_experiment_by_name("served") is not None
+        assert not (tmp_path / "mlflow.db").exists()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def run_cli(capfd, *argv):
+    code = main(list(argv))
+    return code, capfd.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "changes, expect",
+    [
+        ({"space": {"mixup_alpha": {"normal": [0, 1]}}}, "unknown distribution 'normal'"),
+        ({"space": {"mixup_alpha": {"uniform": [2.0, 0.5]}}}, "low 2.0 must be below high 0.5"),
+        ({"space": {"mixup_alpha": {"loguniform": [0.0, 1.0]}}}, "loguniform: low 0.0 must be > 0"),
+        ({"space": {"alpha": {"uniform": [0.1, 1.0]}}}, "'alpha' is not a config key"),
+        ({"space": {"ema_decay": {"uniform": [0.5, 1.5]}}}, "ema_decay=1.5 is out of range"),
+        ({"metric": "val_f1"}, "metric 'val_f1' is not reported by the trainer"),
+        ({"metric": "test_acc"}, "validation metrics only"),
+        ({"num_samples": 0}, "num_samples=0 must be an integer >= 1"),
+        ({"search": "bayes"}, "search 'bayes'"),
+        ({"bogus": 1}, "unknown key 'bogus'"),
+        ({"space": {"mixup_alpha": {"grid": [0.1, 0.2]}}}, "grid values need search: grid or random"),
+    ],
+)
+def test_bad_space_files_are_one_line_and_create_nothing(tmp_path, capfd, monkeypatch, changes, expect):
+    monkeypatch.chdir(tmp_path)
+    space = write_space(tmp_path / "space.yaml", **changes)
+    code, err = run_cli(capfd, "tune", "--space", str(space), "--output", str(tmp_path / "s"))
+    lines = err.strip().splitlines()
+    assert code != 0 and len(lines) == 1 and expect in lines[0], err
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "s").exists()
+
+
+def test_bad_command_lines(tmp_path, capfd, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    space = write_space(tmp_path / "space.yaml")
+    malformed = tmp_path / "bad.yaml"
+    malformed.write_text("space: {mixup_alpha: [\n")
+    for argv, expect in [
+        (["--space", str(malformed)], "malformed YAML"),
+        (["--space", str(tmp_path / "missing.yaml")], "no such file"),
+        (["--space", str(space), "--num-samples", "0"], "--num-samples=0 must be an integer >= 1"),
+        (["--space", str(space), "--tracking-uri", "http://127.0.0.1:9"], "--tracking-uri 'http://127.0.0.1:9' is not usable"),
+        (["--space", str(space), "--tracking-uri", "bogus://x"], "is not usable"),
+        (["--space", str(space), "--address", "127.0.0.1:9"], "cannot reach a Ray cluster"),
+        (["--space", str(space), "--set", "mixup_alpha=-1"], "mixup_alpha=-1.0 is out of range"),
+        (["--space", str(space), "--resume"], "--resume needs --output"),
+        (["--space", str(space), "--resume", "--output", str(tmp_path / "none")], "holds no study to resume"),
+    ]:
+        code, err = run_cli(capfd, "tune", *argv)
+        lines = err.strip().splitlines()
+        assert code != 0 and len(lines) == 1 and expect in lines[0], (argv, err)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # the address check ran after the store was opened: still no experiment was made
+    assert [e.name for e in client.search_experiments()] in ([], ["Default"])
+
+
+def finished_trials(out):
+    done = []
+    for result in (out / "tune").glob("*/result.json"):
+        lines = [json.loads(x) for x in result.read_text().splitlines() if x.strip()]
+        if lines and lines[-1].get("done"):
+            done.append(result)
+    return done
+
+
+def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path, cache_dir):
+    space = write_space(tmp_path / "space.yaml", num_samples=4, max_concurrent=1,
+                        base={"method": "smile", "steps": 60, "eval_every": 20, "samples_per_class": 3})
+    out = tmp_path / "study"
+    env = {**os.environ, "SMILE_RAY_CACHE": str(cache_dir)}
+    cmd = [sys.executable, "-m", "smile_ray", "tune", "--space", str(space), "--output", str(out)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while len(finished_trials(out)) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    assert len(finished_trials(out)) >= 2 and proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode != 0 and "--resume" in err.strip().splitlines()[-1]
+    before = {p: p.stat().st_mtime_ns for p in finished_trials(out)}
+    assert not (out / "trials.parquet").exists()
+
+    resumed = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr
+    rows = pq.read_table(out / "trials.parquet").to_pylist()
+    assert len(rows) == 4 and all(r["status"] == "TERMINATED" for r in rows)
+    for path, mtime in before.items():  # finished trials were not run again
+        assert path.stat().st_mtime_ns == mtime
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent_id = json.loads((out / "study.json").read_text())["parent_run_id"]
+    kids = children(client, parent_id)
+    assert len(kids) == 4 and all(k.info.status == "FINISHED" for k in kids)
+    assert client.get_run(parent_id).info.status == "FINISHED"
