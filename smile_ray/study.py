@@ -89,7 +89,7 @@ def _number(where: str, value: Any) -> float:
     return float(value)
 
 
-def _param(path: Path, name: Any, spec: Any, base: Config) -> Param:
+def parse_param(path: Path, name: Any, spec: Any, base: Config) -> Param:
     where = f"{path}: space.{name}"
     if name not in KEYS:
         raise SmileError(f"{path}: space: {name!r} is not a config key")
@@ -183,7 +183,7 @@ def load_study(path: str | Path, overrides: dict[str, Any] | None = None, num_sa
     space_raw = raw.get("space")
     if not isinstance(space_raw, dict) or not space_raw:
         raise SmileError(f"{path}: space must map config keys to distributions")
-    space = tuple(_param(path, name, spec, base) for name, spec in space_raw.items())
+    space = tuple(parse_param(path, name, spec, base) for name, spec in space_raw.items())
     if search == "hyperopt" and any(p.kind == "grid" for p in space):
         raise SmileError(f"{path}: grid values need search: grid or random (hyperopt samples)")
     return Study(path, base, metric, mode, n, search, concurrent, scheduler, resources, seed, space)

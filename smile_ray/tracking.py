@@ -84,7 +84,9 @@ class StudyLogger(tune.Callback):
 
     LOGGED = ("val_acc", "val_ece", "train_loss", "lr", "test_acc", "test_ece", "test_nll", "seconds")
 
-    def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, study_name: str, base: dict[str, Any]):
+    def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, study_name: str, base: dict[str, Any],
+                 runs: list[dict[str, Any]] | None = None):
+        self.runs_spec = runs  # an ablation's runs: trial.config is {"run": index}
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.parent_run_id = parent_run_id
@@ -109,12 +111,18 @@ class StudyLogger(tune.Callback):
     def _run_for(self, trial) -> str:
         client = self.client
         if trial.trial_id not in self.runs:
-            config = {**self.base, **trial.config}
+            extra: dict[str, str] = {}
+            if self.runs_spec is not None and "run" in trial.config:
+                spec = self.runs_spec[trial.config["run"]]
+                config = spec["config"]
+                extra = {k: str(spec[k]) for k in ("arm", "seed", "samples_per_class")}
+            else:
+                config = {**self.base, **trial.config}
             run = client.create_run(
                 self.experiment,
-                run_name=f"{self.study_name}-{trial.trial_id}",
+                run_name=f"{self.study_name}-{extra.get('arm', '')}{'-s' + extra['seed'] if extra else ''}-{trial.trial_id}",
                 tags={PARENT_TAG: self.parent_run_id, "trial_id": trial.trial_id, "study": self.study_name,
-                      "method": str(config.get("method")), "dataset": str(config.get("dataset"))},
+                      "method": str(config.get("method")), "dataset": str(config.get("dataset")), **extra},
             )
             client.log_batch(run.info.run_id, params=flat_params(config))
             self.runs[trial.trial_id] = run.info.run_id

@@ -53,8 +53,10 @@ def to_tune(p: Param) -> Any:
 
 
 def trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
-    """The Tune trainable: the study's base config with this trial's parameters."""
-    config = make_config({**setup["base"], **params})
+    """The Tune trainable: the study's base config with this trial's parameters, or, in
+    an ablation, the full config of run number ``params["run"]``."""
+    values = setup["runs"][params["run"]]["config"] if "run" in params else {**setup["base"], **params}
+    config = make_config(values)
 
     def report(metrics: dict[str, Any], checkpoint_dir: str) -> None:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))

@@ -45,6 +45,13 @@ class Method:
     def after_step(self, model: nn.Module, step: int) -> None:
         """Called after the optimiser step."""
 
+    @staticmethod
+    def unused_keys(config: Config) -> set[str]:
+        """Config keys this method ignores under ``config`` (nothing to tune there)."""
+        unused = {"mixup_alpha", "ema_decay", "ema_every", "feature_weight", "source_label_weight",
+                  "plain_tail_fraction", "feature_mixup", "source_label", "mean_teacher", "label_mixup", "plain_tail"}
+        return unused | ({"head_l2_weight"} if not config.head_l2 else set())
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

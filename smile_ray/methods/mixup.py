@@ -14,6 +14,14 @@ from smile_ray.methods import METHODS, Method
 
 @METHODS.register("mixup")
 class Mixup(Method):
+    @staticmethod
+    def unused_keys(config):
+        unused = {"ema_decay", "ema_every", "feature_weight", "source_label_weight",
+                  "feature_mixup", "source_label", "mean_teacher", "label_mixup"}
+        if not config.plain_tail:
+            unused.add("plain_tail_fraction")
+        return unused | ({"head_l2_weight"} if not config.head_l2 else set())
+
     def loss(self, model, x, y, step):
         if self.in_plain_tail(step):
             return self.plain_loss(model, x, y)

@@ -45,6 +45,24 @@ class Smile(Method):
         self.mixes = self.uses_teacher or config.label_mixup
         self.teacher = None
 
+    @staticmethod
+    def unused_keys(config):
+        teacher = config.feature_mixup or config.source_label
+        unused = set()
+        if not config.feature_mixup:
+            unused.add("feature_weight")
+        if not config.source_label:
+            unused.add("source_label_weight")
+        if not (teacher and config.mean_teacher):
+            unused |= {"ema_decay", "ema_every"}
+        if not (teacher or config.label_mixup):
+            unused.add("mixup_alpha")
+        if not config.head_l2:
+            unused.add("head_l2_weight")
+        if not config.plain_tail:
+            unused.add("plain_tail_fraction")
+        return unused
+
     def attach(self, model, source):
         if not self.uses_teacher:
             return

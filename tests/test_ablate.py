@@ -1,0 +1,153 @@
+"""``smile-ray ablate``: arms over shared seeds, paired statistics, MLflow."""
+import json
+import re
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from smile_ray.ablate import paired_stats, run_ablation
+from smile_ray.cli import main
+
+DEFS = {
+    "base": {"method": "smile", "steps": 20, "eval_every": 10},
+    "seeds": 2,
+    "samples_per_class": [3],
+    "max_concurrent": 2,
+    "components": {
+        "feature_mixup": {"feature_mixup": False},
+        "source_label": {"source_label": False},
+        "mean_teacher": {"mean_teacher": False},
+        "label_mixup": {"label_mixup": False},
+        "head_l2": {"head_l2": False},
+        "plain_tail": {"plain_tail": False},
+    },
+    "tune_space": {"mixup_alpha": {"loguniform": [0.05, 2.0]}, "source_label_weight": {"loguniform": [0.01, 1.0]}},
+}
+
+
+def write_defs(path, **changes):
+    path.write_text(yaml.safe_dump({**DEFS, **changes}, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from smile_ray.distributed import connect
+
+    connect()
+    yield
+    ray.shutdown()
+
+
+def test_tiny_ablation_end_to_end(ray_local, tmp_path, cache_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "abl"
+    table = run_ablation(write_defs(tmp_path / "defs.yaml"), out, drops=["source_label", "feature_mixup+label_mixup"],
+                         cache_dir=cache_dir, verbose=0)
+    rows = pq.read_table(out / "ablation.parquet").to_pylist()
+    arms = ["full", "-source_label", "-feature_mixup+label_mixup"]
+    assert sorted((r["arm"], r["seed"]) for r in rows) == sorted((a, s) for a in arms for s in (0, 1))
+
+    configs = {(r["arm"], r["seed"]): json.loads(r["config"]) for r in rows}
+    for seed in (0, 1):
+        full = configs[("full", seed)]
+        for arm, off in [("-source_label", {"source_label": False}),
+                         ("-feature_mixup+label_mixup", {"feature_mixup": False, "label_mixup": False})]:
+            other = configs[(arm, seed)]
+            assert {k for k in full if full[k] != other[k]} == set(off)  # exactly the dropped overrides
+            assert all(other[k] == v for k, v in off.items())
+        assert full["seed"] == seed and full["samples_per_class"] == 3
+
+    # the statistics in ablation.md are those of the parquet
+    md = (out / "ablation.md").read_text()
+    assert table in md
+    for arm in arms[1:]:
+        full_acc = [100 * r["test_acc"] for r in sorted(rows, key=lambda r: r["seed"]) if r["arm"] == "full"]
+        arm_acc = [100 * r["test_acc"] for r in sorted(rows, key=lambda r: r["seed"]) if r["arm"] == arm]
+        s = paired_stats(full_acc, arm_acc)
+        line = next(ln for ln in md.splitlines() if f"| {arm} |" in ln)
+        assert f"{np.mean(arm_acc):.2f} ± {np.std(arm_acc, ddof=1):.2f}" in line
+        assert f"{s['diff']:+.2f}" in line and f"{s['p_improve']:.2f}" in line and f"{s['p_value']:.3f}" in line
+    assert (out / "ablation.png").stat().st_size > 1000
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("smile-ray-digits")
+    parents = client.search_runs([exp.experiment_id], filter_string="tags.kind = 'ablation'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    pid = parents[0].info.run_id
+    assert {"ablation.parquet", "ablation.md", "ablation.png"} <= {a.path for a in client.list_artifacts(pid)}
+    kids = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{pid}'")
+    assert sorted((k.data.tags["arm"], k.data.tags["seed"]) for k in kids) == sorted((a, str(s)) for a in arms for s in (0, 1))
+    assert all(k.info.status == "FINISHED" and "test_acc" in k.data.metrics for k in kids)
+    src = next(k for k in kids if k.data.tags["arm"] == "-source_label")
+    assert src.data.params["source_label"] == "False"
+
+
+def test_tune_budget_searches_each_arm_over_what_it_still_uses(ray_local, tmp_path, cache_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "abl"
+    run_ablation(write_defs(tmp_path / "defs.yaml"), out, drops=["source_label"], tune_budget=2,
+                 cache_dir=cache_dir, verbose=0)
+    full = pq.read_table(out / "tuning" / "full" / "trials.parquet").to_pylist()
+    dropped = pq.read_table(out / "tuning" / "source_label" / "trials.parquet").to_pylist()
+    assert len(full) == 2 and len(dropped) == 2
+    assert "source_label_weight" in full[0] and "source_label_weight" not in dropped[0]
+    best = json.loads((out / "tuning" / "full" / "best.json").read_text())
+    rows = pq.read_table(out / "ablation.parquet").to_pylist()
+    used = json.loads(next(r for r in rows if r["arm"] == "full")["config"])
+    assert used["mixup_alpha"] == best["config"]["mixup_alpha"]  # the arm runs its own best config
+
+
+@pytest.mark.parametrize(
+    "argv, changes, expect",
+    [
+        (["--drop", "teacher"], {}, "unknown component 'teacher' (valid: feature_mixup, source_label, mean_teacher"),
+        (["--drop", "feature_mixup+source_label+mean_teacher+label_mixup+head_l2+plain_tail"], {}, "leaves an empty method"),
+        (["--drop", "source_label", "--seeds", "1"], {}, "--seeds=1: a paired test needs at least 2 seeds"),
+        ([], {}, "nothing to ablate"),
+        (["--drop", "source_label"], {"components": {"x": "off"}}, "components.x must be a mapping"),
+        (["--drop", "source_label"], {"oops": 1}, "unknown key 'oops'"),
+        (["--drop", "source_label", "--set", "ema_decay=2"], {}, "ema_decay=2.0 is out of range"),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, capfd, monkeypatch, argv, changes, expect):
+    monkeypatch.chdir(tmp_path)
+    defs = write_defs(tmp_path / "defs.yaml", **changes)
+    code = main(["ablate", "--definitions", str(defs), "--output", str(tmp_path / "o"), *argv])
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert code != 0 and len(lines) == 1 and expect in lines[0], lines
+    assert not (tmp_path / "o").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_bad_base_and_definitions_files(tmp_path, capfd, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    defs = write_defs(tmp_path / "defs.yaml")
+    not_config = tmp_path / "list.yaml"
+    not_config.write_text("- 1\n- 2\n")
+    malformed = tmp_path / "bad.yaml"
+    malformed.write_text("components: {a: [\n")
+    for argv, expect in [
+        (["--definitions", str(defs), "--base", str(tmp_path / "best.json")], "best.json: no such file"),
+        (["--definitions", str(defs), "--base", str(not_config)], "expected a mapping of config keys"),
+        (["--definitions", str(malformed)], "malformed YAML"),
+    ]:
+        code = main(["ablate", *argv, "--drop", "source_label", "--output", str(tmp_path / "o")])
+        lines = capfd.readouterr().err.strip().splitlines()
+        assert code != 0 and len(lines) == 1 and expect in lines[0], (argv, lines)
+
+
+def test_paired_statistics_by_hand():
+    full, arm = [80.0, 82.0, 84.0], [81.0, 83.0, 86.0]
+    s = paired_stats(full, arm)
+    assert s["diff"] == pytest.approx(4 / 3)
+    assert s["ci_low"] <= s["diff"] <= s["ci_high"] and s["ci_low"] >= 1.0 and s["ci_high"] <= 2.0
+    # P(arm > full) over all 9 pairs: 81>80; 83>80,82; 86>all three -> 6 of 9
+    assert s["p_improve"] == pytest.approx(6 / 9)
+    assert 0 < s["p_value"] < 0.2
+    same = paired_stats(full, full)
+    assert same["diff"] == 0 and same["p_value"] == 1.0 and same["p_improve"] == pytest.approx(0.5)
