@@ -2,6 +2,7 @@
 
     python benchmarks/accuracy.py                                # l2, mixup, smile at 2 and 5 per class, 5 seeds
     python benchmarks/accuracy.py --methods smile --samples 5 --seeds 3 --set mixup_alpha=0.5
+    python benchmarks/accuracy.py --config runs/study/best.json --samples 5   # a tuned config on fresh seeds
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from smile_ray.config import make_config, parse_overrides  # noqa: E402
+from smile_ray.config import load_config_values, make_config, parse_overrides  # noqa: E402
 from smile_ray.train import train  # noqa: E402
 
 
@@ -23,10 +24,14 @@ def main() -> None:
     ap.add_argument("--samples", default="2,5", help="samples_per_class values")
     ap.add_argument("--seeds", type=int, default=5, help="seeds 0..K-1")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--config", type=Path, help="base config file (e.g. a study's best.json); --methods defaults to its method")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    base = parse_overrides(args.overrides)
+    base = load_config_values(args.config) if args.config else {}
+    base.update(parse_overrides(args.overrides))
+    if args.config and args.methods == ap.get_default("methods"):
+        args.methods = base["method"]
     rows = []
     for spc in [int(s) for s in args.samples.split(",")]:
         for method in args.methods.split(","):

@@ -31,13 +31,12 @@ from ray import tune
 from scipy import stats
 
 from smile_ray import tracking
-from smile_ray.config import load_config_values, make_config, read_yaml
+from smile_ray.config import load_config_values, make_config
 from smile_ray.distributed import connect
 from smile_ray.errors import SmileError
 from smile_ray.methods import METHODS
 from smile_ray.pretrain import load_source
-from smile_ray.study import parse_param
-from smile_ray.train import atomic_write_json
+from smile_ray.study import parse_param, read_sections
 from smile_ray.tune import run_study, trial
 
 FULL = "full"
@@ -58,12 +57,7 @@ class Definitions:
 def load_definitions(path: str | Path, base_file: str | Path | None, overrides: dict[str, Any],
                      seeds: int | None) -> Definitions:
     path = Path(path)
-    raw = read_yaml(path)
-    if not isinstance(raw, dict):
-        raise SmileError(f"{path}: expected a mapping with a 'components' section")
-    unknown = [k for k in raw if k not in TOP_LEVEL]
-    if unknown:
-        raise SmileError(f"{path}: unknown key {unknown[0]!r} (expected: {', '.join(TOP_LEVEL)})")
+    raw = read_sections(path, TOP_LEVEL, "components")
     if base_file is not None:
         base = load_config_values(base_file)
         where = str(base_file)

@@ -123,15 +123,21 @@ def parse_param(path: Path, name: Any, spec: Any, base: Config) -> Param:
     return Param(name, kind, nums)
 
 
+def read_sections(path: Path, allowed: tuple[str, ...], required: str) -> dict[str, Any]:
+    """A YAML file's top-level mapping, restricted to ``allowed`` keys."""
+    raw = read_yaml(path)
+    if not isinstance(raw, dict):
+        raise SmileError(f"{path}: expected a mapping with a {required!r} section")
+    unknown = [k for k in raw if k not in allowed]
+    if unknown:
+        raise SmileError(f"{path}: unknown key {unknown[0]!r} (expected: {', '.join(allowed)})")
+    return raw
+
+
 def load_study(path: str | Path, overrides: dict[str, Any] | None = None, num_samples: int | None = None) -> Study:
     """Read and validate a space file; ``overrides`` (``--set``) change the base config."""
     path = Path(path)
-    raw = read_yaml(path)
-    if not isinstance(raw, dict):
-        raise SmileError(f"{path}: expected a mapping with a 'space' section")
-    unknown = [k for k in raw if k not in TOP_LEVEL]
-    if unknown:
-        raise SmileError(f"{path}: unknown key {unknown[0]!r} (expected: {', '.join(TOP_LEVEL)})")
+    raw = read_sections(path, TOP_LEVEL, "space")
     base_raw = raw.get("base") or {}
     if isinstance(base_raw, str):
         base_file = (path.parent / base_raw) if not Path(base_raw).is_absolute() else Path(base_raw)

@@ -157,7 +157,7 @@ def expected_calibration_error(logits: Tensor, labels: Tensor, bins: int = 15) -
     conf, pred = torch.softmax(logits, 1).max(1)
     correct = (pred == labels).float()
     which = torch.clamp((conf * bins).ceil().long() - 1, 0, bins - 1)
-    n = torch.zeros(bins, device=logits.device).index_add_(0, which, torch.ones_like(conf))
+    # |B_b|/N * |acc_b - conf_b| = |sum of correct - sum of confidence in b| / N
     acc = torch.zeros(bins, device=logits.device).index_add_(0, which, correct)
     cnf = torch.zeros(bins, device=logits.device).index_add_(0, which, conf)
     return ((acc - cnf).abs().sum() / len(labels)).item()

@@ -19,3 +19,15 @@ def cache_dir(tmp_path_factory):
 def _isolated_cache(monkeypatch, tmp_path_factory):
     # Nothing in the tests may write to the user's real cache.
     monkeypatch.setenv("SMILE_RAY_CACHE", str(tmp_path_factory.getbasetemp() / "user-cache"))
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray, started once per test module by the product's own start-up code."""
+    import ray
+
+    from smile_ray.distributed import connect
+
+    connect()
+    yield
+    ray.shutdown()

@@ -1,6 +1,5 @@
 """``smile-ray ablate``: arms over shared seeds, paired statistics, MLflow."""
 import json
-import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -31,17 +30,6 @@ DEFS = {
 def write_defs(path, **changes):
     path.write_text(yaml.safe_dump({**DEFS, **changes}, sort_keys=False))
     return path
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from smile_ray.distributed import connect
-
-    connect()
-    yield
-    ray.shutdown()
 
 
 def test_tiny_ablation_end_to_end(ray_local, tmp_path, cache_dir, monkeypatch):

@@ -11,8 +11,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-import ray
 import yaml
 
 from smile_ray.config import make_config
@@ -20,15 +18,6 @@ from smile_ray.distributed import train_distributed
 from smile_ray.train import train
 
 CONFIG = {"steps": 60, "eval_every": 20, "samples_per_class": 5, "batch_size": 48}
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    from smile_ray.distributed import connect
-
-    connect()  # the product's own start-up of a local Ray
-    yield
-    ray.shutdown()
 
 
 def test_two_workers_match_one_process(ray_local, tmp_path, cache_dir):

@@ -6,7 +6,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -31,17 +30,6 @@ TINY = {
 def write_space(path, **changes):
     path.write_text(yaml.safe_dump({**TINY, **changes}))
     return path
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from smile_ray.distributed import connect
-
-    connect()
-    yield
-    ray.shutdown()
 
 
 def children(client, parent_id):
