@@ -170,7 +170,7 @@ def run_ablation(
         {"arms": ",".join(arms), "seeds": defs.seeds, "samples_per_class": ",".join(map(str, defs.samples)),
          "tune_budget": tune_budget, **{f"base.{k}": v for k, v in defs.base.items()}}))
     logger = tracking.StudyLogger(uri, exp_id, parent_id, out.name, defs.base, runs=runs)
-    setup = {"runs": runs, "cache_dir": str(cache_dir) if cache_dir else None, "workers": 1, "gpus": 0}
+    setup = {"runs": runs, "cache_dir": str(cache_dir) if cache_dir else None, "workers": 1, "gpus": 0, "cpus": 1}
     started = time.perf_counter()
     try:
         results = tune.Tuner(

@@ -127,7 +127,7 @@ def train_distributed(
     cache_dir: str | Path | None = None,
     storage_path: str | None = None,
     progress: bool = False,
-    cpus_per_worker: int | None = None,
+    cpus_per_worker: float | None = None,
 ) -> dict[str, Any]:
     """Run ``config`` on ``workers`` Ray Train workers; writes ``output_dir`` like a local run.
 

@@ -35,6 +35,7 @@ from smile_ray.study import Param, Study, load_study
 from smile_ray.train import atomic_write_json, train
 
 EXPERIMENT_DIR = "tune"
+TRIAL_DRIVER_CPU = 0.01  # a trial that launches a TorchTrainer holds (almost) no CPU itself
 
 
 def to_tune(p: Param) -> Any:
@@ -64,6 +65,7 @@ def trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
         # A TorchTrainer per trial; its result comes back as this trial's final report.
         out = Path(tune.get_context().get_trial_dir()) / "train"
         m = train_distributed(config, out, workers=setup["workers"], use_gpu=setup["gpus"] > 0,
+                              cpus_per_worker=(setup["cpus"] - TRIAL_DRIVER_CPU) / setup["workers"],
                               cache_dir=setup["cache_dir"], storage_path=str(out / "ray"))
         final = {k: v for k, v in m.items() if not isinstance(v, (dict, list))}
         tune.report({**m["history"][-1], **final, "done": True}, checkpoint=tune.Checkpoint.from_directory(out / "checkpoint"))
@@ -150,7 +152,7 @@ def run_study(
     base = study.base.to_dict()
     logger = tracking.StudyLogger(uri, exp_id, parent_id, out.name, base)
     setup = {"base": base, "cache_dir": str(cache_dir) if cache_dir else None,
-             "workers": study.resources["workers"], "gpus": study.resources["gpus"]}
+             "workers": study.resources["workers"], "gpus": study.resources["gpus"], "cpus": study.resources["cpus"]}
     param_space = {p.name: to_tune(p) for p in study.space}
     trainable = _trainable(study, setup)
     started = time.perf_counter()
@@ -230,8 +232,8 @@ def _trainable(study: Study, setup: dict[str, Any]):
     r = study.resources
     fn = tune.with_parameters(trial, setup=setup)
     if r["workers"] > 1:
-        # The trial itself needs little; its TorchTrainer asks Ray for the workers.
-        return tune.with_resources(fn, {"cpu": 0})
+        # The trial only drives its TorchTrainer, whose workers share the trial's CPUs.
+        return tune.with_resources(fn, {"cpu": TRIAL_DRIVER_CPU})
     return tune.with_resources(fn, {"cpu": r["cpus"], "gpu": r["gpus"]})
 
 

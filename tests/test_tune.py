@@ -214,3 +214,18 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path, c
     kids = children(client, parent_id)
     assert len(kids) == 4 and all(k.info.status == "FINISHED" for k in kids)
     assert client.get_run(parent_id).info.status == "FINISHED"
+
+
+def test_trials_with_two_workers_run_a_torch_trainer_each(ray_local, tmp_path, cache_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    space = write_space(tmp_path / "space.yaml", num_samples=1, max_concurrent=1, search="random",
+                        resources={"cpus": 2, "workers": 2},
+                        space={"mixup_alpha": {"uniform": [0.1, 1.0]}})
+    out = tmp_path / "study"
+    run_study(space, out, cache_dir=cache_dir, verbose=0)
+    rows = pq.read_table(out / "trials.parquet").to_pylist()
+    assert len(rows) == 1 and rows[0]["status"] == "TERMINATED" and rows[0]["steps"] == 20
+    trained = list((out / "tune").glob("*/train/metrics.json"))
+    assert len(trained) == 1
+    m = json.loads(trained[0].read_text())
+    assert m["workers"] == 2 and m["ranks_consistent"] is True and m["val_acc"] == rows[0]["val_acc"]
