@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import re
 from dataclasses import dataclass, field, fields
@@ -287,7 +286,3 @@ def resolve_config(
 def config_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     """Keys whose values differ between two config dicts."""
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-
-
-def dumps(config: Config) -> str:
-    return json.dumps(config.to_dict(), indent=2, sort_keys=True)
