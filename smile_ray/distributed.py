@@ -42,7 +42,7 @@ import ray.train.torch
 from smile_ray.config import Config, make_config
 from smile_ray.errors import SmileError
 from smile_ray.pretrain import load_source
-from smile_ray.train import CHECKPOINT_FILE, train
+from smile_ray.train import CHECKPOINT_FILE, atomic_write_json, check_same_config, read_checkpoint, train
 
 
 def connect(address: str | None = None) -> None:
@@ -139,13 +139,8 @@ def train_distributed(
         raise SmileError(f"batch_size={config.batch_size} does not split evenly over {workers} workers")
     out = Path(output_dir).resolve()
     initial = out / "checkpoint"
-    if (initial / CHECKPOINT_FILE).is_file():
-        from smile_ray.train import read_checkpoint
-
-        state = read_checkpoint(initial / CHECKPOINT_FILE)  # refuse a corrupt one before starting Ray
-        if state["config"] != {**config.to_dict(), "device": state["config"].get("device")}:
-            raise SmileError(f"checkpoint {initial / CHECKPOINT_FILE} was made with another config; "
-                             "use another --output (or --overwrite)")
+    if (initial / CHECKPOINT_FILE).is_file():  # refuse a corrupt or foreign one before starting Ray
+        check_same_config(read_checkpoint(initial / CHECKPOINT_FILE), config, initial / CHECKPOINT_FILE)
     connect(address)
     if config.weights == "source" and not address:
         load_source(config, cache_dir)  # pre-train once here, not once per worker
@@ -191,8 +186,6 @@ def train_distributed(
         shutil.copy2(final / CHECKPOINT_FILE, tmp / CHECKPOINT_FILE)
         shutil.rmtree(initial, ignore_errors=True)
         tmp.rename(initial)
-    from smile_ray.train import atomic_write_json
-
     atomic_write_json(metrics, out / "metrics.json")
     return metrics
 

@@ -51,8 +51,6 @@ class Run:
     method: Method
     optimizer: torch.optim.Optimizer
     source_weights: str
-    rank: int = 0
-    world_size: int = 1
 
     def autocast(self):
         if self.config.precision == "bf16":
@@ -113,7 +111,7 @@ def setup(
         model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0,
         weight_decay=config.weight_decay,
     )
-    return Run(config, device, task, model, method, optimizer, source_weights, rank, world_size)
+    return Run(config, device, task, model, method, optimizer, source_weights)
 
 
 def train_step(run: Run, step: int, x: Tensor, y: Tensor) -> Tensor:
@@ -213,15 +211,19 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def restore(run: Run, state: dict[str, Any], path: Path) -> None:
-    # The device may change between runs; everything else must match.
-    changed = [k for k in config_diff(state["config"], run.config.to_dict()) if k != "device"]
+def check_same_config(state: dict[str, Any], config: Config, path: Path) -> None:
+    """Refuse a checkpoint made with another config (the device may change)."""
+    changed = [k for k in config_diff(state["config"], config.to_dict()) if k != "device"]
     if changed:
         k = changed[0]
         raise SmileError(
-            f"checkpoint {path} was made with {k}={state['config'].get(k)!r}, not {getattr(run.config, k)!r}; "
+            f"checkpoint {path} was made with {k}={state['config'].get(k)!r}, not {getattr(config, k)!r}; "
             "use another output directory (or --overwrite) to start afresh"
         )
+
+
+def restore(run: Run, state: dict[str, Any], path: Path) -> None:
+    check_same_config(state, run.config, path)
     try:
         unwrap(run.model).load_state_dict(state["model"])
         run.method.load_state_dict(state["method"])
