@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from smile_ray.config import load_config_values, make_config, parse_overrides  # noqa: E402
-from smile_ray.train import train  # noqa: E402
+from smile_ray.recipe import train  # noqa: E402
 
 
 def main() -> None:

@@ -19,9 +19,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from smile_ray.config import make_config  # noqa: E402
-from smile_ray.distributed import connect, train_distributed  # noqa: E402
+from smile_ray.orchestration.cluster import connect  # noqa: E402
+from smile_ray.orchestration.ray_train import train_distributed  # noqa: E402
 from smile_ray.pretrain import load_source  # noqa: E402
-from smile_ray.train import train  # noqa: E402
+from smile_ray.recipe import train  # noqa: E402
 
 
 def main() -> None:

@@ -80,11 +80,11 @@ def main() -> None:
     results: dict = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(), "args": vars(args) | {"json": None}}
 
     if args.full:
-        from smile_ray.data import digits_source
+        from smile_ray.data.digits import digits_source
         from smile_ray.pretrain import pretrain_source
 
         t = time.perf_counter()
-        _, info = pretrain_source(digits_source(32), "digits_cnn")
+        _, info = pretrain_source(digits_source(make_config()), "digits_cnn")
         results["pretrain_seconds"] = time.perf_counter() - t
         print(f"source pre-training (digits 0-4, digits_cnn): {results['pretrain_seconds']:.1f} s, "
               f"held-out source accuracy {info['source_val_acc']:.3f}")

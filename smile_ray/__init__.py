@@ -1,7 +1,12 @@
 """smile-ray: SMILE fine-tuning (Li et al., 2022) with Ray Train/Tune and MLflow.
 
-The core (config, data, models, losses, methods, training loop) is plain PyTorch; the
-orchestration layers on top of it are the only modules that import Ray or MLflow.
+Layers, bottom up: the core (``config``, ``registry``, ``data/``, ``models/``,
+``methods/``, ``losses``, ``metrics``, ``checkpoint``, ``pretrain``, ``recipe``) is plain
+PyTorch and imports neither Ray nor MLflow; ``orchestration/`` runs the core under Ray
+Train and Ray Tune and tracks it in MLflow; ``reports/`` turns results into tables and
+plots; ``cli`` is the command line. ``tests/test_layers.py`` holds the package to that.
+
+The Python API: ``smile_ray.train(smile_ray.make_config({...}), "runs/x")``.
 """
 from smile_ray.config import Config, make_config, resolve_config
 from smile_ray.errors import SmileError
@@ -11,7 +16,7 @@ __all__ = ["Config", "SmileError", "make_config", "resolve_config", "train", "__
 
 
 def train(*args, **kwargs):
-    """:func:`smile_ray.train.train`, imported lazily (it pulls in torch)."""
-    from smile_ray.train import train as _train
+    """:func:`smile_ray.recipe.train`, imported on first use (it pulls in torch)."""
+    from smile_ray.recipe import train as run_train
 
-    return _train(*args, **kwargs)
+    return run_train(*args, **kwargs)

@@ -14,8 +14,9 @@ from pathlib import Path
 import click
 import yaml
 
-from smile_ray.config import KEYS, Config, resolve_config
+from smile_ray.config import KEYS, Config, parse_overrides, resolve_config
 from smile_ray.errors import SmileError
+from smile_ray.registry import DATASETS, METHODS
 
 
 def _keys_help() -> str:
@@ -32,10 +33,11 @@ config_option = click.option(
     "--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
     help="YAML/JSON file of config keys; a metrics.json or best.json is accepted too.",
 )
-set_option = click.option(
-    "--set", "overrides", multiple=True, metavar="KEY=VALUE",
-    help="Override one config key (repeatable); applied after --config.",
-)
+def set_option(after: str):
+    return click.option(
+        "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+        help=f"Override one config key (repeatable); applied after {after}.",
+    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -48,10 +50,10 @@ def cli() -> None:
 
 
 @cli.command(epilog=_keys_help())
-@click.option("--method", help="Fine-tuning method: smile (default), mixup or l2.")
-@click.option("--dataset", help="Target dataset (default: digits, embedded).")
+@click.option("--method", help=f"Fine-tuning method: {', '.join(METHODS.names())} [smile].")
+@click.option("--dataset", help=f"Target dataset: {', '.join(DATASETS.names())} [digits, embedded].")
 @config_option
-@set_option
+@set_option("--config")
 @click.option(
     "--output", type=click.Path(file_okay=False, path_type=Path),
     help="Run directory for metrics.json, model.pt and the checkpoint [runs/METHOD-DATASET-TIME]. "
@@ -84,19 +86,21 @@ def train(method, dataset, config_file, overrides, output, overwrite, cache_dir,
     ECE and NLL, steps, seconds and the per-evaluation history; model.pt the student's
     weights; checkpoint/state.pt the state to resume from.
     """
-    from smile_ray.train import train as run_train
-
     config = resolve_config(config_file, overrides, method=method, dataset=dataset)
     if output is None:
         output = Path("runs") / f"{config.method}-{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if overwrite:
-        shutil.rmtree(output / "checkpoint", ignore_errors=True)
     if workers is None and (gpu or address or cpus_per_worker):
         raise SmileError("--gpu, --address and --cpus-per-worker need --workers N (they run on Ray Train)")
+    if workers is not None and config.batch_size % workers:
+        raise SmileError(f"batch_size={config.batch_size} does not split evenly over {workers} workers")
+    if overwrite:  # only once everything else is known to be right
+        shutil.rmtree(output / "checkpoint", ignore_errors=True)
     if workers is None:
+        from smile_ray.recipe import train as run_train
+
         metrics = run_train(config, output, cache_dir=cache_dir, progress=not quiet)
     else:
-        from smile_ray.distributed import train_distributed
+        from smile_ray.orchestration.ray_train import train_distributed
 
         metrics = train_distributed(
             config, output, workers=workers, use_gpu=gpu, address=address, max_failures=max_failures,
@@ -119,7 +123,7 @@ def train(method, dataset, config_file, overrides, output, overwrite, cache_dir,
 @click.option("--tracking-uri", help="MLflow tracking URI, e.g. http://host:5000 [sqlite:///$PWD/mlflow.db].")
 @click.option("--experiment", help="MLflow experiment name [smile-ray-DATASET].")
 @click.option("--resume", is_flag=True, help="Continue the interrupted study in --output; finished trials are kept.")
-@set_option
+@set_option("the space file's base")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Source-model cache.")
 def tune(space_file, num_samples, output, address, tracking_uri, experiment, resume, overrides, cache_dir) -> None:
     """Search hyper-parameters with Ray Tune + HyperOpt; track everything in MLflow.
@@ -129,8 +133,7 @@ def tune(space_file, num_samples, output, address, tracking_uri, experiment, res
     (the best trial's full config and metrics: use it as `train --config`) and a PNG of the
     metric against each searched parameter.
     """
-    from smile_ray.config import parse_overrides
-    from smile_ray.tune import run_study
+    from smile_ray.orchestration.tune import run_study
 
     if resume and output is None:
         raise SmileError("--resume needs --output DIR (the study to continue)")
@@ -154,7 +157,7 @@ def tune(space_file, num_samples, output, address, tracking_uri, experiment, res
 @click.option("--seeds", type=int, help="Seeds per arm, 0..K-1, shared by every arm [the file's seeds].")
 @click.option("--base", "base_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Base config file (e.g. a tune study's best.json) instead of the definitions' base.")
-@set_option
+@set_option("the base, to every run (samples_per_class replaces the file's grid)")
 @click.option("--tune-budget", type=int, default=0, show_default=True,
               help="Tune each arm first with this many HyperOpt trials (on validation) over the parameters it still uses.")
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), help="Output directory [runs/ablate-TIME].")
@@ -162,29 +165,39 @@ def tune(space_file, num_samples, output, address, tracking_uri, experiment, res
 @click.option("--tracking-uri", help="MLflow tracking URI [sqlite:///$PWD/mlflow.db].")
 @click.option("--experiment", help="MLflow experiment name [smile-ray-DATASET].")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Source-model cache.")
+@click.option("--resume", is_flag=True,
+              help="Continue the interrupted ablation in --output with its saved settings; finished runs are kept.")
 def ablate(definitions, drops, all_components, seeds, base_file, overrides, tune_budget, output, address,
-           tracking_uri, experiment, cache_dir) -> None:
+           tracking_uri, experiment, cache_dir, resume) -> None:
     """Compare the full method with arms that drop components, over shared seeds.
 
     Writes OUTPUT/ablation.parquet (a row per arm x seed), OUTPUT/ablation.md (mean ± std
     test accuracy, paired difference to the full method with a bootstrap CI, probability
     of improvement, paired t-test p-value) and OUTPUT/ablation.png; prints the table.
     """
-    from smile_ray.ablate import run_ablation
-    from smile_ray.config import parse_overrides
+    from smile_ray.orchestration.ablate import run_ablation
 
+    if resume:
+        if output is None:
+            raise SmileError("--resume needs --output DIR (the ablation to continue)")
+        given = [flag for flag, value in (("--drop", drops), ("--all", all_components), ("--seeds", seeds),
+                                          ("--base", base_file), ("--set", overrides), ("--tune-budget", tune_budget))
+                 if value]
+        if given:
+            raise SmileError(f"--resume continues the ablation with its saved settings; drop {', '.join(given)}")
     if output is None:
         output = Path("runs") / f"ablate-{time.strftime('%Y%m%d-%H%M%S')}"
     table = run_ablation(definitions, output, drops=list(drops), all_components=all_components, seeds=seeds,
                          base_file=base_file, overrides=parse_overrides(overrides), tune_budget=tune_budget,
-                         address=address, tracking_uri=tracking_uri, experiment=experiment, cache_dir=cache_dir)
+                         address=address, tracking_uri=tracking_uri, experiment=experiment, cache_dir=cache_dir,
+                         resume=resume)
     click.echo(table, nl=False)
     click.echo(f"wrote {output / 'ablation.parquet'}, {output / 'ablation.md'}, {output / 'ablation.png'}")
 
 
 @cli.command("config")
 @config_option
-@set_option
+@set_option("--config")
 def show_config(config_file, overrides) -> None:
     """Print the resolved config as YAML (a starting point for --config files)."""
     config: Config = resolve_config(config_file, overrides)
@@ -205,7 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"error: {e.format_message()}", err=True)
         return e.exit_code
     except (click.Abort, KeyboardInterrupt):
-        resume = "add --resume to continue" if argv_has(argv, "tune") else "rerun the same command to resume"
+        if argv_has(argv, "tune") or argv_has(argv, "ablate"):
+            resume = "add --resume (with the same --output) to continue"
+        else:
+            resume = "rerun the same command (same --output) to resume from the last checkpoint"
         click.echo(f"error: interrupted; {resume}", err=True)
         return 130
     return rv if isinstance(rv, int) else 0

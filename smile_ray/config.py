@@ -5,9 +5,12 @@ MLflow params and in result tables. :func:`make_config` is the single place wher
 input becomes a :class:`Config`; it validates types and ranges once and raises
 :class:`~smile_ray.errors.SmileError` naming the key (and file) at fault.
 
-Defaults are the SMILE reference values (see ``METHOD.md``) where they apply; only
+Defaults are the SMILE reference values (``docs/method.md``) where they apply; only
 ``steps`` (and ``eval_every``) are scaled down for the embedded digits task, whose images
 are 32 px instead of 224 px.
+
+This module imports nothing of the package but :mod:`smile_ray.errors` and the name
+tables of :mod:`smile_ray.registry` (plain strings, no torch).
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from smile_ray.errors import SmileError
+from smile_ray.registry import BACKBONES, DATASETS, METHODS, check_names
 
 # The reference implementation runs 9000 steps and drops the regularisers for the last
 # 1000 of them; we keep that proportion whatever ``steps`` is.
@@ -39,19 +43,25 @@ class Config:
     """A validated run configuration. Build it with :func:`make_config`."""
 
     # what to run
-    method: str = _key("smile", "fine-tuning method: smile, mixup or l2")
-    dataset: str = _key("digits", "target dataset (digits is embedded; no download)")
-    backbone: str = _key("digits_cnn", "backbone: digits_cnn, resnet18, resnet50")
+    method: str = _key("smile", f"fine-tuning method: {', '.join(METHODS.names())}")
+    dataset: str = _key("digits", f"target dataset: {', '.join(DATASETS.names())} (digits is embedded)")
+    backbone: str = _key("digits_cnn", f"backbone: {', '.join(BACKBONES.names())}")
     weights: str = _key(
         "source",
         "source (pre-train on the dataset's source task, cached), imagenet (torch hub cache), none, or a file",
     )
+    data_root: str = _key("", "folder holding the dataset's files ('' = the dataset's default location)")
     samples_per_class: int = _key(5, "training images per target class, drawn by seed")
     image_size: int = _key(32, "input side in pixels (digits 32; the paper uses 224)")
     # optimisation
     steps: int = _key(300, "optimiser steps (reference: 9000 on 224 px datasets)")
     batch_size: int = _key(48, "global batch size")
-    lr: float = _key(0.01, "SGD learning rate; x0.1 at two thirds of training")
+    lr: float = _key(0.01, "SGD learning rate; x0.1 from lr_decay_step on")
+    lr_decay_step: int = _key(
+        -1,
+        "step from which the lr is x0.1; -1: the reference's int(2 * (steps + steps / 9) / 3) "
+        "(6666 of 9000, 222 of 300); a value >= steps: no drop",
+    )
     weight_decay: float = _key(1e-4, "SGD weight decay on all parameters")
     momentum: float = _key(0.9, "SGD Nesterov momentum")
     seed: int = _key(2022, "seed of the training subset, initialisation and every draw")
@@ -85,9 +95,13 @@ class Config:
         return make_config({**self.to_dict(), **changes})
 
     @property
-    def lr_decay_step(self) -> int:
-        """Step at which the learning rate drops x0.1 (two thirds of training)."""
-        return (2 * self.steps) // 3
+    def lr_drop_step(self) -> int:
+        """First step trained at lr x0.1. The reference drops at
+        ``int(2 * (max_iters + 1000) / 3)`` with 9000 steps: its 1000 extra are the plain
+        tail's share (1/9 of the steps), kept as that proportion at other lengths."""
+        if self.lr_decay_step >= 0:
+            return self.lr_decay_step
+        return int(2 * (self.steps + self.steps * REFERENCE_PLAIN_TAIL_FRACTION) / 3)
 
     @property
     def plain_tail_start(self) -> int:
@@ -164,6 +178,7 @@ def _check_ranges(c: Config, where: str) -> None:
     need(c.steps >= 1, "steps", "must be >= 1")
     need(c.batch_size >= 1, "batch_size", "must be >= 1")
     need(c.lr > 0, "lr", "must be > 0")
+    need(c.lr_decay_step >= -1, "lr_decay_step", "-1 (reference) or a step >= 0")
     need(c.weight_decay >= 0, "weight_decay", "must be >= 0")
     need(0 <= c.momentum < 1, "momentum", "must be in [0, 1)")
     need(c.seed >= 0, "seed", "must be >= 0")
@@ -178,19 +193,6 @@ def _check_ranges(c: Config, where: str) -> None:
     need(bool(_DEVICE.match(c.device)), "device", "auto, cpu, cuda or cuda:N")
     need(c.precision in ("fp32", "bf16"), "precision", "fp32 or bf16")
     need(c.weights != "", "weights", "source, imagenet, none or a file path")
-
-
-def _check_names(c: Config, where: str) -> None:
-    # Imported here: the registries import this module.
-    from smile_ray.data import DATASETS
-    from smile_ray.methods import METHODS
-    from smile_ray.models import BACKBONES
-
-    for registry, key in ((METHODS, "method"), (DATASETS, "dataset"), (BACKBONES, "backbone")):
-        try:
-            registry.get(getattr(c, key))
-        except SmileError as e:
-            raise SmileError(f"{where}: {e}") from None
 
 
 def make_config(values: Mapping[str, Any] | None = None, where: str = "config") -> Config:
@@ -211,8 +213,16 @@ def make_config(values: Mapping[str, Any] | None = None, where: str = "config") 
         typed[k] = _coerce(k, v, kind, where)
     config = Config(**typed)
     _check_ranges(config, where)
-    _check_names(config, where)
+    check_names(config, where)
     return config
+
+
+def check_int(value: Any, where: str, minimum: int, why: str = "") -> int:
+    """The one integer check for file and option values that are not config keys
+    (``num_samples``, ``seeds``, resources, ...)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SmileError(f"{where}={value!r} must be an integer >= {minimum}{f' ({why})' if why else ''}")
+    return value
 
 
 def parse_overrides(pairs: Iterable[str], where: str = "--set") -> dict[str, Any]:
@@ -266,19 +276,35 @@ def load_config_values(path: str | Path) -> dict[str, Any]:
 
 
 def resolve_config(
-    config_file: str | Path | None = None,
-    overrides: Iterable[str] = (),
+    base: str | Path | Mapping[str, Any] | None = None,
+    overrides: Iterable[str] | Mapping[str, Any] = (),
+    *,
+    where: str = "config",
+    relative_to: Path | None = None,
     **explicit: Any,
 ) -> Config:
-    """Defaults <- config file <- ``explicit`` keyword values <- ``--set`` overrides."""
+    """The one way to build a config from a base and overrides:
+    defaults <- ``base`` <- ``explicit`` keyword values (None skipped) <- ``overrides``.
+
+    ``base`` is a mapping of config keys (``where`` names it in errors) or a YAML/JSON
+    file (a path relative to ``relative_to`` when given; a metrics.json or best.json
+    contributes its ``config``). ``overrides`` are ``--set`` strings or a parsed mapping.
+    Each source is validated on its own first, so an error blames the source at fault.
+    """
     values: dict[str, Any] = {}
-    where = "config"
-    if config_file is not None:
-        values.update(load_config_values(config_file))
-        where = str(config_file)
-        make_config(values, where=where)  # blame the file for its own mistakes
+    if isinstance(base, (str, Path)):
+        path = Path(base)
+        if relative_to is not None and not path.is_absolute():
+            path = relative_to / path
+        values.update(load_config_values(path))
+        where = str(path)
+    elif base is not None:
+        if not isinstance(base, Mapping):
+            raise SmileError(f"{where}: expected a mapping of config keys or a file path, got {type(base).__name__}")
+        values.update(base)
+    make_config(values, where=where)  # blame the base for its own mistakes
     values.update({k: v for k, v in explicit.items() if v is not None})
-    sets = parse_overrides(overrides)
+    sets = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
     values.update(sets)
     return make_config(values, where="--set" if sets else where)
 

@@ -1,4 +1,4 @@
-"""SMILE's loss terms as pure functions on tensors (Li et al., 2022; ``METHOD.md``).
+"""SMILE's loss terms as pure functions on tensors (Li et al., 2022; ``docs/method.md``).
 
 Notation: a batch ``x`` of B images with labels ``y``; ``lam`` the mixing weight and
 ``perm`` a permutation of the batch, so the mixed input is
@@ -6,6 +6,8 @@ Notation: a batch ``x`` of B images with labels ``y``; ``lam`` the mixing weight
 teacher outputs on the clean ``x``.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 import torch
@@ -37,7 +39,13 @@ def mixup_cross_entropy(logits: Tensor, y: Tensor, perm: Tensor, lam: float) -> 
     return lam * F.cross_entropy(logits, y) + (1.0 - lam) * F.cross_entropy(logits, y[perm])
 
 
-def feature_mixup_loss(fmap: Tensor, teacher_fmap: Tensor, perm: Tensor, lam: float) -> Tensor:
+def feature_mixup_loss(
+    fmap: Tensor,
+    teacher_fmap: Tensor,
+    perm: Tensor,
+    lam: float,
+    sum_over_ranks: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """Sample-to-feature mixup:
 
     ``L_feat = || lam * t_fmap + (1 - lam) * t_fmap[perm] - fmap ||_F / (H * W)``
@@ -46,10 +54,28 @@ def feature_mixup_loss(fmap: Tensor, teacher_fmap: Tensor, perm: Tensor, lam: fl
     ``teacher_fmap`` the teacher's on the clean batch. As in the reference implementation the
     norm is the Frobenius norm of the whole batch tensor, not squared, divided by the
     spatial size; the teacher side is a constant (no gradient flows into it).
+
+    Data parallel: with ``sum_over_ranks`` (a differentiable all-reduce, e.g.
+    :func:`all_reduce_sum`) each rank holds one shard of the global batch, and the norm is
+    that of the whole global batch, ``sqrt(sum_ranks ||shard||^2)``. Every rank then holds
+    the single-process value, and the gradient each rank gets for its shard is N times
+    the single-process one, which DDP's gradient averaging over N ranks undoes.
     """
     target = mix(teacher_fmap.detach(), perm, lam)
     h, w = fmap.shape[-2:]
-    return torch.linalg.vector_norm((target - fmap).float()) / (h * w)
+    squared = (target - fmap).float().pow(2).sum()
+    if sum_over_ranks is not None:
+        squared = sum_over_ranks(squared)
+    # clamp: a zero distance would give sqrt's infinite slope times zero, a NaN gradient
+    return squared.clamp_min(1e-30).sqrt() / (h * w)
+
+
+def all_reduce_sum(t: Tensor) -> Tensor:
+    """Sum of ``t`` over the ranks of the default process group, with gradients (the
+    backward pass sums the ranks' gradients too)."""
+    import torch.distributed.nn.functional as dist_nn
+
+    return dist_nn.all_reduce(t)
 
 
 def source_label_loss(aux_logits: Tensor, teacher_prob: Tensor, perm: Tensor, lam: float) -> Tensor:

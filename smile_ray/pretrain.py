@@ -3,8 +3,10 @@
 ``weights=source`` pre-trains the backbone on the dataset's source task (digits 0-4 for
 the embedded default) once and caches the result under the cache directory, keyed by
 everything that determines it; later runs, and every trial of a study, reuse the file.
-``weights=imagenet`` reads torchvision's file from torch's hub cache, ``weights=none`` is
-a random initialisation, and any other value is a path to a weight file.
+``weights=imagenet`` reads the backbone's published ImageNet file (where its
+:class:`~smile_ray.models.BackboneSpec` says), ``weights=none`` is a random
+initialisation with the backbone's ``source_classes`` outputs, and any other value is a
+path to a weight file.
 """
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,10 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from smile_ray import rng
+from smile_ray.checkpoint import atomic_write, write_json
 from smile_ray.config import Config
-from smile_ray.data import DATASETS, TensorTask
+from smile_ray.data import TensorTask
 from smile_ray.errors import SmileError
-from smile_ray.models import SourceModel, build_source_model, hub_weights_path, load_source_model
+from smile_ray.models import SourceModel, build_source_model, imagenet_weights_path, load_source_model
+from smile_ray.registry import BACKBONES, DATASETS
 
 # Bump when pre-training code changes what it produces: old cache entries are then unused.
 RECIPE_VERSION = 2
@@ -37,12 +40,14 @@ def default_cache_dir() -> Path:
     return Path(base) / "smile-ray"
 
 
-def source_weights_path(dataset: str, backbone: str, image_size: int, cache_dir: Path) -> Path:
-    key = json.dumps(
-        {"dataset": dataset, "backbone": backbone, "image_size": image_size, "recipe": RECIPE, "v": RECIPE_VERSION},
-        sort_keys=True,
-    )
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+def source_weights_path(config: Config, cache_dir: Path) -> Path:
+    """The cache file of the source model for ``config`` (keyed by everything that
+    determines it: dataset, backbone, image size, data folder and the recipe)."""
+    dataset, backbone, image_size = config.dataset, config.backbone, config.image_size
+    key = {"dataset": dataset, "backbone": backbone, "image_size": image_size, "recipe": RECIPE, "v": RECIPE_VERSION}
+    if config.data_root:
+        key["data_root"] = str(Path(config.data_root).resolve())
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return Path(cache_dir) / f"source-{dataset}-{backbone}-{image_size}px-{digest}.pt"
 
 
@@ -89,33 +94,26 @@ def load_source(config: Config, cache_dir: str | Path | None = None, log=print) 
             raise SmileError(
                 f"weights=source: dataset {config.dataset!r} has no source task; use weights=imagenet or a weight file"
             )
-        path = source_weights_path(config.dataset, config.backbone, config.image_size, Path(cache_dir or default_cache_dir()))
+        path = source_weights_path(config, Path(cache_dir or default_cache_dir()))
         if not path.is_file():
             log(f"pre-training {config.backbone} on the {config.dataset} source task (cached at {path})")
-            model, info = pretrain_source(spec.source(config.image_size), config.backbone)
+            model, info = pretrain_source(spec.source(config), config.backbone)
             save_weights(model, path, info)
             log(f"source model: {info['source_val_acc']:.1%} held-out source accuracy, {info['seconds']:.1f} s")
         return load_source_model(config.backbone, path), str(path)
     if w == "imagenet":
-        path = hub_weights_path(config.backbone)
+        path = imagenet_weights_path(config.backbone)
         if not path.is_file():
             raise SmileError(
-                f"weights=imagenet: {path} not found (nothing is downloaded; put torchvision's file there)"
+                f"weights=imagenet: {path} not found (nothing is downloaded; put the published file there)"
             )
         return load_source_model(config.backbone, path), str(path)
     if w == "none":
-        from smile_ray.models import BACKBONES
-
-        return build_source_model(config.backbone, BACKBONES.get(config.backbone).hub_classes or 5), "none"
+        return build_source_model(config.backbone, BACKBONES.get(config.backbone).source_classes), "none"
     return load_source_model(config.backbone, w), str(Path(w).resolve())
 
 
 def save_weights(model: SourceModel, path: Path, info: dict) -> None:
     """Write the weights and a JSON sidecar atomically (concurrent trials may race here)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    torch.save(model.weights_state_dict(), tmp)
-    Path(tmp).with_suffix(".json").write_text(json.dumps(info, indent=2))
-    os.replace(Path(tmp).with_suffix(".json"), path.with_suffix(".json"))
-    os.replace(tmp, path)
+    write_json(info, path.with_suffix(".json"))
+    atomic_write(path, lambda tmp: torch.save(model.weights_state_dict(), tmp))

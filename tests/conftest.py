@@ -1,6 +1,13 @@
 """Shared fixtures. The source model is pre-trained once per test session into a
-temporary cache (about a minute on two cores); every test reuses it."""
+temporary cache (about a minute on two cores); every test reuses it.
+
+Tests touch only processes they started: :func:`descendants` finds them by parent pid,
+never by name.
+"""
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import pytest
 
@@ -26,8 +33,39 @@ def ray_local():
     """A local Ray, started once per test module by the product's own start-up code."""
     import ray
 
-    from smile_ray.distributed import connect
+    from smile_ray.orchestration.cluster import connect
 
     connect()
     yield
     ray.shutdown()
+
+
+def descendants(pid: int) -> list[int]:
+    """The pids of every living process below ``pid`` in the process tree."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, stack = [], list(children.get(pid, []))
+    while stack:
+        p = stack.pop()
+        found.append(p)
+        stack.extend(children.get(p, []))
+    return found
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="ignore")
+    except OSError:
+        return ""
+
+
+def own_processes_named(word: str) -> list[int]:
+    """Processes this test process started (directly or not) whose command line holds ``word``."""
+    return [p for p in descendants(os.getpid()) if word in command_line(p)]

@@ -7,7 +7,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from smile_ray.ablate import paired_stats, run_ablation
+from smile_ray.orchestration.ablate import run_ablation
+from smile_ray.stats import paired_stats
 from smile_ray.cli import main
 
 DEFS = {
@@ -96,7 +97,7 @@ def test_tune_budget_searches_each_arm_over_what_it_still_uses(ray_local, tmp_pa
     [
         (["--drop", "teacher"], {}, "unknown component 'teacher' (valid: feature_mixup, source_label, mean_teacher"),
         (["--drop", "feature_mixup+source_label+mean_teacher+label_mixup+head_l2+plain_tail"], {}, "leaves an empty method"),
-        (["--drop", "source_label", "--seeds", "1"], {}, "--seeds=1: a paired test needs at least 2 seeds"),
+        (["--drop", "source_label", "--seeds", "1"], {}, "--seeds=1 must be an integer >= 2 (a paired test needs at least 2 seeds)"),
         ([], {}, "nothing to ablate"),
         (["--drop", "source_label"], {"components": {"x": "off"}}, "components.x must be a mapping"),
         (["--drop", "source_label"], {"oops": 1}, "unknown key 'oops'"),
@@ -139,3 +140,71 @@ def test_paired_statistics_by_hand():
     assert 0 < s["p_value"] < 0.2
     same = paired_stats(full, full)
     assert same["diff"] == 0 and same["p_value"] == 1.0 and same["p_improve"] == pytest.approx(0.5)
+
+
+def test_runs_take_the_definitions_resources(ray_local, tmp_path, cache_dir, monkeypatch):
+    """``resources: {workers: 2}`` runs every arm x seed on two Ray Train workers."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "abl"
+    defs = write_defs(tmp_path / "defs.yaml", base={"method": "smile", "steps": 10, "eval_every": 10},
+                      max_concurrent=1, resources={"cpus": 2, "workers": 2})
+    run_ablation(defs, out, drops=["source_label"], cache_dir=cache_dir, verbose=0)
+    runs = [json.loads(p.read_text()) for p in (out / "tune").glob("*/run/metrics.json")]
+    assert len(runs) == 4 and all(m["workers"] == 2 and m["ranks_consistent"] for m in runs)
+    rows = pq.read_table(out / "ablation.parquet").to_pylist()
+    assert sorted(r["test_acc"] for r in rows) == sorted(m["test_acc"] for m in runs)
+
+
+def finished_runs(out):
+    return sorted((out / "tune").glob("*/run/metrics.json"))
+
+
+def test_an_interrupted_ablation_resumes_without_rerunning_finished_runs(tmp_path, cache_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    defs = write_defs(tmp_path / "defs.yaml", base={"method": "smile", "steps": 60, "eval_every": 20},
+                      max_concurrent=1)
+    out = tmp_path / "abl"
+    env = {**os.environ, "SMILE_RAY_CACHE": str(cache_dir)}
+    cmd = [sys.executable, "-m", "smile_ray", "ablate", "--definitions", str(defs), "--output", str(out)]
+    proc = subprocess.Popen(cmd + ["--drop", "source_label"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while len(finished_runs(out)) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    assert len(finished_runs(out)) >= 2 and proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode != 0 and "add --resume" in err.strip().splitlines()[-1]
+    before = {p: p.stat().st_mtime_ns for p in finished_runs(out)}
+    assert not (out / "ablation.parquet").exists()
+
+    refused = subprocess.run(cmd + ["--resume", "--seeds", "3"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "drop --seeds" in refused.stderr
+    resumed = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr
+    rows = pq.read_table(out / "ablation.parquet").to_pylist()
+    assert sorted((r["arm"], r["seed"]) for r in rows) == [("-source_label", 0), ("-source_label", 1),
+                                                           ("full", 0), ("full", 1)]
+    for path, mtime in before.items():  # finished runs were not run again
+        assert path.stat().st_mtime_ns == mtime
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("smile-ray-digits")
+    parents = client.search_runs([exp.experiment_id], filter_string="tags.kind = 'ablation'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    kids = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    assert len(kids) == 4 and all(k.info.status == "FINISHED" for k in kids)
+
+
+def test_a_samples_per_class_override_replaces_the_grid_and_seed_is_refused(tmp_path):
+    from smile_ray.orchestration.spaces import load_definitions
+
+    defs = write_defs(tmp_path / "defs.yaml", samples_per_class=[2, 5])
+    assert load_definitions(defs).samples == (2, 5)
+    assert load_definitions(defs, overrides={"samples_per_class": 4}).samples == (4,)
+    with pytest.raises(Exception, match="--set seed"):
+        load_definitions(defs, overrides={"seed": 3})

@@ -13,7 +13,7 @@ def test_defaults_are_the_reference_values():
     assert (c.feature_weight, c.source_label_weight, c.head_l2_weight) == (0.01, 0.1, 1e-4)
     assert (c.lr, c.momentum, c.weight_decay, c.batch_size, c.seed) == (0.01, 0.9, 1e-4, 48, 2022)
     assert c.plain_tail_fraction == REFERENCE_PLAIN_TAIL_FRACTION
-    assert c.lr_decay_step == 200 and c.plain_tail_start == 300 - 33
+    assert c.lr_decay_step == -1 and c.lr_drop_step == 222 and c.plain_tail_start == 300 - 33
 
 
 def test_overrides_are_typed_from_yaml_spelling():

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from smile_ray.config import make_config
-from smile_ray.data import build_task, digits_source
+from smile_ray.data import build_task
+from smile_ray.data.digits import digits_source
 from smile_ray.errors import SmileError
 
 
@@ -34,7 +35,7 @@ def test_training_subset_depends_on_seed_only():
 
 
 def test_source_task_holds_other_digits_than_the_target():
-    src = digits_source(32)
+    src = digits_source(make_config({"image_size": 32}))
     tgt = build_task(make_config({"samples_per_class": 60}))
     assert not rows(src.splits["train"][0]) & rows(tgt.splits["train"][0])
 

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import yaml
 
+from conftest import own_processes_named
+
 from smile_ray.config import make_config
-from smile_ray.distributed import train_distributed
-from smile_ray.train import train
+from smile_ray.orchestration.ray_train import train_distributed
+from smile_ray.recipe import train
 
 CONFIG = {"steps": 60, "eval_every": 20, "samples_per_class": 5, "batch_size": 48}
 
@@ -32,19 +34,6 @@ def test_two_workers_match_one_process(ray_local, tmp_path, cache_dir):
     assert abs(dist["test_acc"] - local["test_acc"]) < 0.08
     assert dist["test_acc"] > 0.5
     assert (tmp_path / "dist" / "model.pt").is_file() and (tmp_path / "dist" / "checkpoint" / "state.pt").is_file()
-
-
-def _train_worker_pids():
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmd = (entry / "cmdline").read_bytes().decode(errors="ignore")
-            except OSError:
-                continue
-            if "RayTrainWorker" in cmd:
-                pids.append(int(entry.name))
-    return pids
 
 
 def _registered_checkpoint_step(out):
@@ -79,9 +68,9 @@ def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(ra
     killed = None
     while time.time() < deadline and thread.is_alive() and killed is None:
         if _registered_checkpoint_step(out) > 0:  # the controller holds a checkpoint: kill a worker
-            pids = _train_worker_pids()
+            pids = own_processes_named("RayTrainWorker")  # the workers of this test's own Ray
             if pids:
-                killed = max(pids)
+                killed = pids[0]
                 os.kill(killed, signal.SIGKILL)
         time.sleep(0.2)
     thread.join(timeout=400)

@@ -136,7 +136,7 @@ def test_plain_tail_is_plain_fine_tuning():
     assert set(parts) == {"cls", "head"}
 
 
-def test_label_mixup_off_trains_the_classifier_on_clean_images():
+def test_label_mixup_off_trains_the_classifier_and_the_smile_terms():
     cfg = make_config({"method": "smile", "label_mixup": False})
     source, model, method = make(cfg)
     x, y = batch()
@@ -167,3 +167,55 @@ def test_same_step_gives_same_draw_and_different_steps_differ():
     other_rank = build_method(cfg, rank=1)
     lam4, perm4 = other_rank.draw_mix(x, 7)
     assert lam4 == lam1 and not torch.equal(perm4, perm1)  # shared lambda, own permutation
+
+
+def test_the_teacher_is_not_updated_in_the_plain_tail():
+    cfg = make_config({"steps": 90, "ema_every": 1, "ema_decay": 0.5})  # tail = steps 80-89
+    source, model, smile = make(cfg)
+    with torch.no_grad():
+        for p in model.body.parameters():
+            p.add_(1.0)
+    smile.after_step(model, 79)
+    before = [t.clone() for t in smile.teacher.body.parameters()]
+    assert not all(torch.equal(t, s) for t, s in zip(before, source.body.parameters()))  # step 79 updated
+    for step in range(80, 90):
+        smile.after_step(model, step)
+    assert all(torch.equal(t, b) for t, b in zip(smile.teacher.body.parameters(), before))
+
+
+def test_label_mixup_off_changes_only_the_label_term():
+    """The arm's SMILE terms come from the full method's mixed forward, its running
+    BatchNorm statistics see only that forward, and only the CE differs."""
+    full_cfg = make_config({"method": "smile", "mixup_alpha": 2.0})
+    off_cfg = full_cfg.replace(label_mixup=False)
+    x, y = batch()
+    results = {}
+    for name, cfg in (("full", full_cfg), ("off", off_cfg)):
+        _, model, method = make(cfg)
+        loss, parts = method.loss(model, x, y, 5)
+        stats = [b.clone() for n, b in model.body.named_buffers() if "running" in n]
+        results[name] = (parts, stats)
+    full_parts, full_stats = results["full"]
+    off_parts, off_stats = results["off"]
+    assert full_parts["feat"].item() == off_parts["feat"].item()
+    assert full_parts["src"].item() == off_parts["src"].item()
+    assert full_parts["head"].item() == off_parts["head"].item()
+    assert full_parts["cls"].item() != off_parts["cls"].item()
+    assert all(torch.equal(a, b) for a, b in zip(full_stats, off_stats))
+    # the label term is plain CE of a clean forward (BatchNorm in train mode, batch statistics)
+    _, model, method = make(off_cfg)
+    torch.testing.assert_close(off_parts["cls"], torch.nn.functional.cross_entropy(model(x).logits, y))
+
+
+def test_methods_declare_the_keys_they_read():
+    from smile_ray.methods import method_class
+
+    cfg = make_config()
+    assert method_class("l2").unused_keys(cfg) >= {"mixup_alpha", "ema_decay", "feature_weight"}
+    assert "head_l2_weight" not in method_class("l2").unused_keys(cfg)
+    assert method_class("mixup").unused_keys(cfg) == {"ema_decay", "ema_every", "feature_weight", "source_label_weight",
+                                                      "feature_mixup", "source_label", "mean_teacher", "label_mixup"}
+    assert method_class("smile").unused_keys(cfg) == set()
+    assert method_class("smile").unused_keys(cfg.replace(source_label=False)) == {"source_label_weight"}
+    assert method_class("smile").may_skip_parameters(cfg.replace(head_l2=False))
+    assert not method_class("smile").may_skip_parameters(cfg) and not method_class("l2").may_skip_parameters(cfg)

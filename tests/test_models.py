@@ -5,7 +5,7 @@ import torchvision
 
 from smile_ray.config import make_config
 from smile_ray.errors import SmileError
-from smile_ray.models import TransferNet, hub_weights_path, load_source_model
+from smile_ray.models import TransferNet, imagenet_weights_path, load_source_model
 from smile_ray.pretrain import load_source
 
 
@@ -36,7 +36,7 @@ def test_imagenet_weights_come_from_the_hub_cache_only(tmp_path, monkeypatch):
     cfg = make_config({"backbone": "resnet18", "weights": "imagenet"})
     with pytest.raises(SmileError, match="not found .nothing is downloaded"):
         load_source(cfg)
-    path = hub_weights_path("resnet18")
+    path = imagenet_weights_path("resnet18")
     assert path.parent == tmp_path / "hub" / "checkpoints"
     path.parent.mkdir(parents=True)
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)

@@ -6,7 +6,8 @@ import torch
 
 from smile_ray.config import make_config
 from smile_ray.errors import SmileError
-from smile_ray.train import expected_calibration_error, train
+from smile_ray.metrics import expected_calibration_error
+from smile_ray.recipe import train
 
 SHORT = {"steps": 30, "eval_every": 10, "samples_per_class": 3}
 
@@ -40,11 +41,11 @@ def test_resume_from_a_mid_run_checkpoint_matches_an_uninterrupted_run(tmp_path,
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        train(cfg, tmp_path / "split", cache_dir=cache_dir, report=stop_at_10)
+        train(cfg, tmp_path / "split", cache_dir=cache_dir, on_eval=stop_at_10)
     assert torch.load(tmp_path / "split" / "checkpoint" / "state.pt", weights_only=True)["step"] == 10
     assert not (tmp_path / "split" / "metrics.json").exists()
     seen = []
-    resumed = train(cfg, tmp_path / "split", cache_dir=cache_dir, report=lambda m, d: seen.append(m["step"]))
+    resumed = train(cfg, tmp_path / "split", cache_dir=cache_dir, on_eval=lambda m, d: seen.append(m["step"]))
     assert seen == [20, 30]  # steps 1-10 were not run again
     wa, wb = weights(tmp_path / "whole" / "model.pt"), weights(tmp_path / "split" / "model.pt")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -54,22 +55,51 @@ def test_resume_from_a_mid_run_checkpoint_matches_an_uninterrupted_run(tmp_path,
     assert resumed["history"] == whole["history"] and resumed["test_acc"] == whole["test_acc"]
 
 
-def test_report_gets_every_evaluation_and_a_final_record(tmp_path, cache_dir):
+def test_hooks_get_every_evaluation_with_its_checkpoint_and_the_final_metrics(tmp_path, cache_dir):
     cfg = make_config({**SHORT, "method": "l2"})
-    got = []
+    got, ended = [], []
 
-    def report(metrics, checkpoint_dir):  # the checkpoint on disk is the reported step's
-        got.append((metrics, torch.load(f"{checkpoint_dir}/state.pt", weights_only=True)["step"]))
+    def on_eval(record, checkpoint_dir):  # the checkpoint on disk is the reported step's
+        got.append((record, torch.load(checkpoint_dir / "state.pt", weights_only=True)["step"]))
 
-    m = train(cfg, None, cache_dir=cache_dir, report=report)
+    m = train(cfg, None, cache_dir=cache_dir, checkpoint_dir=tmp_path / "ck", on_eval=on_eval, on_end=ended.append)
     assert [g[0]["step"] for g in got] == [10, 20, 30] == [g[1] for g in got]
-    assert got[-1][0]["done"] and got[-1][0]["test_acc"] == m["test_acc"]
+    assert all({"train_loss", "val_acc", "val_ece", "lr"} <= set(g[0]) for g in got)
+    assert ended == [m] and "test_acc" in m and "done" not in m
+    assert not (tmp_path / "metrics.json").exists()  # no output_dir: only the checkpoint is written
+
+
+def test_a_run_with_no_directory_writes_nothing(tmp_path, cache_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    train(make_config({**SHORT, "steps": 10}), None, cache_dir=cache_dir, on_eval=lambda r, d: seen.append(d))
+    assert seen == [None] and list(tmp_path.iterdir()) == []
+
+
+def test_learning_rate_drops_where_the_reference_drops():
+    from smile_ray.recipe import learning_rate
+
+    assert make_config({"steps": 9000}).lr_drop_step == 6666  # int(2 * (9000 + 1000) / 3)
+    cfg = make_config({"steps": 300})
+    assert cfg.lr_drop_step == 222
+    assert learning_rate(cfg, 221) == pytest.approx(0.01) and learning_rate(cfg, 222) == pytest.approx(0.001)
+    assert make_config({"steps": 300, "lr_decay_step": 100}).lr_drop_step == 100
+    assert learning_rate(make_config({"steps": 300, "lr_decay_step": 300}), 299) == pytest.approx(0.01)
+
+
+def test_the_public_api_can_be_called_again(tmp_path, cache_dir):
+    import smile_ray
+
+    cfg = smile_ray.make_config({**SHORT, "steps": 10, "method": "l2"})
+    a = smile_ray.train(cfg, tmp_path / "a", cache_dir=cache_dir)
+    b = smile_ray.train(cfg, tmp_path / "b", cache_dir=cache_dir)
+    assert callable(smile_ray.train) and a["history"] == b["history"]
 
 
 def test_checkpoint_of_another_config_is_refused(tmp_path, cache_dir):
     cfg = make_config({**SHORT, "steps": 10})
     train(cfg, tmp_path, cache_dir=cache_dir)
-    with pytest.raises(SmileError, match="was made with mixup_alpha=0.2, not 0.5"):
+    with pytest.raises(SmileError, match="was made with mixup_alpha=0.2, not 0.5; start afresh"):
         train(cfg.replace(mixup_alpha=0.5), tmp_path, cache_dir=cache_dir)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import yaml
+from conftest import descendants
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -21,30 +22,37 @@ def free_port():
         return s.getsockname()[1]
 
 
-def stop_cluster(temp_dir):
-    """Stop only the processes of the cluster rooted at ``temp_dir``: ``ray stop`` would
-    stop every Ray on this machine, a user's own included."""
-    deadline = time.time() + 30
-    sig = signal.SIGTERM
+def start_node(args, env):
+    """``ray start --block``: the node's processes stay below this child process, so the
+    test can stop exactly them (``ray stop`` would stop every Ray on the machine)."""
+    return subprocess.Popen([RAY, "start", "--block", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def wait_for_port(port, deadline):
     while time.time() < deadline:
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit() and int(entry.name) != os.getpid():
-                try:
-                    cmd = (entry / "cmdline").read_bytes().decode(errors="ignore")
-                except OSError:
-                    continue
-                if temp_dir in cmd:
-                    pids.append(int(entry.name))
-        if not pids:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"no Ray head on port {port}")
+
+
+def stop_nodes(nodes):
+    """SIGTERM, then SIGKILL, to the node processes and everything below them, by pid."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = [p for node in nodes if node.poll() is None for p in [node.pid, *descendants(node.pid)]]
+        for node in nodes:  # processes a node left behind when it exited
+            pids += descendants(node.pid)
         for pid in pids:
             try:
                 os.kill(pid, sig)
             except OSError:
                 pass
-        time.sleep(1)
-        sig = signal.SIGKILL if time.time() > deadline - 20 else signal.SIGTERM
+        deadline = time.time() + 15
+        while time.time() < deadline and any(node.poll() is None for node in nodes):
+            time.sleep(0.5)
 
 
 def test_study_on_an_existing_multi_node_cluster(tmp_path, cache_dir):
@@ -53,13 +61,12 @@ def test_study_on_an_existing_multi_node_cluster(tmp_path, cache_dir):
     # Ray 2.60's `ray start` turns token authentication on by default; this throwaway
     # loopback cluster opts out so that the client needs no token file.
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "SMILE_RAY_CACHE": str(cache_dir)}
-    head = [RAY, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
-            "--disable-usage-stats", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}"]
-    subprocess.run(head, check=True, env=env, capture_output=True)
+    nodes = [start_node(["--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
+                         "--disable-usage-stats", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}"], env)]
     try:
-        subprocess.run([RAY, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--node-ip-address=127.0.0.1",
-                        f"--temp-dir={temp_dir}"],
-                       check=True, env=env, capture_output=True)
+        wait_for_port(port, time.time() + 60)
+        nodes.append(start_node([f"--address=127.0.0.1:{port}", "--num-cpus=1", "--node-ip-address=127.0.0.1",
+                                 f"--temp-dir={temp_dir}"], env))
         space = tmp_path / "space.yaml"
         space.write_text(yaml.safe_dump({
             "base": {"method": "mixup", "steps": 20, "eval_every": 10, "samples_per_class": 3},
@@ -76,4 +83,4 @@ def test_study_on_an_existing_multi_node_cluster(tmp_path, cache_dir):
         rows = pq.read_table(out / "trials.parquet").to_pylist()
         assert len(rows) == 2 and all(r["status"] == "TERMINATED" for r in rows)
     finally:
-        stop_cluster(temp_dir)
+        stop_nodes(nodes)

@@ -3,10 +3,9 @@ weight decay on every parameter, and the head L2 ``0.5 * ||theta_head||^2`` of t
 reference implementation (switch ``head_l2``)."""
 from __future__ import annotations
 
-from smile_ray.methods import METHODS, Method
+from smile_ray.methods.base import Method
 
 
-@METHODS.register("l2")
 class L2(Method):
     def loss(self, model, x, y, step):
         return self.plain_loss(model, x, y)

@@ -4,23 +4,19 @@
 with ``x_mix = lam * x + (1 - lam) * x[perm]`` and ``lam`` the folded Beta(alpha, alpha)
 draw. It shares SMILE's schedule: plain fine-tuning for the final ``plain_tail_fraction``
 of steps (switch ``plain_tail``), so that SMILE with ``feature_mixup`` and
-``source_label`` off is exactly this method (``METHOD.md``).
+``source_label`` off is exactly this method (``docs/method.md``).
 """
 from __future__ import annotations
 
 from smile_ray.losses import mix, mixup_cross_entropy
-from smile_ray.methods import METHODS, Method
+from smile_ray.methods.base import Method
 
 
-@METHODS.register("mixup")
 class Mixup(Method):
-    @staticmethod
-    def unused_keys(config):
-        unused = {"ema_decay", "ema_every", "feature_weight", "source_label_weight",
-                  "feature_mixup", "source_label", "mean_teacher", "label_mixup"}
-        if not config.plain_tail:
-            unused.add("plain_tail_fraction")
-        return unused | ({"head_l2_weight"} if not config.head_l2 else set())
+    @classmethod
+    def used_keys(cls, config):
+        used = super().used_keys(config) | {"mixup_alpha", "plain_tail"}
+        return used | ({"plain_tail_fraction"} if config.plain_tail else set())
 
     def loss(self, model, x, y, step):
         if self.in_plain_tail(step):

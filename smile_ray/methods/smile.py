@@ -15,53 +15,79 @@ steps the teacher's *body* parameters move towards the student's,
 statistics and the teacher's source classifier are left as pre-trained. The final
 ``plain_tail_fraction`` of steps is plain fine-tuning (CE on clean images + head L2).
 
-Components (config switches, ``METHOD.md``): ``feature_mixup``, ``source_label``,
+Components (config switches, ``docs/method.md``): ``feature_mixup``, ``source_label``,
 ``mean_teacher``, ``label_mixup``, ``head_l2``, ``plain_tail``. A component that is off
 costs nothing: without ``feature_mixup`` and ``source_label`` there is no teacher and no
-teacher forward; with mixing off as well the step is plain fine-tuning.
+teacher forward; with mixing off as well the step is plain fine-tuning. The teacher is
+not updated in the plain tail, where nothing reads it.
 
-Deviation from the reference, for ``label_mixup=false`` only: the clean batch (for the
-target classifier's CE) and the mixed batch (for the two SMILE terms) go through the
-student in one forward pass of their concatenation, so BatchNorm normalises them
-together; a single forward keeps the step DDP-friendly.
+``label_mixup=false`` changes the label term alone: the target classifier's loss is a
+plain CE on a second, clean forward of the student, and the mixed forward that feeds the
+two SMILE terms is exactly the full method's. The clean forward runs with BatchNorm's
+running-statistics momentum at 0, so the running statistics (used at evaluation) see
+the mixed batches only, as in the full method; its batch statistics are the clean
+batch's own, as in plain fine-tuning. What remains different is the label term and its
+cost (one more forward and backward per step).
+
+Under data parallelism (``world_size`` > 1) the feature loss is the norm over the whole
+global batch (the squared norm is summed over ranks before the square root, with
+gradients), so N workers compute the single-process loss of the same global batch.
 """
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from smile_ray.losses import feature_mixup_loss, mix, mixup_cross_entropy, source_label_loss
-from smile_ray.methods import METHODS, Method, unwrap
+from smile_ray.losses import all_reduce_sum, feature_mixup_loss, mix, mixup_cross_entropy, source_label_loss
+from smile_ray.methods.base import Method, unwrap
 
 
-@METHODS.register("smile")
+@contextmanager
+def frozen_batchnorm_statistics(model: nn.Module):
+    """Train-mode forwards inside leave BatchNorm running statistics as they are."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, saved):
+            m.momentum = momentum
+
+
 class Smile(Method):
-    def __init__(self, config, rank=0):
-        super().__init__(config, rank)
+    def __init__(self, config, rank=0, world_size=1):
+        super().__init__(config, rank, world_size)
         self.uses_source_head = config.source_label
         self.uses_teacher = config.feature_mixup or config.source_label
         self.mixes = self.uses_teacher or config.label_mixup
         self.teacher = None
 
-    @staticmethod
-    def unused_keys(config):
+    @classmethod
+    def used_keys(cls, config):
         teacher = config.feature_mixup or config.source_label
-        unused = set()
-        if not config.feature_mixup:
-            unused.add("feature_weight")
-        if not config.source_label:
-            unused.add("source_label_weight")
-        if not (teacher and config.mean_teacher):
-            unused |= {"ema_decay", "ema_every"}
-        if not (teacher or config.label_mixup):
-            unused.add("mixup_alpha")
-        if not config.head_l2:
-            unused.add("head_l2_weight")
-        if not config.plain_tail:
-            unused.add("plain_tail_fraction")
-        return unused
+        used = super().used_keys(config) | {"feature_mixup", "source_label", "mean_teacher", "label_mixup", "plain_tail"}
+        if config.feature_mixup:
+            used.add("feature_weight")
+        if config.source_label:
+            used.add("source_label_weight")
+        if teacher and config.mean_teacher:
+            used |= {"ema_decay", "ema_every"}
+        if teacher or config.label_mixup:
+            used.add("mixup_alpha")
+        if config.plain_tail:
+            used.add("plain_tail_fraction")
+        return used
+
+    @classmethod
+    def may_skip_parameters(cls, config):
+        # In the plain tail the source-label head gets no gradient unless the head L2 reaches it.
+        return config.source_label and config.plain_tail and not config.head_l2
 
     def attach(self, model, source):
         if not self.uses_teacher:
@@ -77,21 +103,20 @@ class Smile(Method):
         lam, perm = self.draw_mix(x, step)
         x_mix = mix(x, perm, lam)
         parts = {}
+        out = model(x_mix)
         if c.label_mixup:
-            out = model(x_mix)
             parts["cls"] = mixup_cross_entropy(out.logits, y, perm, lam)
         else:
-            both = model(torch.cat([x, x_mix]))
-            b = len(x)
-            parts["cls"] = F.cross_entropy(both.logits[:b], y)
-            out = type(both)(both.logits[b:], both.fmap[b:], None if both.aux_logits is None else both.aux_logits[b:])
+            with frozen_batchnorm_statistics(model):
+                parts["cls"] = F.cross_entropy(model(x).logits, y)
         total = parts["cls"]
         if self.uses_teacher:
             with torch.inference_mode():
                 t_fmap, t_logits = self.teacher(x)
                 t_prob = torch.softmax(t_logits.float(), dim=1)
             if c.feature_mixup:
-                parts["feat"] = feature_mixup_loss(out.fmap, t_fmap, perm, lam)
+                parts["feat"] = feature_mixup_loss(out.fmap, t_fmap, perm, lam,
+                                                   sum_over_ranks=all_reduce_sum if self.world_size > 1 else None)
                 total = total + c.feature_weight * parts["feat"]
             if c.source_label:
                 parts["src"] = source_label_loss(out.aux_logits, t_prob, perm, lam)
@@ -101,7 +126,7 @@ class Smile(Method):
     @torch.no_grad()
     def after_step(self, model, step):
         c = self.config
-        if self.teacher is None or not c.mean_teacher or (step + 1) % c.ema_every:
+        if self.teacher is None or not c.mean_teacher or (step + 1) % c.ema_every or self.in_plain_tail(step):
             return
         # One fused pass over the body parameters: t <- t + (1 - d) * (s - t).
         torch._foreach_lerp_(self._teacher_params, self._student_params, 1.0 - c.ema_decay)

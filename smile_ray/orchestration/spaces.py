@@ -1,4 +1,4 @@
-"""Search-space files: what a tuning study runs, validated before anything starts.
+"""Search-space and ablation-definition files, validated before anything starts.
 
 A space file is YAML::
 
@@ -21,7 +21,14 @@ A space file is YAML::
 Distributions: ``uniform: [low, high]``, ``loguniform: [low, high]`` (low > 0),
 ``quniform: [low, high, q]``, ``randint: [low, high]`` (high exclusive),
 ``choice: [v, ...]``, ``grid: [v, ...]`` (every value; only with ``search: random`` or
-``grid``). This module is plain Python: it knows the file format, not Ray.
+``grid``).
+
+An ablation-definitions file (``ablations/``) has ``base``, ``seeds``,
+``samples_per_class`` (one value or a list), ``max_concurrent``, ``resources`` (as
+above, for every run), ``components`` (name -> the config overrides that turn it off)
+and an optional ``tune_space`` (as ``space`` above, for ``--tune-budget``).
+
+This module is plain Python: it knows the file formats, not Ray.
 """
 from __future__ import annotations
 
@@ -29,14 +36,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from smile_ray.config import KEYS, Config, load_config_values, make_config, read_yaml
+from smile_ray.config import KEYS, Config, check_int, make_config, read_yaml, resolve_config
 from smile_ray.errors import SmileError
+from smile_ray.metrics import EVAL_METRICS
 
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "randint", "choice", "grid")
 SEARCHES = ("hyperopt", "random", "grid")
 SCHEDULERS = ("none", "asha")
-# Metrics a trial reports at every evaluation, with the direction that is better.
-TUNABLE_METRICS = {"val_acc": "max", "val_ece": "min", "train_loss": "min"}
 TOP_LEVEL = ("base", "metric", "mode", "num_samples", "search", "max_concurrent", "scheduler", "resources", "seed", "space")
 RESOURCES = ("cpus", "gpus", "workers")
 
@@ -55,6 +61,19 @@ class Param:
 
 
 @dataclass(frozen=True)
+class Resources:
+    """What each trial (or ablation run) holds: ``workers`` > 1 runs it on that many Ray
+    Train workers, which share the trial's ``cpus`` and take one of its ``gpus`` each."""
+
+    cpus: int = 1
+    gpus: int = 0
+    workers: int = 1
+
+    def summary(self) -> dict[str, int]:
+        return {"resources_cpus": self.cpus, "resources_gpus": self.gpus, "resources_workers": self.workers}
+
+
+@dataclass(frozen=True)
 class Study:
     path: Path
     base: Config
@@ -64,7 +83,7 @@ class Study:
     search: str
     max_concurrent: int
     scheduler: str
-    resources: dict[str, int]
+    resources: Resources
     seed: int
     space: tuple[Param, ...] = field(default_factory=tuple)
 
@@ -76,8 +95,30 @@ class Study:
         return {
             "metric": self.metric, "mode": self.mode, "num_samples": self.num_samples, "search": self.search,
             "max_concurrent": self.max_concurrent, "scheduler": self.scheduler, "seed": self.seed,
-            **{f"resources_{k}": v for k, v in self.resources.items()},
+            **self.resources.summary(),
         }
+
+
+def parse_resources(path: Path, raw: Any, base: Config) -> Resources:
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise SmileError(f"{path}: resources must be a mapping of {', '.join(RESOURCES)}")
+    bad = [k for k in raw if k not in RESOURCES]
+    if bad:
+        raise SmileError(f"{path}: resources: unknown key {bad[0]!r} (expected: {', '.join(RESOURCES)})")
+    values = {k: check_int(v, f"{path}: resources.{k}", 0 if k == "gpus" else 1) for k, v in raw.items()}
+    res = Resources(**values)
+    if base.batch_size % res.workers:
+        raise SmileError(f"{path}: batch_size={base.batch_size} does not split evenly over resources.workers={res.workers}")
+    if res.gpus and res.workers > 1 and res.gpus != res.workers:
+        raise SmileError(f"{path}: resources.gpus={res.gpus} with workers={res.workers}: each Ray Train worker takes one GPU")
+    return res
+
+
+def parse_base(path: Path, raw: Any, overrides: dict[str, Any] | None) -> Config:
+    """A file's ``base`` section (config keys, or a path to a config/best.json/metrics.json
+    relative to the file) with ``--set`` overrides applied."""
+    return resolve_config(raw or {}, overrides or {}, where=f"{path}: base", relative_to=path.parent)
 
 
 def _number(where: str, value: Any) -> float:
@@ -138,53 +179,30 @@ def load_study(path: str | Path, overrides: dict[str, Any] | None = None, num_sa
     """Read and validate a space file; ``overrides`` (``--set``) change the base config."""
     path = Path(path)
     raw = read_sections(path, TOP_LEVEL, "space")
-    base_raw = raw.get("base") or {}
-    if isinstance(base_raw, str):
-        base_file = (path.parent / base_raw) if not Path(base_raw).is_absolute() else Path(base_raw)
-        base_raw = load_config_values(base_file)
-    if not isinstance(base_raw, dict):
-        raise SmileError(f"{path}: base must be a mapping of config keys or a file path")
-    base = make_config(base_raw, where=f"{path}: base")
-    if overrides:
-        base = make_config({**base.to_dict(), **overrides}, where="--set")
+    base = parse_base(path, raw.get("base"), overrides)
 
     metric = raw.get("metric", "val_acc")
     if metric == "test_acc" or str(metric).startswith("test"):
-        raise SmileError(f"{path}: metric {metric!r}: tuning selects on validation metrics only ({', '.join(TUNABLE_METRICS)})")
-    if metric not in TUNABLE_METRICS:
-        raise SmileError(f"{path}: metric {metric!r} is not reported by the trainer (choose from: {', '.join(TUNABLE_METRICS)})")
-    mode = raw.get("mode", TUNABLE_METRICS[metric])
+        raise SmileError(f"{path}: metric {metric!r}: tuning selects on validation metrics only ({', '.join(EVAL_METRICS)})")
+    if metric not in EVAL_METRICS:
+        raise SmileError(f"{path}: metric {metric!r} is not reported by the trainer (choose from: {', '.join(EVAL_METRICS)})")
+    mode = raw.get("mode", EVAL_METRICS[metric])
     if mode not in ("max", "min"):
         raise SmileError(f"{path}: mode {mode!r} must be max or min")
 
-    n = num_samples if num_samples is not None else raw.get("num_samples", 10)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise SmileError(f"{'--num-samples' if num_samples is not None else str(path) + ': num_samples'}={n!r} must be an integer >= 1")
+    if num_samples is not None:
+        n = check_int(num_samples, "--num-samples", 1)
+    else:
+        n = check_int(raw.get("num_samples", 10), f"{path}: num_samples", 1)
     search = raw.get("search", "hyperopt")
     if search not in SEARCHES:
         raise SmileError(f"{path}: search {search!r} (choose from: {', '.join(SEARCHES)})")
     scheduler = str(raw.get("scheduler", "none")).lower()
     if scheduler not in SCHEDULERS:
         raise SmileError(f"{path}: scheduler {scheduler!r} (choose from: {', '.join(SCHEDULERS)})")
-    concurrent = raw.get("max_concurrent", 2)
-    if isinstance(concurrent, bool) or not isinstance(concurrent, int) or concurrent < 1:
-        raise SmileError(f"{path}: max_concurrent={concurrent!r} must be an integer >= 1")
-    seed = raw.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise SmileError(f"{path}: seed={seed!r} must be an integer >= 0")
-
-    res_raw = raw.get("resources") or {}
-    if not isinstance(res_raw, dict):
-        raise SmileError(f"{path}: resources must be a mapping of {', '.join(RESOURCES)}")
-    bad = [k for k in res_raw if k not in RESOURCES]
-    if bad:
-        raise SmileError(f"{path}: resources: unknown key {bad[0]!r} (expected: {', '.join(RESOURCES)})")
-    resources = {"cpus": 1, "gpus": 0, "workers": 1, **res_raw}
-    for k, v in resources.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if k == "gpus" else 1):
-            raise SmileError(f"{path}: resources.{k}={v!r} is out of range")
-    if base.batch_size % resources["workers"]:
-        raise SmileError(f"{path}: batch_size={base.batch_size} does not split evenly over resources.workers={resources['workers']}")
+    concurrent = check_int(raw.get("max_concurrent", 2), f"{path}: max_concurrent", 1)
+    seed = check_int(raw.get("seed", 0), f"{path}: seed", 0)
+    resources = parse_resources(path, raw.get("resources"), base)
 
     space_raw = raw.get("space")
     if not isinstance(space_raw, dict) or not space_raw:
@@ -193,3 +211,67 @@ def load_study(path: str | Path, overrides: dict[str, Any] | None = None, num_sa
     if search == "hyperopt" and any(p.kind == "grid" for p in space):
         raise SmileError(f"{path}: grid values need search: grid or random (hyperopt samples)")
     return Study(path, base, metric, mode, n, search, concurrent, scheduler, resources, seed, space)
+
+
+ABLATION_TOP_LEVEL = ("base", "seeds", "samples_per_class", "max_concurrent", "resources", "components", "tune_space")
+
+
+@dataclass(frozen=True)
+class Definitions:
+    """A validated ablation-definitions file."""
+
+    path: Path
+    base: Config
+    seeds: int
+    samples: tuple[int, ...]
+    max_concurrent: int
+    resources: Resources
+    components: dict[str, dict[str, Any]]
+    tune_space: dict[str, Any]
+
+
+def load_definitions(path: str | Path, base_file: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                     seeds: int | None = None) -> Definitions:
+    """Read and validate an ablation-definitions file. ``base_file`` replaces its base;
+    ``overrides`` (``--set``) apply to every run, a ``samples_per_class`` override
+    replacing the file's grid; the run seeds are ``0..seeds-1``, so ``--set seed`` is
+    refused."""
+    path = Path(path)
+    raw = read_sections(path, ABLATION_TOP_LEVEL, "components")
+    overrides = dict(overrides or {})
+    if "seed" in overrides:
+        raise SmileError("--set seed: an ablation runs seeds 0..K-1 in every arm; choose K with --seeds")
+    spc_override = overrides.pop("samples_per_class", None)
+    if base_file is not None:
+        base = resolve_config(base_file, overrides)
+    else:
+        base = parse_base(path, raw.get("base"), overrides)
+
+    components = raw.get("components")
+    if not isinstance(components, dict) or not components:
+        raise SmileError(f"{path}: components must map names to the overrides that turn them off")
+    for name, off in components.items():
+        if not isinstance(off, dict) or not off:
+            raise SmileError(f"{path}: components.{name} must be a mapping of config overrides")
+        make_config({**base.to_dict(), **off}, where=f"{path}: components.{name}")
+
+    if seeds is not None:
+        n = check_int(seeds, "--seeds", 2, "a paired test needs at least 2 seeds")
+    else:
+        n = check_int(raw.get("seeds", 5), f"{path}: seeds", 2, "a paired test needs at least 2 seeds")
+    if spc_override is not None:
+        samples = [spc_override]
+        where = "--set"
+    else:
+        samples = raw.get("samples_per_class", [base.samples_per_class])
+        samples = samples if isinstance(samples, list) else [samples]
+        where = f"{path}: samples_per_class"
+    samples = [make_config({**base.to_dict(), "samples_per_class": s}, where=where).samples_per_class for s in samples]
+    concurrent = check_int(raw.get("max_concurrent", 2), f"{path}: max_concurrent", 1)
+    resources = parse_resources(path, raw.get("resources"), base)
+    tune_space = raw.get("tune_space") or {}
+    if not isinstance(tune_space, dict):
+        raise SmileError(f"{path}: tune_space must map config keys to distributions")
+    for name, spec in tune_space.items():
+        parse_param(path, name, spec, base)
+    return Definitions(path, base, n, tuple(samples), concurrent, resources, dict(components), tune_space)

@@ -1,23 +1,25 @@
 """The training recipe: set up, loop, clean up -- in plain PyTorch.
 
 :func:`train` is what every entry point runs: ``smile-ray train`` in-process, each Ray
-Train worker, each Ray Tune trial. It knows nothing of Ray or MLflow: an orchestration
-layer hooks in through ``report(metrics, checkpoint_dir)`` (called at every evaluation
-with a fresh checkpoint), ``rank``/``world_size`` (which shard of each global batch this
-process trains on) and ``prepare_model`` (e.g. a DistributedDataParallel wrapper).
+Train worker, each Ray Tune trial. It knows nothing of Ray or MLflow; whatever
+orchestrates it hooks in through
 
-Schedule (reference implementation): SGD with Nesterov momentum, learning rate x0.1 at
-two thirds of training; the method decides what each step's loss is.
+* ``on_eval(record, checkpoint_dir)``: called on every rank at every evaluation, after
+  the checkpoint of that step is written; ``record`` holds the step's metrics on rank 0
+  (only ``step`` elsewhere), ``checkpoint_dir`` is where the checkpoint lies (None where
+  none is written);
+* ``on_end(metrics)``: called on every rank once the run's files are written;
+* ``rank``/``world_size`` (which shard of each global batch this process trains on) and
+  ``prepare_model`` (e.g. a DistributedDataParallel wrapper).
+
+Schedule (reference implementation): SGD with Nesterov momentum, learning rate x0.1
+from ``config.lr_drop_step`` on; the method decides what each step's loss is.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -25,19 +27,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smile_ray import rng
-from smile_ray.config import Config, config_diff
+from smile_ray.checkpoint import CHECKPOINT_FILE, check_same_config, read_checkpoint, save_torch, write_json
+from smile_ray.config import Config
 from smile_ray.data import TensorTask, build_task
 from smile_ray.errors import SmileError
 from smile_ray.methods import Method, build_method, unwrap
+from smile_ray.metrics import classification_metrics
 from smile_ray.models import TransferNet
 from smile_ray.pretrain import load_source
 
-CHECKPOINT_FILE = "state.pt"
-Report = Callable[[dict[str, Any], str], None]
+OnEval = Callable[[dict[str, Any], "Path | None"], None]
+OnEnd = Callable[[dict[str, Any]], None]
 
 
 @dataclass
@@ -74,7 +77,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def learning_rate(config: Config, step: int) -> float:
-    return config.lr * (0.1 if step >= config.lr_decay_step else 1.0)
+    return config.lr * (0.1 if step >= config.lr_drop_step else 1.0)
 
 
 def setup(
@@ -97,7 +100,7 @@ def setup(
     source, source_weights = load_source(config, cache_dir, log=log)
     if source.in_channels == 1 and task.in_channels != 1:
         raise SmileError(f"backbone {config.backbone!r} takes 1-channel images; dataset {config.dataset!r} has {task.in_channels}")
-    method = build_method(config, rank=rank)
+    method = build_method(config, rank=rank, world_size=world_size)
     with torch.random.fork_rng():
         torch.manual_seed(rng.derive_seed(config.seed, rng.INIT))
         model = TransferNet(source, task.num_classes, source_head=method.uses_source_head)
@@ -142,46 +145,14 @@ def evaluate(run: Run, split: str) -> dict[str, float]:
             logits.append(model(x).logits.float())
         labels.append(y)
     model.train()
-    logits, labels = torch.cat(logits), torch.cat(labels)
-    return {
-        "acc": (logits.argmax(1) == labels).float().mean().item(),
-        "ece": expected_calibration_error(logits, labels),
-        "nll": F.cross_entropy(logits, labels).item(),
-    }
-
-
-def expected_calibration_error(logits: Tensor, labels: Tensor, bins: int = 15) -> float:
-    """``sum_b |B_b|/N * |acc(B_b) - conf(B_b)|`` over equal-width confidence bins."""
-    conf, pred = torch.softmax(logits, 1).max(1)
-    correct = (pred == labels).float()
-    which = torch.clamp((conf * bins).ceil().long() - 1, 0, bins - 1)
-    # |B_b|/N * |acc_b - conf_b| = |sum of correct - sum of confidence in b| / N
-    acc = torch.zeros(bins, device=logits.device).index_add_(0, which, correct)
-    cnf = torch.zeros(bins, device=logits.device).index_add_(0, which, conf)
-    return ((acc - cnf).abs().sum() / len(labels)).item()
+    return classification_metrics(torch.cat(logits), torch.cat(labels))
 
 
 # ------------------------------------------------------------------ checkpoints
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(run: Run, path: Path, step: int, history: list, seconds: float, resumed_from: list) -> None:
-    atomic_save(
+    save_torch(
         {
             "step": step,
             "config": run.config.to_dict(),
@@ -195,31 +166,6 @@ def save_checkpoint(run: Run, path: Path, step: int, history: list, seconds: flo
         },
         path,
     )
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True``; one-line errors for bad files."""
-    path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise SmileError(f"checkpoint {path} does not exist") from None
-    except Exception as e:
-        raise SmileError(f"checkpoint {path} is unreadable or corrupt ({e.__class__.__name__})") from None
-    if not isinstance(state, dict) or not {"step", "config", "model", "optimizer"} <= set(state):
-        raise SmileError(f"checkpoint {path} is not a smile-ray checkpoint")
-    return state
-
-
-def check_same_config(state: dict[str, Any], config: Config, path: Path) -> None:
-    """Refuse a checkpoint made with another config (the device may change)."""
-    changed = [k for k in config_diff(state["config"], config.to_dict()) if k != "device"]
-    if changed:
-        k = changed[0]
-        raise SmileError(
-            f"checkpoint {path} was made with {k}={state['config'].get(k)!r}, not {getattr(config, k)!r}; "
-            "use another output directory (or --overwrite) to start afresh"
-        )
 
 
 def restore(run: Run, state: dict[str, Any], path: Path) -> None:
@@ -241,8 +187,10 @@ def train(
     output_dir: str | Path | None = None,
     *,
     cache_dir: str | Path | None = None,
+    checkpoint_dir: str | Path | None = None,
     resume_from: str | Path | None = None,
-    report: Report | None = None,
+    on_eval: OnEval | None = None,
+    on_end: OnEnd | None = None,
     progress: bool = False,
     rank: int = 0,
     world_size: int = 1,
@@ -252,19 +200,19 @@ def train(
 ) -> dict[str, Any]:
     """Fine-tune one model; returns (and, with ``output_dir``, writes) its metrics.
 
-    With ``output_dir`` the checkpoint lives in ``output_dir/checkpoint/state.pt`` and a
-    run whose directory already holds one resumes from it. ``resume_from`` names a
-    checkpoint directory explicitly (what Ray hands a restarted worker). Evaluation on the
-    validation split runs every ``eval_every`` steps; the test split is scored once, at
-    the end.
+    Rank 0 writes ``metrics.json`` and ``model.pt`` to ``output_dir`` and the checkpoint to
+    ``checkpoint_dir`` (default ``output_dir/checkpoint``; a run with neither writes no
+    file). A run whose checkpoint directory already holds a checkpoint resumes from it;
+    ``resume_from`` names another checkpoint directory to resume from (what Ray hands a
+    restarted worker). Evaluation on the validation split runs every ``eval_every``
+    steps; the test split is scored once, at the end.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     lead = rank == 0
     out = Path(output_dir) if output_dir is not None else None
-    # Checkpoints go where they can be resumed from (output_dir) or handed on (report);
-    # a run with neither writes none.
-    scratch = out is None and report is not None
-    ckpt_dir = out / "checkpoint" if out is not None else Path(tempfile.mkdtemp(prefix="smile-ray-ckpt-")) if scratch else None
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out / "checkpoint" if out is not None else None
+    if not lead:
+        ckpt_dir = None  # every rank holds the same weights: rank 0's checkpoint is the run's
     run = setup(config, cache_dir, rank=rank, world_size=world_size, device=device, prepare_model=prepare_model, log=log)
 
     step, history, seconds, resumed_from = 0, [], 0.0, []
@@ -293,64 +241,56 @@ def train(
         if bar is not None:
             bar.update(1)
         if step % config.eval_every == 0 or step == config.steps:
-            entry = {"step": step}
+            record: dict[str, Any] = {"step": step}
             if lead:  # other ranks hold the same weights; only rank 0's metrics are kept
                 val = evaluate(run, "val")
-                entry.update(train_loss=(loss_sum / loss_n).item(), lr=learning_rate(config, step - 1),
-                             val_acc=val["acc"], val_ece=val["ece"])
-                if not math.isfinite(entry["train_loss"]):
-                    raise SmileError(f"training diverged at step {step} (loss {entry['train_loss']}); "
+                record.update(train_loss=(loss_sum / loss_n).item(), lr=learning_rate(config, step - 1),
+                              val_acc=val["acc"], val_ece=val["ece"])
+                if not math.isfinite(record["train_loss"]):
+                    raise SmileError(f"training diverged at step {step} (loss {record['train_loss']}); "
                                      "lower lr or the loss weights")
-                history.append(entry)
+                history.append(record)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{entry['train_loss']:.3f}", val_acc=f"{val['acc']:.3f}")
+                    bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_acc=f"{val['acc']:.3f}")
                 if ckpt_dir is not None:
                     elapsed = seconds + time.perf_counter() - started
                     save_checkpoint(run, ckpt_dir / CHECKPOINT_FILE, step, history, elapsed, resumed_from)
             loss_sum, loss_n = torch.zeros((), device=run.device), 0
-            if report is not None and step < config.steps:
-                report(dict(entry), str(ckpt_dir))
+            if on_eval is not None:
+                on_eval(dict(record), ckpt_dir)
     if bar is not None:
         bar.close()
     seconds += time.perf_counter() - started
     consistent = ranks_consistent(run) if world_size > 1 else None
 
     if not lead:
-        if report is not None:
-            report({"step": step, "done": True}, str(ckpt_dir))
-        if scratch:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-        return {"step": step}
-
-    val, test = evaluate(run, "val"), evaluate(run, "test")
-    metrics = {
-        "method": config.method,
-        "dataset": config.dataset,
-        "val_acc": val["acc"],
-        "val_ece": val["ece"],
-        "test_acc": test["acc"],
-        "test_ece": test["ece"],
-        "test_nll": test["nll"],
-        "steps": step,
-        "seconds": seconds,
-        "workers": world_size,
-        "resumed_from": resumed_from,
-        "source_weights": run.source_weights,
-        "split_sizes": run.task.split_sizes(),
-        "history": history,
-        "config": config.to_dict(),
-    }
-    if consistent is not None:
-        metrics["ranks_consistent"] = consistent
-    # The run's files go to output_dir, or into the checkpoint that report hands on.
-    for where in [d for d in (out, ckpt_dir if scratch else None) if d is not None]:
-        atomic_save(unwrap(run.model).state_dict(), where / "model.pt")
-        atomic_write_json(metrics, where / "metrics.json")
-    if report is not None:
-        final = {k: v for k, v in metrics.items() if k not in ("history", "config", "split_sizes", "resumed_from")}
-        report({**history[-1], **final, "done": True} if history else final, str(ckpt_dir))
-    if scratch:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        metrics: dict[str, Any] = {"step": step}
+    else:
+        val, test = evaluate(run, "val"), evaluate(run, "test")
+        metrics = {
+            "method": config.method,
+            "dataset": config.dataset,
+            "val_acc": val["acc"],
+            "val_ece": val["ece"],
+            "test_acc": test["acc"],
+            "test_ece": test["ece"],
+            "test_nll": test["nll"],
+            "steps": step,
+            "seconds": seconds,
+            "workers": world_size,
+            "resumed_from": resumed_from,
+            "source_weights": run.source_weights,
+            "split_sizes": run.task.split_sizes(),
+            "history": history,
+            "config": config.to_dict(),
+        }
+        if consistent is not None:
+            metrics["ranks_consistent"] = consistent
+        if out is not None:
+            save_torch(unwrap(run.model).state_dict(), out / "model.pt")
+            write_json(metrics, out / "metrics.json")
+    if on_end is not None:
+        on_end(metrics)
     return metrics
 
 

@@ -1,5 +1,8 @@
 """Backbones by name, the pre-trained source model, and the student network.
 
+One file per backbone family (``digits_cnn.py``, ``resnet.py``) defines a
+:class:`BackboneSpec`; :data:`smile_ray.registry.BACKBONES` names them.
+
 A backbone is a convolutional *body* (image -> last feature map before pooling) and a
 *classifier* ``fc`` on the globally pooled feature. Weight files are flat state dicts in
 torchvision's layout: body keys as torchvision names them (``conv1.weight``,
@@ -16,11 +19,10 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
-import torchvision
 from torch import Tensor, nn
 
 from smile_ray.errors import SmileError
-from smile_ray.registry import Registry
+from smile_ray.registry import BACKBONES
 
 
 @dataclass(frozen=True)
@@ -29,51 +31,23 @@ class BackboneSpec:
 
     build: Callable[[int], tuple[nn.Module, nn.Linear]]
     in_channels: int
-    # torchvision's ImageNet weight file name, looked up in torch's hub cache for
-    # ``weights=imagenet``; None when the backbone has no published weights.
-    hub_file: str | None = None
-    hub_classes: int | None = None
+    # outputs of the source classifier when no weight file says otherwise (weights=none)
+    source_classes: int
+    # Where ``weights=imagenet`` is read from (a function, so that finding it costs
+    # nothing until asked); None when the backbone has no published weights.
+    imagenet_file: Callable[[], Path] | None = None
+    # Turns a weight file's state dict into the torchvision layout (body keys + fc.*)
+    # when the file comes in another one; None for files already in it.
+    convert: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None
 
 
-BACKBONES: Registry[BackboneSpec] = Registry("backbone")
+def torch_hub_file(name: str) -> Callable[[], Path]:
+    """A torchvision weight file in torch's hub cache (where torchvision puts downloads)."""
 
+    def find() -> Path:
+        return Path(torch.hub.get_dir()) / "checkpoints" / name
 
-def _digits_cnn(num_source_classes: int) -> tuple[nn.Module, nn.Linear]:
-    """Three conv-BN-ReLU stages, 32 -> 64 -> 128 channels; the last two stride 2, so a
-    32 px digit gives a 128 x 8 x 8 feature map. Strided convolutions rather than max
-    pooling: on CPU, max pooling cost as much as the convolutions in the teacher's
-    forward pass."""
-
-    def stage(i: int, cin: int, cout: int, stride: int) -> list[tuple[str, nn.Module]]:
-        return [
-            (f"conv{i}", nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)),
-            (f"bn{i}", nn.BatchNorm2d(cout)),
-            (f"relu{i}", nn.ReLU(inplace=True)),
-        ]
-
-    body = nn.Sequential(OrderedDict(stage(1, 1, 32, 1) + stage(2, 32, 64, 2) + stage(3, 64, 128, 2)))
-    return body, nn.Linear(128, num_source_classes)
-
-
-BACKBONES.register("digits_cnn")(BackboneSpec(_digits_cnn, in_channels=1))
-
-
-def _torchvision_resnet(arch: str) -> Callable[[int], tuple[nn.Module, nn.Linear]]:
-    def build(num_source_classes: int) -> tuple[nn.Module, nn.Linear]:
-        net = getattr(torchvision.models, arch)(weights=None, num_classes=num_source_classes)
-        names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
-        # Named children keep torchvision's state-dict keys (conv1.weight, layer1.0...).
-        return nn.Sequential(OrderedDict((n, getattr(net, n)) for n in names)), net.fc
-
-    return build
-
-
-BACKBONES.register("resnet18")(
-    BackboneSpec(_torchvision_resnet("resnet18"), 3, "resnet18-f37072fd.pth", 1000)
-)
-BACKBONES.register("resnet50")(
-    BackboneSpec(_torchvision_resnet("resnet50"), 3, "resnet50-0676ba61.pth", 1000)
-)
+    return find
 
 
 def _adapt_channels(x: Tensor, in_channels: int) -> Tensor:
@@ -139,12 +113,12 @@ def build_source_model(backbone: str, num_source_classes: int) -> SourceModel:
     return SourceModel(body, fc, spec.in_channels)
 
 
-def hub_weights_path(backbone: str) -> Path:
-    """Where torchvision keeps ``backbone``'s ImageNet file in torch's hub cache."""
+def imagenet_weights_path(backbone: str) -> Path:
+    """Where ``backbone``'s ImageNet weights are read from for ``weights=imagenet``."""
     spec = BACKBONES.get(backbone)
-    if spec.hub_file is None:
+    if spec.imagenet_file is None:
         raise SmileError(f"weights=imagenet: backbone {backbone!r} has no ImageNet weights")
-    return Path(torch.hub.get_dir()) / "checkpoints" / spec.hub_file
+    return spec.imagenet_file()
 
 
 def read_weights(path: str | Path) -> dict[str, Tensor]:
@@ -169,6 +143,12 @@ def load_source_model(backbone: str, path: str | Path) -> SourceModel:
     The number of source classes is read off the file's ``fc.weight``.
     """
     state = read_weights(path)
+    convert = BACKBONES.get(backbone).convert
+    if convert is not None:
+        try:
+            state = convert(state)
+        except (KeyError, ValueError) as e:
+            raise SmileError(f"weights file {path} does not fit backbone {backbone!r}: {e}") from None
     if "fc.weight" not in state:
         raise SmileError(f"weights file {path} has no source classifier (fc.weight)")
     model = build_source_model(backbone, int(state["fc.weight"].shape[0]))

@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from smile_ray.errors import SmileError
+from smile_ray.metrics import REPORTED
 
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -82,27 +83,35 @@ class StudyLogger(tune.Callback):
     Params are the trial's full config (flat config names); metrics are logged at every
     evaluation with ``step``; the final report adds the test metrics."""
 
-    LOGGED = ("val_acc", "val_ece", "train_loss", "lr", "test_acc", "test_ece", "test_nll", "seconds")
+    LOGGED = tuple(k for k in REPORTED if k != "step")
 
     def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, study_name: str, base: dict[str, Any],
                  runs: list[dict[str, Any]] | None = None):
-        self.runs_spec = runs  # an ablation's runs: trial.config is {"run": index}
+        self.runs_spec = runs  # an ablation's runs ({"config", "tags"}): trial.config is {"run": index}
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.parent_run_id = parent_run_id
         self.study_name = study_name
         self.base = base
         self.runs: dict[str, str] = {}
+        self._logged: set[tuple[str, str, int]] = set()  # (trial, metric, step) already logged
         self._client: MlflowClient | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks with the experiment; a restored logger must read the
+        # child runs from MLflow as they are then, not as they were at the last snapshot.
+        return {**self.__dict__, "_client": None, "runs": {}, "_logged": set()}
+
+    def children(self) -> list:
+        return self.client.search_runs([self.experiment], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'",
+                                       max_results=10000)
 
     @property
     def client(self) -> MlflowClient:
         if self._client is None:
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
             # A resumed study finds the child runs its trials already have.
-            for run in self._client.search_runs(
-                [self.experiment], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'", max_results=10000
-            ):
+            for run in self.children():
                 trial = run.data.tags.get("trial_id")
                 if trial:
                     self.runs[trial] = run.info.run_id
@@ -115,7 +124,7 @@ class StudyLogger(tune.Callback):
             if self.runs_spec is not None and "run" in trial.config:
                 spec = self.runs_spec[trial.config["run"]]
                 config = spec["config"]
-                extra = {k: str(spec[k]) for k in ("arm", "seed", "samples_per_class")}
+                extra = {k: str(v) for k, v in spec["tags"].items()}
             else:
                 config = {**self.base, **trial.config}
             run = client.create_run(
@@ -137,7 +146,11 @@ class StudyLogger(tune.Callback):
         run_id = self._run_for(trial)
         step = int(result.get("step", 0))
         ts = int(result.get("timestamp", 0)) * 1000
-        metrics = [Metric(k, float(result[k]), ts, step) for k in self.LOGGED if isinstance(result.get(k), (int, float))]
+        # The final report repeats the last evaluation's metrics: log each point once.
+        keys = [k for k in self.LOGGED if isinstance(result.get(k), (int, float))
+                and (trial.trial_id, k, step) not in self._logged]
+        self._logged.update((trial.trial_id, k, step) for k in keys)
+        metrics = [Metric(k, float(result[k]), ts, step) for k in keys]
         if metrics:
             self.client.log_batch(run_id, metrics=metrics)
 
@@ -148,7 +161,8 @@ class StudyLogger(tune.Callback):
         self.client.set_terminated(self._run_for(trial), status="FAILED")
 
     def close_open_runs(self, status: str) -> None:
-        """Mark the runs of trials that never finished (interrupt, driver error)."""
-        for run_id in self.runs.values():
-            if self.client.get_run(run_id).info.status == "RUNNING":
-                self.client.set_terminated(run_id, status=status)
+        """Mark the child runs of trials that never finished (interrupt, driver error),
+        whichever logger instance made them."""
+        for run in self.children():
+            if run.info.status == "RUNNING":
+                self.client.set_terminated(run.info.run_id, status=status)

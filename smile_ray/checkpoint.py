@@ -1,0 +1,74 @@
+"""Files a run writes: atomic writes, checkpoints, and their checks on resume.
+
+Every file smile-ray writes goes through :func:`atomic_write`: written to a temporary
+file beside the target and renamed over it, so a reader (or a resumed run) sees the old
+file or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from smile_ray.config import Config, config_diff
+from smile_ray.errors import SmileError
+
+CHECKPOINT_FILE = "state.pt"
+REQUIRED = ("step", "config", "model", "optimizer")
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` and rename the result over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(obj: Any, path: str | Path) -> Path:
+    def dump(tmp: str) -> None:
+        Path(tmp).write_text(json.dumps(obj, indent=2))
+
+    return atomic_write(path, dump)
+
+
+def save_torch(obj: Any, path: str | Path) -> Path:
+    import torch
+
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; one-line errors for bad files."""
+    import torch
+
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SmileError(f"checkpoint {path} does not exist") from None
+    except Exception as e:
+        raise SmileError(f"checkpoint {path} is unreadable or corrupt ({e.__class__.__name__})") from None
+    if not isinstance(state, dict) or not set(REQUIRED) <= set(state):
+        raise SmileError(f"checkpoint {path} is not a smile-ray checkpoint")
+    return state
+
+
+def check_same_config(state: dict[str, Any], config: Config, path: Path) -> None:
+    """Refuse a checkpoint made with another config (the device may change)."""
+    changed = [k for k in config_diff(state["config"], config.to_dict()) if k != "device"]
+    if changed:
+        k = changed[0]
+        raise SmileError(
+            f"checkpoint {path} was made with {k}={state['config'].get(k)!r}, not {getattr(config, k)!r}; "
+            "start afresh in another output directory"
+        )

@@ -1,0 +1,106 @@
+"""Target (and source) tasks by name: one file per dataset (``digits.py``, ...), each
+defining a :class:`DatasetSpec` that :data:`smile_ray.registry.DATASETS` names.
+
+A task hands the training loop deterministic batches: ``train_batch(step, batch_size)`` is
+a pure function of the seed and the step (see :mod:`smile_ray.rng`), so resuming and
+data-parallel sharding need no sampler state. Data-parallel ranks take contiguous
+shards of the same global batch, so the union over ranks is the single-process batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from smile_ray import rng
+from smile_ray.config import Config
+from smile_ray.registry import DATASETS
+
+class TensorTask:
+    """A classification task held in memory as tensors, with step-keyed batches."""
+
+    def __init__(
+        self,
+        splits: dict[str, tuple[Tensor, Tensor]],
+        num_classes: int,
+        seed: int,
+        shift: int = 0,
+    ):
+        self.splits = splits
+        self.num_classes = num_classes
+        self.in_channels = splits["train"][0].shape[1]
+        self.seed = seed
+        self.shift = shift
+        self._orders: dict[int, Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.splits["train"][1])
+
+    def _order(self, epoch: int) -> Tensor:
+        if epoch not in self._orders:
+            if len(self._orders) > 8:
+                self._orders.clear()
+            g = rng.torch_rng(self.seed, rng.ORDER, epoch)
+            self._orders[epoch] = torch.randperm(len(self), generator=g)
+        return self._orders[epoch]
+
+    def train_indices(self, step: int, batch_size: int) -> Tensor:
+        """Indices of the global batch at ``step``: consecutive epochs of reshuffled data."""
+        n = len(self)
+        pos = torch.arange(step * batch_size, (step + 1) * batch_size)
+        epochs = pos // n
+        out = torch.empty(batch_size, dtype=torch.long)
+        for e in epochs.unique().tolist():
+            sel = epochs == e
+            out[sel] = self._order(e)[pos[sel] % n]
+        return out
+
+    def train_batch(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> tuple[Tensor, Tensor]:
+        """Rank ``rank``'s shard of the augmented global batch at ``step``."""
+        x_all, y_all = self.splits["train"]
+        idx = self.train_indices(step, batch_size)
+        x, y = x_all[idx], y_all[idx]
+        if self.shift:
+            x = random_shift(x, self.shift, rng.torch_rng(self.seed, rng.AUGMENT, step))
+        if world_size > 1:
+            per = batch_size // world_size
+            x, y = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
+        return x, y
+
+    def eval_batches(self, split: str, batch_size: int = 256) -> Iterator[tuple[Tensor, Tensor]]:
+        x, y = self.splits[split]
+        for i in range(0, len(y), batch_size):
+            yield x[i:i + batch_size], y[i:i + batch_size]
+
+    def split_sizes(self) -> dict[str, int]:
+        return {k: len(v[1]) for k, v in self.splits.items()}
+
+
+def random_shift(x: Tensor, pad: int, generator: torch.Generator) -> Tensor:
+    """Translate each image by up to ``pad`` pixels (zero padding = the normalised mean)."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    rows = (oy[:, None] + torch.arange(h))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (ox[:, None] + torch.arange(w))[:, None, None, :]  # (B, 1, 1, W)
+    bi = torch.arange(b)[:, None, None, None]
+    ci = torch.arange(x.shape[1])[None, :, None, None]
+    return padded[bi, ci, rows, cols]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """``target(config)`` builds the target task; ``source(config)`` the task a source
+    model is pre-trained on for ``weights=source`` (None if the dataset has none; it may
+    read only ``image_size`` and ``data_root``, the keys of the source-model cache)."""
+
+    target: Callable[[Config], TensorTask]
+    source: Callable[[Config], TensorTask] | None = None
+
+
+def build_task(config: Config) -> TensorTask:
+    return DATASETS.get(config.dataset).target(config)

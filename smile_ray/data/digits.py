@@ -1,0 +1,94 @@
+"""``digits``: the embedded default task, built from scikit-learn's bundled 8x8
+handwritten digits (1,797 images), so it runs anywhere without a download:
+
+* source task: digits 0-4 (a source model is pre-trained on them once and cached);
+* target task: digits 5-9 (relabelled 0-4), split once by a fixed seed into a held-out
+  test split (40 % of each class), a validation split (20 %) and a training pool (40 %,
+  at least 69 images per class), from which ``samples_per_class`` images per class are
+  drawn by ``seed``.
+
+Images are upsampled bilinearly to ``image_size`` and normalised; training batches get a
+random translation of up to ``image_size // 16`` pixels (no flips: they change digits).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from smile_ray import rng
+from smile_ray.config import Config
+from smile_ray.data import DatasetSpec, TensorTask
+from smile_ray.errors import SmileError
+
+SPLIT_SEED = 0  # the test/val/pool split is fixed: every run is scored on the same images
+DIGITS_SOURCE_CLASSES = (0, 1, 2, 3, 4)
+DIGITS_TARGET_CLASSES = (5, 6, 7, 8, 9)
+DIGITS_TEST_FRACTION, DIGITS_VAL_FRACTION = 0.4, 0.2
+
+
+def _digits_images(image_size: int) -> tuple[Tensor, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images).float().div_(16.0).unsqueeze(1)  # (N, 1, 8, 8) in [0, 1]
+    x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    # Normalise with the statistics of the whole corpus: the zero of the padding in
+    # random_shift is then the mean intensity.
+    x = (x - x.mean()) / x.std()
+    return x.contiguous(), d.target
+
+
+def _split_per_class(labels: np.ndarray, classes: tuple[int, ...], fractions: tuple[float, ...]) -> list[np.ndarray]:
+    """Fixed per-class split of the indices of ``classes`` into len(fractions)+1 parts."""
+    g = rng.numpy_rng(SPLIT_SEED, rng.SPLIT)
+    parts: list[list[int]] = [[] for _ in range(len(fractions) + 1)]
+    for c in classes:
+        idx = g.permutation(np.flatnonzero(labels == c))
+        cuts = np.cumsum([int(round(f * len(idx))) for f in fractions])
+        for part, chunk in zip(parts, np.split(idx, cuts)):
+            part.extend(chunk.tolist())
+    return [np.asarray(p) for p in parts]
+
+
+def _relabel(labels: np.ndarray, classes: tuple[int, ...]) -> Tensor:
+    lut = {c: i for i, c in enumerate(classes)}
+    return torch.tensor([lut[int(v)] for v in labels], dtype=torch.long)
+
+
+def digits_target(config: Config) -> TensorTask:
+    x, labels = _digits_images(config.image_size)
+    classes = DIGITS_TARGET_CLASSES
+    test, val, pool = _split_per_class(labels, classes, (DIGITS_TEST_FRACTION, DIGITS_VAL_FRACTION))
+    smallest = min(int((labels[pool] == c).sum()) for c in classes)
+    if config.samples_per_class > smallest:
+        raise SmileError(
+            f"samples_per_class={config.samples_per_class} is larger than the digits training "
+            f"pool ({smallest} images in its smallest class)"
+        )
+    g = rng.numpy_rng(config.seed, rng.SUBSET)
+    train = np.concatenate(
+        [g.choice(pool[labels[pool] == c], config.samples_per_class, replace=False) for c in classes]
+    )
+    splits = {
+        name: (x[idx], _relabel(labels[idx], classes))
+        for name, idx in (("train", train), ("val", val), ("test", test))
+    }
+    return TensorTask(splits, len(classes), config.seed, shift=max(1, config.image_size // 16))
+
+
+def digits_source(config: Config) -> TensorTask:
+    image_size = config.image_size
+    x, labels = _digits_images(image_size)
+    classes = DIGITS_SOURCE_CLASSES
+    val, train = _split_per_class(labels, classes, (0.1,))
+    splits = {
+        name: (x[idx], _relabel(labels[idx], classes)) for name, idx in (("train", train), ("val", val))
+    }
+    return TensorTask(splits, len(classes), seed=0, shift=max(1, image_size // 16))
+
+
+DIGITS = DatasetSpec(target=digits_target, source=digits_source)
+
+

@@ -1,0 +1,89 @@
+"""A set of trials under Ray Tune, tracked in MLflow (a parent run and a child per
+trial), resumable: what ``tune`` and ``ablate`` share.
+
+The caller validates everything and opens the MLflow parent first; :func:`run_trials`
+then runs (or, with ``resume``, restores) the Tune experiment in ``out/tune`` and leaves
+the parent and every child in a final state whatever happens: FINISHED is the caller's
+to set once its outputs are written, KILLED on an interrupt, FAILED on an error.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric
+from ray import tune
+
+from smile_ray.errors import SmileError
+from smile_ray.orchestration.tracking import StudyLogger
+from smile_ray.orchestration.trainable import trainable
+
+EXPERIMENT_DIR = "tune"
+
+
+def can_resume(out: Path) -> bool:
+    return tune.Tuner.can_restore(str(out / EXPERIMENT_DIR))
+
+
+def run_trials(
+    out: Path,
+    setup: dict[str, Any],
+    param_space: dict[str, Any],
+    logger: StudyLogger,
+    *,
+    tune_config: tune.TuneConfig | None = None,
+    resume: bool = False,
+    expected: int,
+    verbose: int = 1,
+):
+    """Fit (or restore and finish) the experiment; returns Tune's ResultGrid once every
+    one of its ``expected`` trials has ended. An interrupted fit raises KeyboardInterrupt."""
+    client, parent_id = logger.client, logger.parent_run_id
+    fn = trainable(setup)
+    try:
+        if resume:
+            tuner = tune.Tuner.restore(str(out / EXPERIMENT_DIR), fn, resume_errored=True, param_space=param_space)
+        else:
+            tuner = tune.Tuner(
+                fn,
+                param_space=param_space,
+                tune_config=tune_config,
+                run_config=tune.RunConfig(
+                    name=EXPERIMENT_DIR, storage_path=str(out), callbacks=[logger], verbose=verbose,
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                    failure_config=tune.FailureConfig(max_failures=1),
+                ),
+            )
+        results = tuner.fit()
+    except KeyboardInterrupt:
+        logger.close_open_runs("KILLED")
+        client.set_terminated(parent_id, status="KILLED")
+        raise
+    except BaseException:
+        logger.close_open_runs("FAILED")
+        client.set_terminated(parent_id, status="FAILED")
+        raise
+    if results.num_terminated + results.num_errors < len(results) or len(results) < expected:
+        # Tune catches Ctrl-C itself, saves the experiment and returns: that is an interrupt.
+        logger.close_open_runs("KILLED")
+        client.set_terminated(parent_id, status="KILLED")
+        raise KeyboardInterrupt
+    return results
+
+
+def finish(logger: StudyLogger, artifacts: list[Path], metrics: dict[str, float] | None = None) -> None:
+    """Log the study's files and numbers on the parent run and mark it FINISHED."""
+    client, parent_id = logger.client, logger.parent_run_id
+    for f in artifacts:
+        client.log_artifact(parent_id, str(f))
+    if metrics:
+        now = int(time.time() * 1000)
+        client.log_batch(parent_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    logger.close_open_runs("FAILED")
+    client.set_terminated(parent_id, status="FINISHED")
+
+
+def fail(logger: StudyLogger, message: str) -> SmileError:
+    logger.client.set_terminated(logger.parent_run_id, status="FAILED")
+    return SmileError(message)

@@ -1,0 +1,190 @@
+"""``smile-ray tune``: a Ray Tune study over the config, searched by HyperOpt, tracked in
+MLflow.
+
+Each trial is one core run (:mod:`smile_ray.orchestration.trainable`): in the trial's
+process, or on Ray Train workers when the space's ``resources.workers`` > 1; either way
+it reports every evaluation and its checkpoint to Tune. Tuning selects on the validation
+metric; test accuracy is recorded per trial and never used for selection.
+
+Outputs in the study directory: ``trials.parquet`` (a row per trial), ``best.json``
+(the best trial's full config and metrics; usable as ``--config`` for ``train``),
+``<metric>_vs_params.png``, ``study.json`` (what ``--resume`` needs) and Tune's own
+experiment directory ``tune/``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+from ray.tune.search.hyperopt import HyperOptSearch
+
+from smile_ray.checkpoint import write_json
+from smile_ray.config import make_config
+from smile_ray.errors import SmileError
+from smile_ray.orchestration import tracking
+from smile_ray.orchestration.cluster import connect
+from smile_ray.orchestration.runner import EXPERIMENT_DIR, can_resume, fail, finish, run_trials
+from smile_ray.orchestration.spaces import Param, Study, load_study
+from smile_ray.pretrain import load_source
+from smile_ray.reports.plots import plot_study
+
+RESULT_KEYS = ("val_acc", "val_ece", "test_acc", "test_ece", "steps", "seconds")
+
+
+def to_tune(p: Param) -> Any:
+    """A Ray Tune search-space object for one parameter."""
+    a = p.args
+    return {
+        "uniform": lambda: tune.uniform(a[0], a[1]),
+        "loguniform": lambda: tune.loguniform(a[0], a[1]),
+        "quniform": lambda: tune.quniform(a[0], a[1], a[2]),
+        "randint": lambda: tune.randint(a[0], a[1]),
+        "choice": lambda: tune.choice(list(a)),
+        "grid": lambda: tune.grid_search(list(a)),
+    }[p.kind]()
+
+
+def _search_alg(study: Study, base: dict[str, Any]):
+    if study.search == "hyperopt":
+        # Start from the base config where it lies inside the space, so tuning can only
+        # improve on it (on validation).
+        start = {p.name: base[p.name] for p in study.space if p.contains(base[p.name])}
+        points = [start] if len(start) == len(study.space) else None
+        searcher = HyperOptSearch(
+            metric=study.metric, mode=study.mode, points_to_evaluate=points,
+            n_initial_points=max(2, min(10, study.num_samples // 3)), random_state_seed=study.seed,
+        )
+        return ConcurrencyLimiter(searcher, max_concurrent=study.max_concurrent)
+    return BasicVariantGenerator(max_concurrent=study.max_concurrent, random_state=study.seed)
+
+
+def _scheduler(study: Study):
+    if study.scheduler == "asha":
+        b = study.base
+        return ASHAScheduler(time_attr="step", metric=study.metric, mode=study.mode, max_t=b.steps,
+                             grace_period=min(b.eval_every, b.steps), reduction_factor=2)
+    return None
+
+
+def expected_trials(study: Study) -> int:
+    n = study.num_samples
+    for p in study.space:
+        if p.kind == "grid":
+            n *= len(p.args)
+    return n
+
+
+def run_study(
+    space_file: str | Path,
+    output_dir: str | Path,
+    *,
+    num_samples: int | None = None,
+    overrides: dict[str, Any] | None = None,
+    address: str | None = None,
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+    resume: bool = False,
+    cache_dir: str | Path | None = None,
+    verbose: int = 1,
+) -> dict[str, Any]:
+    """Run (or ``resume``) a study; returns the best trial's record (best.json)."""
+    out = Path(output_dir).resolve()
+    state_file = out / "study.json"
+    if resume:
+        if not state_file.is_file() or not can_resume(out):
+            raise SmileError(f"--resume: {out} holds no study to resume")
+        saved = json.loads(state_file.read_text())
+        space_file, num_samples, overrides = saved["space_file"], saved["num_samples"], saved["overrides"]
+        tracking_uri, experiment = saved["tracking_uri"], saved["experiment"]
+    elif (out / EXPERIMENT_DIR).exists():
+        raise SmileError(f"{out} already holds a study; use --resume, or another --output")
+
+    # Everything is validated before a single thing is created.
+    study = load_study(space_file, overrides, num_samples)
+    uri = tracking_uri or tracking.default_tracking_uri()
+    client = tracking.connect(uri)
+    experiment = experiment or f"smile-ray-{study.base.dataset}"
+    connect(address)
+    if study.base.weights == "source":
+        load_source(study.base, cache_dir)  # pre-train once, before trials race for it
+
+    out.mkdir(parents=True, exist_ok=True)
+    exp_id = tracking.experiment_id(client, experiment, uri)
+    if resume:
+        parent_id = saved["parent_run_id"]
+        client.update_run(parent_id, status="RUNNING")
+    else:
+        parent = client.create_run(exp_id, run_name=out.name, tags={"study": out.name, "kind": "study",
+                                                                    "method": study.base.method,
+                                                                    "dataset": study.base.dataset})
+        parent_id = parent.info.run_id
+        client.log_batch(parent_id, params=tracking.flat_params(
+            {**study.summary(), **{f"base.{k}": v for k, v in study.base.to_dict().items()}}))
+        write_json({"space_file": str(Path(space_file).resolve()), "num_samples": study.num_samples,
+                    "overrides": overrides or {}, "tracking_uri": uri, "experiment": experiment,
+                    "parent_run_id": parent_id, "address": address}, state_file)
+
+    base = study.base.to_dict()
+    logger = tracking.StudyLogger(uri, exp_id, parent_id, out.name, base)
+    setup = {"base": base, "cache_dir": str(cache_dir) if cache_dir else None, "resources": study.resources}
+    started = time.perf_counter()
+    results = run_trials(
+        out, setup, {p.name: to_tune(p) for p in study.space}, logger, resume=resume,
+        expected=expected_trials(study), verbose=verbose,
+        tune_config=tune.TuneConfig(
+            metric=study.metric, mode=study.mode, num_samples=study.num_samples,
+            search_alg=_search_alg(study, base), scheduler=_scheduler(study),
+            max_concurrent_trials=study.max_concurrent,
+        ),
+    )
+    wall = time.perf_counter() - started
+
+    rows = _rows(results, study)
+    if not any(r["status"] == "TERMINATED" and r.get(study.metric) is not None for r in rows):
+        raise fail(logger, f"no trial of {out} finished; see {out / EXPERIMENT_DIR} for the trials' errors")
+    best = _best(rows, study)
+    pq.write_table(pa.Table.from_pylist(rows), out / "trials.parquet")
+    record = {
+        "trial_id": best["trial_id"], "metric": study.metric, "mode": study.mode,
+        **{k: best.get(k) for k in RESULT_KEYS},
+        "study": {**study.summary(), "trials": len(rows), "wall_seconds": wall,
+                  "trial_seconds": sum(r.get("seconds") or 0.0 for r in rows)},
+        "config": make_config({**base, **{p: best[p] for p in study.searched}}).to_dict(),
+    }
+    write_json(record, out / "best.json")
+    plot = plot_study(rows, study, out / f"{study.metric}_vs_params.png")
+    finish(logger, [Path(study.path), out / "trials.parquet", out / "best.json", plot], {
+        f"best_{study.metric}": best[study.metric], "best_test_acc": best.get("test_acc") or float("nan"),
+        "trials": len(rows)})
+    return record
+
+
+def _rows(results, study: Study) -> list[dict[str, Any]]:
+    rows = []
+    for res in results:
+        m = res.metrics or {}
+        cfg = res.config or {}
+        trial_id = m.get("trial_id") or Path(res.path).name
+        rows.append({
+            "trial_id": str(trial_id),
+            **{p: cfg.get(p) for p in study.searched},
+            study.metric: m.get(study.metric),
+            **{k: m.get(k) for k in RESULT_KEYS if k != study.metric},
+            # STOPPED: ended early by the scheduler (ASHA), so it has no test metrics
+            "status": "ERROR" if res.error else ("TERMINATED" if "test_acc" in m else "STOPPED"),
+        })
+    return sorted(rows, key=lambda r: r["trial_id"])
+
+
+def _best(rows: list[dict[str, Any]], study: Study) -> dict[str, Any]:
+    done = [r for r in rows if r["status"] == "TERMINATED" and r.get(study.metric) is not None]
+    sign = 1 if study.mode == "max" else -1
+    # Ties on the metric go to the earliest trial id (deterministic).
+    return max(done, key=lambda r: (sign * r[study.metric], [-ord(c) for c in r["trial_id"]]))

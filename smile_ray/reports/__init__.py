@@ -1,0 +1,2 @@
+"""Reports: tables and plots made from results (parquet rows, metrics.json). Nothing
+here imports Ray or MLflow."""
