@@ -1,6 +1,8 @@
-"""Test accuracy of methods on the digits target over seeds (mean +- std), in-process.
+"""Test accuracy of methods over seeds (mean +- std, and the paired difference to the
+first method with its 95 % bootstrap interval), in-process.
 
     python benchmarks/accuracy.py                                # l2, mixup, smile at 2 and 5 per class, 5 seeds
+    python benchmarks/accuracy.py --config fashion_mnist --samples 5,20   # ImageNet EfficientNet-Lite0 -> Fashion-MNIST
     python benchmarks/accuracy.py --methods smile --samples 5 --seeds 3 --set mixup_alpha=0.5
     python benchmarks/accuracy.py --config runs/study/best.json --samples 5   # a tuned config on fresh seeds
 """
@@ -16,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from smile_ray.config import load_config_values, make_config, parse_overrides  # noqa: E402
 from smile_ray.recipe import train  # noqa: E402
+from smile_ray.stats import paired_stats  # noqa: E402
 
 
 def main() -> None:
@@ -33,6 +36,7 @@ def main() -> None:
     if args.config and args.methods == ap.get_default("methods"):
         args.methods = base["method"]
     rows = []
+    first = args.methods.split(",")[0]
     for spc in [int(s) for s in args.samples.split(",")]:
         for method in args.methods.split(","):
             accs = []
@@ -43,8 +47,14 @@ def main() -> None:
                 rows.append({"method": method, "samples_per_class": spc, "seed": seed, "test_acc": m["test_acc"],
                              "val_acc": m["val_acc"], "test_ece": m["test_ece"], "seconds": m["seconds"]})
             sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            print(f"{method:<6} samples_per_class={spc}: test_acc {100 * statistics.mean(accs):.2f} +- {100 * sd:.2f}  "
-                  f"(seeds: {' '.join(f'{100 * a:.1f}' for a in accs)})", flush=True)
+            ref = [100 * r["test_acc"] for r in rows if r["samples_per_class"] == spc and r["method"] == first]
+            vs = ""
+            if method != first and len(accs) > 1:
+                st = paired_stats(ref, [100 * a for a in accs])
+                vs = f"  vs {first}: {st['diff']:+.2f} [{st['ci_low']:+.2f}, {st['ci_high']:+.2f}] p={st['p_value']:.3f}"
+            print(f"{method:<6} samples_per_class={spc}: test_acc {100 * statistics.mean(accs):.2f} +- {100 * sd:.2f}{vs}  "
+                  f"(seeds: {' '.join(f'{100 * a:.1f}' for a in accs)}; {statistics.mean(r['seconds'] for r in rows[-len(accs):]):.0f} s/run)",
+                  flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

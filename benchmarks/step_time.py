@@ -9,6 +9,11 @@ torchvision (no Ray, no MLflow), so it runs on a bare GPU box too.
     python benchmarks/step_time.py --full                # + source pre-training and a default train run
     python benchmarks/step_time.py --backbone resnet50 --image-size 224 --batch-size 64 \\
         --synthetic --device cuda --precision bf16 --channels-last
+    python benchmarks/step_time.py --backbone efficientnet_lite0 --image-size 64 --synthetic \\
+        --variants plain,l2,smile --steps 5 --rounds 5 --warmup 3
+
+``plain`` is the floor: the bare backbone and a linear head, ``F.cross_entropy`` and
+``torch.optim.SGD``, written here without any smile-ray code.
 """
 from __future__ import annotations
 
@@ -25,9 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from smile_ray.config import make_config  # noqa: E402
 from smile_ray.pretrain import default_cache_dir  # noqa: E402
-from smile_ray.train import resolve_device, setup, train, train_step  # noqa: E402
+from smile_ray.models import build_source_model  # noqa: E402
+from smile_ray.recipe import resolve_device, setup, train, train_step  # noqa: E402
 
 VARIANTS = {
+    "plain": {"method": "l2"},  # the config only builds the batches; the step is below
     "l2": {"method": "l2"},
     "mixup": {"method": "mixup"},
     "smile": {"method": "smile"},
@@ -107,24 +114,47 @@ def main() -> None:
             n = args.warmup + args.steps
             batches = [runs[name].to_device(*runs[name].task.train_batch(s, args.batch_size)) for s in range(n)]
 
-    def time_steps(run, steps, offset):
+    plain = None
+    if "plain" in names:
+        torch.manual_seed(0)
+        source = build_source_model(args.backbone, 10).to(device).train()
+        head = torch.nn.Linear(source.fc.in_features, 10).to(device)
+        net = torch.nn.Sequential(source.body, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), head)
+        if args.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
+
+        def plain_step(x, y):
+            if x.shape[1] == 1 and args.backbone != "digits_cnn":
+                x = x.expand(-1, 3, -1, -1)
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        plain = plain_step
+
+    def time_steps(run, steps, offset, name=None):
         sync(device)
         t = time.perf_counter()
         for i, s in enumerate(steps):
             x, y = batches[s]
-            train_step(run, offset + i, x, y)
+            if name == "plain":
+                plain(x, y)
+            else:
+                train_step(run, offset + i, x, y)
         sync(device)
         return (time.perf_counter() - t) / len(steps)
 
     for name in names:  # warm-up: allocator, kernels, caches
-        time_steps(runs[name], range(args.warmup), 0)
+        time_steps(runs[name], range(args.warmup), 0, name)
     per_round = {name: [] for name in names}
     for r in range(args.rounds):
         for name in names:
             timed = range(args.warmup, args.warmup + args.steps)
-            per_round[name].append(time_steps(runs[name], timed, args.warmup + r * args.steps))
+            per_round[name].append(time_steps(runs[name], timed, args.warmup + r * args.steps, name))
 
-    ref = statistics.median(per_round[names[0]]) if names[0] == "l2" else None
+    ref = statistics.median(per_round["l2"]) if "l2" in per_round else None
     print(f"\n{args.backbone} {args.image_size}px batch {args.batch_size} on {device} ({args.precision}"
           f"{', channels_last' if args.channels_last else ''}), median of {args.rounds} rounds x {args.steps} steps")
     print(f"{'variant':<22} {'ms/step':>9} {'img/s':>9} {'vs l2':>7}")

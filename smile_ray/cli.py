@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 import yaml
 
-from smile_ray.config import KEYS, Config, parse_overrides, resolve_config
+from smile_ray.config import KEYS, Config, parse_overrides, preset_names, resolve_config
 from smile_ray.errors import SmileError
 from smile_ray.registry import DATASETS, METHODS
 
@@ -31,7 +31,8 @@ def _keys_help() -> str:
 
 config_option = click.option(
     "--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
-    help="YAML/JSON file of config keys; a metrics.json or best.json is accepted too.",
+    help="YAML/JSON file of config keys (a metrics.json or best.json too), or a shipped preset: "
+    + ", ".join(preset_names()) + ".",
 )
 def set_option(after: str):
     return click.option(

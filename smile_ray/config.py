@@ -259,12 +259,29 @@ def read_yaml(path: str | Path) -> Any:
         raise SmileError(f"{path}: malformed YAML{at}: {problem}") from None
 
 
+PRESETS = Path(__file__).resolve().parent / "presets"
+
+
+def preset_names() -> list[str]:
+    """Configs shipped with the package, usable by name as ``--config NAME``."""
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+
+
+def find_config_file(path: str | Path) -> Path:
+    """``path`` itself, or the shipped preset of that name when no such file exists."""
+    path = Path(path)
+    if not path.exists() and path.suffix == "" and path.name == str(path) and (PRESETS / f"{path}.yaml").is_file():
+        return PRESETS / f"{path}.yaml"
+    return path
+
+
 def load_config_values(path: str | Path) -> dict[str, Any]:
-    """Config keys from a YAML/JSON file.
+    """Config keys from a YAML/JSON file, or a shipped preset named like ``fashion_mnist``.
 
     A file whose top level has a ``config`` mapping (``metrics.json`` of a run, a tuning
     study's ``best.json``) contributes that mapping, so a result is reusable as a config.
     """
+    path = find_config_file(path)
     data = read_yaml(path)
     if data is None:
         return {}

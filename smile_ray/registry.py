@@ -47,12 +47,15 @@ METHODS: Registry[Any] = Registry("method", {
 
 DATASETS: Registry[Any] = Registry("dataset", {
     "digits": "smile_ray.data.digits:DIGITS",
+    "fashion_mnist": "smile_ray.data.fashion_mnist:FASHION_MNIST",
+    "fashion_mnist5": "smile_ray.data.fashion_mnist:FASHION_MNIST5",
 })
 
 BACKBONES: Registry[Any] = Registry("backbone", {
     "digits_cnn": "smile_ray.models.digits_cnn:DIGITS_CNN",
     "resnet18": "smile_ray.models.resnet:RESNET18",
     "resnet50": "smile_ray.models.resnet:RESNET50",
+    "efficientnet_lite0": "smile_ray.models.efficientnet_lite:EFFICIENTNET_LITE0",
 })
 
 

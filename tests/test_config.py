@@ -87,3 +87,16 @@ def test_missing_file_and_bad_set_syntax(tmp_path):
         resolve_config(tmp_path / "nope.yaml")
     with pytest.raises(SmileError, match="expected key=value"):
         resolve_config(None, ["mixup_alpha"])
+
+
+def test_a_shipped_preset_is_a_config_by_name(tmp_path, monkeypatch):
+    from smile_ray.config import preset_names
+
+    monkeypatch.chdir(tmp_path)
+    assert "fashion_mnist" in preset_names()
+    c = resolve_config("fashion_mnist", ["steps=7"])
+    assert (c.dataset, c.backbone, c.weights, c.steps) == ("fashion_mnist", "efficientnet_lite0", "imagenet", 7)
+    (tmp_path / "fashion_mnist").write_text("steps: 3\n")  # a file of that name wins
+    assert resolve_config("fashion_mnist").steps == 3
+    with pytest.raises(SmileError, match="nope: no such file"):
+        resolve_config("nope")
