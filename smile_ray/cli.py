@@ -6,7 +6,6 @@ bugs.
 """
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -60,7 +59,8 @@ def cli() -> None:
     help="Run directory for metrics.json, model.pt and the checkpoint [runs/METHOD-DATASET-TIME]. "
     "A directory holding a checkpoint of the same config is resumed.",
 )
-@click.option("--overwrite", is_flag=True, help="Discard a checkpoint already in --output and start afresh.")
+@click.option("--overwrite", is_flag=True,
+              help="Start afresh even if --output holds a checkpoint (replaced at the new run's first evaluation).")
 @click.option(
     "--cache-dir", type=click.Path(file_okay=False, path_type=Path),
     help="Where pre-trained source models are cached [$SMILE_RAY_CACHE or ~/.cache/smile-ray].",
@@ -94,18 +94,16 @@ def train(method, dataset, config_file, overrides, output, overwrite, cache_dir,
         raise SmileError("--gpu, --address and --cpus-per-worker need --workers N (they run on Ray Train)")
     if workers is not None and config.batch_size % workers:
         raise SmileError(f"batch_size={config.batch_size} does not split evenly over {workers} workers")
-    if overwrite:  # only once everything else is known to be right
-        shutil.rmtree(output / "checkpoint", ignore_errors=True)
     if workers is None:
         from smile_ray.recipe import train as run_train
 
-        metrics = run_train(config, output, cache_dir=cache_dir, progress=not quiet)
+        metrics = run_train(config, output, cache_dir=cache_dir, progress=not quiet, fresh=overwrite)
     else:
         from smile_ray.orchestration.ray_train import train_distributed
 
         metrics = train_distributed(
             config, output, workers=workers, use_gpu=gpu, address=address, max_failures=max_failures,
-            cache_dir=cache_dir, progress=not quiet, cpus_per_worker=cpus_per_worker,
+            cache_dir=cache_dir, progress=not quiet, cpus_per_worker=cpus_per_worker, fresh=overwrite,
         )
     click.echo(
         f"{config.method} on {config.dataset}: val_acc {metrics['val_acc']:.4f}  test_acc {metrics['test_acc']:.4f}  "
@@ -115,8 +113,8 @@ def train(method, dataset, config_file, overrides, output, overwrite, cache_dir,
 
 
 @cli.command()
-@click.option("--space", "space_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Search-space YAML (see search_spaces/ and the README).")
+@click.option("--space", "space_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Search-space YAML (see search_spaces/ and the README); with --resume, the saved one.")
 @click.option("--num-samples", type=int, help="Number of trials [the file's num_samples].")
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path),
               help="Study directory [runs/tune-SPACE-TIME].")
@@ -136,8 +134,16 @@ def tune(space_file, num_samples, output, address, tracking_uri, experiment, res
     """
     from smile_ray.orchestration.tune import run_study
 
-    if resume and output is None:
-        raise SmileError("--resume needs --output DIR (the study to continue)")
+    if resume:
+        if output is None:
+            raise SmileError("--resume needs --output DIR (the study to continue)")
+        given = [flag for flag, value in (("--space", space_file), ("--num-samples", num_samples),
+                                          ("--set", overrides), ("--tracking-uri", tracking_uri),
+                                          ("--experiment", experiment)) if value]
+        if given:
+            raise SmileError(f"--resume continues the study with its saved settings; drop {', '.join(given)}")
+    elif space_file is None:
+        raise SmileError("tune needs --space FILE (a search-space YAML; see search_spaces/)")
     if output is None:
         output = Path("runs") / f"tune-{space_file.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     best = run_study(space_file, output, num_samples=num_samples, overrides=parse_overrides(overrides),
@@ -145,7 +151,7 @@ def tune(space_file, num_samples, output, address, tracking_uri, experiment, res
                      cache_dir=cache_dir)
     s = best["study"]
     click.echo(f"best trial {best['trial_id']}: {best['metric']} {best[best['metric']]:.4f}  "
-               f"test_acc {best['test_acc']:.4f}  ({s['trials']} trials, {s['wall_seconds']:.0f} s)")
+               f"test_acc {best['test_acc']:.4f}  ({s['trials']} trials, {s['wall_seconds']:.0f} s in all)")
     click.echo(f"wrote {output / 'trials.parquet'}, {output / 'best.json'}")
 
 

@@ -250,6 +250,14 @@ def read_yaml(path: str | Path) -> Any:
         raise SmileError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise SmileError(f"{path}: cannot read ({e.__class__.__name__})") from None
+    if path.suffix == ".json":
+        import json
+
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SmileError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+                             " (a truncated or half-written file?)") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -62,7 +62,7 @@ def accuracy(model: SourceModel, task: TensorTask, split: str) -> float:
     return correct / total
 
 
-def pretrain_source(task: TensorTask, backbone: str, log=print) -> tuple[SourceModel, dict]:
+def pretrain_source(task: TensorTask, backbone: str, log=print, progress: bool = False) -> tuple[SourceModel, dict]:
     """Supervised pre-training on the source task (SGD, Nesterov, cosine schedule)."""
     r = RECIPE
     with torch.random.fork_rng():
@@ -73,6 +73,13 @@ def pretrain_source(task: TensorTask, backbone: str, log=print) -> tuple[SourceM
     opt = torch.optim.SGD(model.parameters(), lr=r["lr"], momentum=r["momentum"], nesterov=True, weight_decay=r["weight_decay"])
     start = time.perf_counter()
     model.train()
+    bar = None
+    if progress:
+        import sys
+
+        from tqdm import tqdm
+
+        bar = tqdm(total=r["steps"], desc=f"pre-training {backbone}", unit="step", file=sys.stderr, dynamic_ncols=True)
     for step in range(r["steps"]):
         for g in opt.param_groups:
             g["lr"] = 0.5 * r["lr"] * (1 + math.cos(math.pi * step / r["steps"]))
@@ -81,11 +88,16 @@ def pretrain_source(task: TensorTask, backbone: str, log=print) -> tuple[SourceM
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     info = {"seconds": time.perf_counter() - start, "source_val_acc": accuracy(model, task, "val"), **r}
     return model, info
 
 
-def load_source(config: Config, cache_dir: str | Path | None = None, log=print) -> tuple[SourceModel, str]:
+def load_source(config: Config, cache_dir: str | Path | None = None, log=print,
+                progress: bool = False) -> tuple[SourceModel, str]:
     """The pre-trained source model for ``config.weights`` and a description of where it came from."""
     w = config.weights
     if w == "source":
@@ -97,7 +109,7 @@ def load_source(config: Config, cache_dir: str | Path | None = None, log=print) 
         path = source_weights_path(config, Path(cache_dir or default_cache_dir()))
         if not path.is_file():
             log(f"pre-training {config.backbone} on the {config.dataset} source task (cached at {path})")
-            model, info = pretrain_source(spec.source(config), config.backbone)
+            model, info = pretrain_source(spec.source(config), config.backbone, progress=progress)
             save_weights(model, path, info)
             log(f"source model: {info['source_val_acc']:.1%} held-out source accuracy, {info['seconds']:.1f} s")
         return load_source_model(config.backbone, path), str(path)

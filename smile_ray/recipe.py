@@ -90,6 +90,7 @@ def setup(
     prepare_model: Callable[[nn.Module], nn.Module] | None = None,
     task: TensorTask | None = None,
     log: Callable[[str], None] = print,
+    progress: bool = False,
 ) -> Run:
     """Build data, models, method and optimiser for ``config`` (``task`` overrides the
     config's dataset, e.g. with synthetic batches for benchmarks)."""
@@ -97,7 +98,7 @@ def setup(
         raise SmileError(f"batch_size={config.batch_size} does not split evenly over {world_size} workers")
     device = device or resolve_device(config.device)
     task = task or build_task(config)
-    source, source_weights = load_source(config, cache_dir, log=log)
+    source, source_weights = load_source(config, cache_dir, log=log, progress=progress)
     if source.in_channels == 1 and task.in_channels != 1:
         raise SmileError(f"backbone {config.backbone!r} takes 1-channel images; dataset {config.dataset!r} has {task.in_channels}")
     method = build_method(config, rank=rank, world_size=world_size)
@@ -189,6 +190,7 @@ def train(
     cache_dir: str | Path | None = None,
     checkpoint_dir: str | Path | None = None,
     resume_from: str | Path | None = None,
+    fresh: bool = False,
     on_eval: OnEval | None = None,
     on_end: OnEnd | None = None,
     progress: bool = False,
@@ -202,9 +204,10 @@ def train(
 
     Rank 0 writes ``metrics.json`` and ``model.pt`` to ``output_dir`` and the checkpoint to
     ``checkpoint_dir`` (default ``output_dir/checkpoint``; a run with neither writes no
-    file). A run whose checkpoint directory already holds a checkpoint resumes from it;
-    ``resume_from`` names another checkpoint directory to resume from (what Ray hands a
-    restarted worker). Evaluation on the validation split runs every ``eval_every``
+    file). A run whose checkpoint directory already holds a checkpoint resumes from it,
+    unless ``fresh``: then the old checkpoint is left in place until the new run's first
+    checkpoint replaces it, so a run that fails early loses nothing. ``resume_from`` names
+    another checkpoint directory to resume from (what Ray hands a restarted worker). Evaluation on the validation split runs every ``eval_every``
     steps; the test split is scored once, at the end.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -213,11 +216,12 @@ def train(
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out / "checkpoint" if out is not None else None
     if not lead:
         ckpt_dir = None  # every rank holds the same weights: rank 0's checkpoint is the run's
-    run = setup(config, cache_dir, rank=rank, world_size=world_size, device=device, prepare_model=prepare_model, log=log)
+    run = setup(config, cache_dir, rank=rank, world_size=world_size, device=device, prepare_model=prepare_model,
+                log=log, progress=progress and lead)
 
     step, history, seconds, resumed_from = 0, [], 0.0, []
     resume_path = Path(resume_from) / CHECKPOINT_FILE if resume_from else ckpt_dir / CHECKPOINT_FILE if ckpt_dir else None
-    if resume_from or (resume_path is not None and resume_path.is_file()):
+    if resume_from or (not fresh and resume_path is not None and resume_path.is_file()):
         state = read_checkpoint(resume_path)
         restore(run, state, resume_path)
         step, history, seconds = state["step"], list(state["history"]), float(state["seconds"])

@@ -134,7 +134,12 @@ def test_paired_statistics_by_hand():
     full, arm = [80.0, 82.0, 84.0], [81.0, 83.0, 86.0]
     s = paired_stats(full, arm)
     assert s["diff"] == pytest.approx(4 / 3)
-    assert s["ci_low"] <= s["diff"] <= s["ci_high"] and s["ci_low"] >= 1.0 and s["ci_high"] <= 2.0
+    # 3 pairs: the t-interval, mean +- t(0.975, 2) * sd / sqrt(3), differences 1, 1, 2
+    half = 4.302652729911275 * (1 / 3) ** 0.5 / 3 ** 0.5
+    assert (s["ci_low"], s["ci_high"]) == pytest.approx((4 / 3 - half, 4 / 3 + half))
+    # from 10 pairs on, the percentile bootstrap: inside the range of the differences
+    ten = paired_stats([0.0] * 10, [1.0, 2.0] * 5)
+    assert 1.0 <= ten["ci_low"] < 1.5 < ten["ci_high"] <= 2.0
     # P(arm > full) over all 9 pairs: 81>80; 83>80,82; 86>all three -> 6 of 9
     assert s["p_improve"] == pytest.approx(6 / 9)
     assert 0 < s["p_value"] < 0.2

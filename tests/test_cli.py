@@ -142,3 +142,19 @@ def test_the_fashion_mnist_preset_trains_imagenet_efficientnet(tmp_path):
     assert m["split_sizes"] == {"train": 20, "val": 1000, "test": 10000}
     assert [h["step"] for h in m["history"]] == [2, 4]
     assert not (tmp_path / "c").exists()  # ImageNet weights: nothing pre-trained, nothing cached
+
+
+def test_a_truncated_result_file_as_config_is_named_as_json(bad, tmp_path):
+    half = tmp_path / "metrics.json"
+    half.write_text('{"config": {"steps": 3')
+    bad("--config", str(half), expect=f"{half}: malformed JSON at line 1")
+
+
+def test_overwrite_keeps_the_checkpoint_until_the_new_run_replaces_it(bad, tmp_path):
+    ckpt = tmp_path / "out" / "checkpoint"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.pt").write_bytes(b"old run")
+    bad("--overwrite", "--gpu", expect="need --workers N")
+    bad("--overwrite", "--workers", "5", expect="does not split evenly")
+    bad("--overwrite", "--set", "samples_per_class=1000", expect="larger than the digits training pool")
+    assert (ckpt / "state.pt").read_bytes() == b"old run"  # nothing lost to a run that never started

@@ -173,7 +173,10 @@ def test_bad_command_lines(tmp_path, capfd, monkeypatch):
         (["--space", str(space), "--address", "127.0.0.1:9"], "cannot reach a Ray cluster"),
         (["--space", str(space), "--set", "mixup_alpha=-1"], "mixup_alpha=-1.0 is out of range"),
         (["--space", str(space), "--resume"], "--resume needs --output"),
-        (["--space", str(space), "--resume", "--output", str(tmp_path / "none")], "holds no study to resume"),
+        (["--resume", "--output", str(tmp_path / "none")], "holds no study to resume"),
+        (["--space", str(space), "--resume", "--output", str(tmp_path / "none")], "drop --space"),
+        (["--resume", "--output", str(tmp_path / "none"), "--num-samples", "9"], "drop --num-samples"),
+        ([], "tune needs --space FILE"),
     ]:
         code, err = run_cli(capfd, "tune", *argv)
         lines = err.strip().splitlines()
@@ -205,10 +208,14 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path, c
     before = {p: p.stat().st_mtime_ns for p in finished_trials(out)}
     assert not (out / "trials.parquet").exists()
 
-    resumed = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    resume = [sys.executable, "-m", "smile_ray", "tune", "--output", str(out), "--resume"]
+    resumed = subprocess.run(resume, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr
     rows = pq.read_table(out / "trials.parquet").to_pylist()
     assert len(rows) == 4 and all(r["status"] == "TERMINATED" for r in rows)
+    best = json.loads((out / "best.json").read_text())
+    assert best["study"]["wall_seconds"] > json.loads((out / "study.json").read_text())["wall_seconds"] - 1e-6 > 0
+    assert "in all" in resumed.stdout
     for path, mtime in before.items():  # finished trials were not run again
         assert path.stat().st_mtime_ns == mtime
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

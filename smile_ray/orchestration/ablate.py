@@ -32,7 +32,7 @@ from smile_ray.config import make_config
 from smile_ray.errors import SmileError
 from smile_ray.methods import method_class
 from smile_ray.orchestration import tracking
-from smile_ray.orchestration.cluster import connect
+from smile_ray.orchestration.cluster import check_address, connect
 from smile_ray.orchestration.runner import can_resume, finish, run_trials
 from smile_ray.orchestration.spaces import Definitions, load_definitions
 from smile_ray.orchestration.tune import run_study
@@ -100,6 +100,7 @@ def run_ablation(
         raise SmileError(f"--tune-budget={tune_budget} must be >= 0")
     if tune_budget and not defs.tune_space:
         raise SmileError(f"--tune-budget needs a tune_space in {defs.path}")
+    check_address(address)  # before the tracking store, which a sqlite URI creates
     uri = tracking_uri or tracking.default_tracking_uri()
     client = tracking.connect(uri)
     experiment = experiment or f"smile-ray-{defs.base.dataset}"

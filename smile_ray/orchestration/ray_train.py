@@ -126,10 +126,12 @@ def train_distributed(
     progress: bool = False,
     cpus_per_worker: float | None = None,
     report_to_tune: bool = False,
+    fresh: bool = False,
 ) -> dict[str, Any]:
     """Run ``config`` on ``workers`` Ray Train workers; writes ``output_dir`` like a local run.
 
-    A ``output_dir`` that holds a checkpoint of the same config is resumed. With
+    A ``output_dir`` that holds a checkpoint of the same config is resumed (unless
+    ``fresh``: then it is replaced once the new run writes its first one). With
     ``report_to_tune`` (inside a Tune trial) every report also goes to Tune.
     """
     if workers < 1:
@@ -138,7 +140,8 @@ def train_distributed(
         raise SmileError(f"batch_size={config.batch_size} does not split evenly over {workers} workers")
     out = Path(output_dir).resolve()
     initial = out / "checkpoint"
-    if (initial / CHECKPOINT_FILE).is_file():  # refuse a corrupt or foreign one before starting Ray
+    resume = not fresh and (initial / CHECKPOINT_FILE).is_file()
+    if resume:  # refuse a corrupt or foreign one before starting Ray
         check_same_config(read_checkpoint(initial / CHECKPOINT_FILE), config, initial / CHECKPOINT_FILE)
     connect(address)
     if config.weights == "source" and not address:
@@ -154,7 +157,7 @@ def train_distributed(
         train_loop_config={
             "config": config.to_dict(),
             "cache_dir": str(cache_dir) if cache_dir else None,
-            "initial_checkpoint": str(initial) if (initial / CHECKPOINT_FILE).is_file() else None,
+            "initial_checkpoint": str(initial) if resume else None,
             "progress": progress,
         },
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if use_gpu else "gloo"),

@@ -56,9 +56,27 @@ def connect(tracking_uri: str | None) -> MlflowClient:
             client = MlflowClient(tracking_uri=uri)
             client.search_experiments(max_results=1)
     except Exception as e:  # mlflow raises many types for bad URIs and dead servers
-        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else e.__class__.__name__
-        raise SmileError(f"--tracking-uri {uri!r} is not usable: {detail}") from None
+        raise SmileError(f"--tracking-uri {uri!r} is not usable: {_cause(e)}") from None
     return client
+
+
+def _cause(e: BaseException) -> str:
+    """The innermost reason of a (chained) exception, on one line: for a dead server,
+    "Connection refused" rather than MLflow's retry wrapper around it."""
+    import re
+
+    chain = [e]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        nxt = chain[-1].__cause__ or chain[-1].__context__
+        if nxt in chain:
+            break
+        chain.append(nxt)
+    text = " ".join(str(x) for x in chain)
+    for known in ("Connection refused", "Name or service not known", "timed out", "No route to host"):
+        if known in text:
+            return known
+    first = next((str(x).strip().splitlines()[0] for x in chain if str(x).strip()), e.__class__.__name__)
+    return re.sub(r"\s+", " ", first)[:300]
 
 
 def experiment_id(client: MlflowClient, name: str, uri: str) -> str:

@@ -29,7 +29,7 @@ from smile_ray.checkpoint import write_json
 from smile_ray.config import make_config
 from smile_ray.errors import SmileError
 from smile_ray.orchestration import tracking
-from smile_ray.orchestration.cluster import connect
+from smile_ray.orchestration.cluster import check_address, connect
 from smile_ray.orchestration.runner import EXPERIMENT_DIR, can_resume, fail, finish, run_trials
 from smile_ray.orchestration.spaces import Param, Study, load_study
 from smile_ray.pretrain import load_source
@@ -97,7 +97,7 @@ def run_study(
     """Run (or ``resume``) a study; returns the best trial's record (best.json)."""
     out = Path(output_dir).resolve()
     state_file = out / "study.json"
-    if resume:
+    if resume:  # the study continues with the settings it was started with
         if not state_file.is_file() or not can_resume(out):
             raise SmileError(f"--resume: {out} holds no study to resume")
         saved = json.loads(state_file.read_text())
@@ -108,6 +108,7 @@ def run_study(
 
     # Everything is validated before a single thing is created.
     study = load_study(space_file, overrides, num_samples)
+    check_address(address)  # before the tracking store, which a sqlite URI creates
     uri = tracking_uri or tracking.default_tracking_uri()
     client = tracking.connect(uri)
     experiment = experiment or f"smile-ray-{study.base.dataset}"
@@ -135,16 +136,20 @@ def run_study(
     logger = tracking.StudyLogger(uri, exp_id, parent_id, out.name, base)
     setup = {"base": base, "cache_dir": str(cache_dir) if cache_dir else None, "resources": study.resources}
     started = time.perf_counter()
-    results = run_trials(
-        out, setup, {p.name: to_tune(p) for p in study.space}, logger, resume=resume,
-        expected=expected_trials(study), verbose=verbose,
-        tune_config=tune.TuneConfig(
-            metric=study.metric, mode=study.mode, num_samples=study.num_samples,
-            search_alg=_search_alg(study, base), scheduler=_scheduler(study),
-            max_concurrent_trials=study.max_concurrent,
-        ),
-    )
-    wall = time.perf_counter() - started
+    earlier = json.loads(state_file.read_text()).get("wall_seconds", 0.0)  # of the parts before a resume
+    try:
+        results = run_trials(
+            out, setup, {p.name: to_tune(p) for p in study.space}, logger, resume=resume,
+            expected=expected_trials(study), verbose=verbose,
+            tune_config=tune.TuneConfig(
+                metric=study.metric, mode=study.mode, num_samples=study.num_samples,
+                search_alg=_search_alg(study, base), scheduler=_scheduler(study),
+                max_concurrent_trials=study.max_concurrent,
+            ),
+        )
+    finally:
+        wall = earlier + time.perf_counter() - started
+        write_json({**json.loads(state_file.read_text()), "wall_seconds": wall}, state_file)
 
     rows = _rows(results, study)
     if not any(r["status"] == "TERMINATED" and r.get(study.metric) is not None for r in rows):

@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 
-from smile_ray.stats import mean_interval
 
 
 def _pyplot():
@@ -21,7 +20,7 @@ def _pyplot():
 
 def plot_study(rows: list[dict[str, Any]], study: Any, path: Path) -> Path:
     """The study's metric against each searched parameter, one panel per parameter; the
-    best trial is marked."""
+    best trial is starred and the base config's value is a dashed line."""
     plt = _pyplot()
     params = study.searched
     cols = min(3, len(params))
@@ -39,6 +38,9 @@ def plot_study(rows: list[dict[str, Any]], study: Any, path: Path) -> Path:
         ax.scatter([pos(x) for x in xs], ys, s=18, label="trial")
         if best is not None:
             ax.scatter([pos(best[p])], [best[study.metric]], s=90, marker="*", color="tab:red", label="best", zorder=3)
+        base_value = getattr(study.base, p)
+        if numeric or str(base_value) in labels:
+            ax.axvline(pos(base_value), color="0.5", ls="--", lw=1, label="base config")
         if numeric:
             kind = next(q.kind for q in study.space if q.name == p)
             if kind == "loguniform":
@@ -49,9 +51,14 @@ def plot_study(rows: list[dict[str, Any]], study: Any, path: Path) -> Path:
         ax.set_xlabel(p)
         ax.set_ylabel(study.metric)
         ax.grid(alpha=0.3)
-    axes.flat[0].legend(loc="best", fontsize=8)
-    for ax in list(axes.flat)[len(params):]:
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    spare = list(axes.flat)[len(params):]
+    for ax in spare:
         ax.axis("off")
+    if spare:
+        spare[0].legend(handles, names, loc="center", fontsize=9)
+    else:
+        fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=8)
     b = study.base
     fig.suptitle(f"{b.method} on {b.dataset} ({b.backbone}, {b.steps} steps): {study.metric} of {len(done)} trials")
     fig.tight_layout()
@@ -61,32 +68,36 @@ def plot_study(rows: list[dict[str, Any]], study: Any, path: Path) -> Path:
 
 
 def plot_ablation(rows: list[dict[str, Any]], arms: list[str], path: Path, title: str) -> Path:
-    """Test accuracy per arm and data size: one dot per seed, the same seed joined across
-    arms (the pairing the statistics use), and the mean with its 95 % bootstrap interval."""
+    """What the ablation's statistics use: per data size, each arm's paired difference in
+    test accuracy to the reference (the first arm) on every seed, and their mean with the
+    table's 95 % interval; the zero line is "no effect"."""
+    from smile_ray.stats import interval_method, paired_stats
+
     plt = _pyplot()
     sizes = sorted({r["samples_per_class"] for r in rows})
-    fig, axes = plt.subplots(1, len(sizes), figsize=(max(5.0, 1.1 * len(arms) + 2.5) * len(sizes), 4.4), squeeze=False)
-    for ax, spc in zip(axes[0], sizes):
-        seeds = sorted({r["seed"] for r in rows if r["samples_per_class"] == spc})
+    ref, others = arms[0], arms[1:]
+    fig, axes = plt.subplots(len(sizes), 1, figsize=(max(6.0, 1.0 * len(others) + 3.0), 3.4 * len(sizes) + 0.6),
+                             squeeze=False)
+    for ax, spc in zip(axes[:, 0], sizes):
         acc = {(r["arm"], r["seed"]): 100 * r["test_acc"] for r in rows if r["samples_per_class"] == spc}
-        for s in seeds:
-            ys = [acc.get((a, s), np.nan) for a in arms]
-            ax.plot(range(len(arms)), ys, color="0.75", lw=0.8, zorder=1,
-                    label="one seed (paired)" if s == seeds[0] else None)
-            ax.scatter(range(len(arms)), ys, s=14, color="tab:blue", zorder=2,
-                       label="test accuracy of a seed" if s == seeds[0] else None)
-        for i, arm in enumerate(arms):
-            vals = [acc[(arm, s)] for s in seeds if (arm, s) in acc]
-            low, high = mean_interval(vals)
-            mean = float(np.mean(vals))
-            ax.errorbar([i + 0.18], [mean], yerr=[[mean - low], [high - mean]], fmt="o", color="black", capsize=3,
-                        zorder=3, label="mean, 95 % bootstrap CI" if i == 0 else None)
-        ax.set_xticks(range(len(arms)), arms, rotation=25, ha="right")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"{spc} samples/class, {len(seeds)} seeds")
+        seeds = sorted({s for a, s in acc if a == ref})
+        ax.axhline(0.0, color="0.4", lw=1, zorder=1)
+        for i, arm in enumerate(others):
+            diffs = [acc[(arm, s)] - acc[(ref, s)] for s in seeds if (arm, s) in acc]
+            jitter = np.linspace(-0.12, 0.12, len(diffs)) if len(diffs) > 1 else [0.0]
+            ax.scatter(i - 0.1 + np.asarray(jitter), diffs, s=16, color="tab:blue", alpha=0.8, zorder=2,
+                       label="one seed: arm - " + ref if i == 0 else None)
+            st = paired_stats([acc[(ref, s)] for s in seeds], [acc[(arm, s)] for s in seeds])
+            ax.errorbar([i + 0.18], [st["diff"]], yerr=[[st["diff"] - st["ci_low"]], [st["ci_high"] - st["diff"]]],
+                        fmt="o", color="black", capsize=3, zorder=3,
+                        label=f"mean, 95 % CI ({interval_method(len(seeds))})" if i == 0 else None)
+        ax.set_xticks(range(len(others)), others, rotation=20, ha="right")
+        ax.set_xlim(-0.6, len(others) - 0.4)
+        ax.set_ylabel(f"test acc. vs {ref} (points)")
+        ax.set_title(f"{spc} samples/class, {len(seeds)} paired seeds")
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(loc="lower left", fontsize=8)
-    fig.suptitle(title)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

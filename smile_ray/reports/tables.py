@@ -5,16 +5,18 @@ from typing import Any
 
 import numpy as np
 
-from smile_ray.stats import paired_stats
+from smile_ray.stats import BOOTSTRAP_MIN_N, interval_method, paired_stats
 
-ABLATION_LEGEND = ("diff = arm - reference in test accuracy (points), paired over seeds; CI: 95 % bootstrap; "
+ABLATION_LEGEND = ("diff = arm - reference in test accuracy (points), paired over seeds; 95 % CI of the mean "
+                   f"difference: Student t below {BOOTSTRAP_MIN_N} seeds, percentile bootstrap from {BOOTSTRAP_MIN_N}; "
                    "P(>ref): probability of improvement; p: paired t-test.")
 
 
 def ablation_table(rows: list[dict[str, Any]], arms: list[str], reference: str) -> str:
     """Per samples_per_class and arm: mean ± std test accuracy and statistics against
     ``reference`` over the shared seeds."""
-    lines = ["| samples/class | arm | test acc (mean ± std) | diff vs ref | 95 % CI | P(>ref) | p |",
+    n = len({r["seed"] for r in rows})
+    lines = [f"| samples/class | arm | test acc (mean ± std) | diff vs ref | 95 % CI ({interval_method(n)}) | P(>ref) | p |",
              "|---|---|---|---|---|---|---|"]
     for spc in sorted({r["samples_per_class"] for r in rows}):
         by_arm = {a: {r["seed"]: 100 * r["test_acc"] for r in rows if r["arm"] == a and r["samples_per_class"] == spc}
