@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 import yaml
 
-from smile_ray.config import KEYS, Config, parse_overrides, preset_names, resolve_config
+from smile_ray.config import KEYS, Config, parse_overrides, preset_names, resolve_config, shipped_names
 from smile_ray.errors import SmileError
 from smile_ray.registry import DATASETS, METHODS
 
@@ -114,7 +114,8 @@ def train(method, dataset, config_file, overrides, output, overwrite, cache_dir,
 
 @cli.command()
 @click.option("--space", "space_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Search-space YAML (see search_spaces/ and the README); with --resume, the saved one.")
+              help="Search-space YAML, or a shipped one by name: " + ", ".join(shipped_names("search_spaces"))
+              + ". With --resume, the saved one.")
 @click.option("--num-samples", type=int, help="Number of trials [the file's num_samples].")
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path),
               help="Study directory [runs/tune-SPACE-TIME].")
@@ -157,7 +158,8 @@ def tune(space_file, num_samples, output, address, tracking_uri, experiment, res
 
 @cli.command()
 @click.option("--definitions", type=click.Path(dir_okay=False, path_type=Path), default=Path("ablations/smile.yaml"),
-              show_default=True, help="Ablation definitions: base config, seeds, components and their overrides.")
+              show_default=True, help="Ablation definitions (base config, seeds, components and their overrides), "
+              "or a shipped file by name: " + ", ".join(shipped_names("ablations")) + ".")
 @click.option("--drop", "drops", multiple=True, metavar="COMPONENT[+COMPONENT]",
               help="One arm without this component (repeatable; a+b drops both in one arm).")
 @click.option("--all", "all_components", is_flag=True, help="Leave-one-component-out over every defined component.")

@@ -267,20 +267,36 @@ def read_yaml(path: str | Path) -> Any:
         raise SmileError(f"{path}: malformed YAML{at}: {problem}") from None
 
 
-PRESETS = Path(__file__).resolve().parent / "presets"
+#: YAML files installed with the package (``search_spaces/`` and ``ablations/`` are the
+#: repository's top-level folders, linked into the package), usable by name from anywhere
+SHIPPED = Path(__file__).resolve().parent / "shipped"
+
+
+def shipped_names(kind: str) -> list[str]:
+    """Names of the shipped files of ``kind``: presets, search_spaces or ablations."""
+    return sorted(p.stem for p in (SHIPPED / kind).glob("*.yaml"))
 
 
 def preset_names() -> list[str]:
-    """Configs shipped with the package, usable by name as ``--config NAME``."""
-    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+    return shipped_names("presets")
+
+
+def find_shipped(path: str | Path, kind: str) -> Path:
+    """``path`` itself if it exists (or looks like a path), else the shipped file of
+    ``kind`` it names: ``fashion_mnist`` or ``fashion_mnist.yaml``, or
+    ``search_spaces/smile.yaml`` run from outside the repository."""
+    path = Path(path)
+    if path.exists():
+        return path
+    for candidate in (SHIPPED / kind / path.name, SHIPPED / kind / f"{path.name}.yaml"):
+        if (str(path) in (path.name, path.stem) or path.parent.name == kind) and candidate.is_file():
+            return candidate
+    return path
 
 
 def find_config_file(path: str | Path) -> Path:
     """``path`` itself, or the shipped preset of that name when no such file exists."""
-    path = Path(path)
-    if not path.exists() and path.suffix == "" and path.name == str(path) and (PRESETS / f"{path}.yaml").is_file():
-        return PRESETS / f"{path}.yaml"
-    return path
+    return find_shipped(path, "presets")
 
 
 def load_config_values(path: str | Path) -> dict[str, Any]:

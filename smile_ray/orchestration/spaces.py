@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from smile_ray.config import KEYS, Config, check_int, make_config, read_yaml, resolve_config
+from smile_ray.config import KEYS, Config, check_int, find_shipped, make_config, read_yaml, resolve_config
 from smile_ray.errors import SmileError
 from smile_ray.metrics import EVAL_METRICS
 
@@ -176,8 +176,9 @@ def read_sections(path: Path, allowed: tuple[str, ...], required: str) -> dict[s
 
 
 def load_study(path: str | Path, overrides: dict[str, Any] | None = None, num_samples: int | None = None) -> Study:
-    """Read and validate a space file; ``overrides`` (``--set``) change the base config."""
-    path = Path(path)
+    """Read and validate a space file (a path, or the name of a shipped one);
+    ``overrides`` (``--set``) change the base config."""
+    path = find_shipped(path, "search_spaces")
     raw = read_sections(path, TOP_LEVEL, "space")
     base = parse_base(path, raw.get("base"), overrides)
 
@@ -236,7 +237,7 @@ def load_definitions(path: str | Path, base_file: str | Path | None = None, over
     ``overrides`` (``--set``) apply to every run, a ``samples_per_class`` override
     replacing the file's grid; the run seeds are ``0..seeds-1``, so ``--set seed`` is
     refused."""
-    path = Path(path)
+    path = find_shipped(path, "ablations")
     raw = read_sections(path, ABLATION_TOP_LEVEL, "components")
     overrides = dict(overrides or {})
     if "seed" in overrides:
