@@ -85,6 +85,10 @@ class Config:
     # running
     eval_every: int = _key(100, "steps between validation evaluations and checkpoints")
     device: str = _key("auto", "auto, cpu, cuda or cuda:N")
+    threads: int = _key(
+        0, "torch CPU threads; 0: torch's default (one per core). On a machine shared with other jobs, "
+        "1 or 2 avoids oversubscription (several times faster there)",
+    )
     precision: str = _key("fp32", "fp32 or bf16 (autocast)")
     channels_last: bool = _key(False, "use the channels_last memory format")
 
@@ -190,6 +194,7 @@ def _check_ranges(c: Config, where: str) -> None:
     need(c.head_l2_weight >= 0, "head_l2_weight", "must be >= 0")
     need(0 <= c.plain_tail_fraction < 1, "plain_tail_fraction", "must be in [0, 1)")
     need(c.eval_every >= 1, "eval_every", "must be >= 1")
+    need(c.threads >= 0, "threads", "0 (torch's default) or a count >= 1")
     need(bool(_DEVICE.match(c.device)), "device", "auto, cpu, cuda or cuda:N")
     need(c.precision in ("fp32", "bf16"), "precision", "fp32 or bf16")
     need(c.weights != "", "weights", "source, imagenet, none or a file path")

@@ -94,6 +94,8 @@ def setup(
 ) -> Run:
     """Build data, models, method and optimiser for ``config`` (``task`` overrides the
     config's dataset, e.g. with synthetic batches for benchmarks)."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
     if config.batch_size % world_size:
         raise SmileError(f"batch_size={config.batch_size} does not split evenly over {world_size} workers")
     device = device or resolve_device(config.device)
@@ -233,6 +235,8 @@ def train(
     if progress and lead:
         from tqdm import tqdm
 
+        log(f"{config.method} on {config.dataset}: {config.backbone}, {config.steps} steps, "
+            f"{run.device}, {torch.get_num_threads()} threads")
         bar = tqdm(total=config.steps, initial=step, desc=f"{config.method} {config.dataset}", unit="step",
                    file=sys.stderr, dynamic_ncols=True)
     loss_sum, loss_n = torch.zeros((), device=run.device), 0
@@ -282,6 +286,7 @@ def train(
             "steps": step,
             "seconds": seconds,
             "workers": world_size,
+            "threads": torch.get_num_threads(),
             "resumed_from": resumed_from,
             "source_weights": run.source_weights,
             "split_sizes": run.task.split_sizes(),

@@ -125,3 +125,12 @@ def test_expected_calibration_error_by_hand():
     labels = torch.tensor([0, 1, 1])
     expected = (2 / 3) * abs(0.5 - 0.9) + (1 / 3) * abs(1.0 - 0.6)
     assert expected_calibration_error(logits, labels) == pytest.approx(expected, rel=1e-5)
+
+
+def test_threads_are_set_and_recorded(tmp_path, cache_dir):
+    before = torch.get_num_threads()
+    try:
+        m = train(make_config({**SHORT, "steps": 10, "method": "l2", "threads": 1}), tmp_path, cache_dir=cache_dir)
+        assert m["threads"] == 1 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)

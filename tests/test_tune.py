@@ -52,6 +52,8 @@ def check_study(out, client, num_trials):
     parent_id = json.loads((out / "study.json").read_text())["parent_run_id"]
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED"
+    # the UI opens the experiment on its runs, as a model-training experiment
+    assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert parent.data.metrics["best_val_acc"] == pytest.approx(best["val_acc"])
     artifacts = {a.path for a in client.list_artifacts(parent_id)}
     assert {"trials.parquet", "best.json", "val_acc_vs_params.png"} <= artifacts

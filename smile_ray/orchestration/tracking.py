@@ -79,16 +79,25 @@ def _cause(e: BaseException) -> str:
     return re.sub(r"\s+", " ", first)[:300]
 
 
+#: MLflow 3's UI opens an experiment by its kind: without this tag it guesses, and shows a
+#: new experiment as a GenAI one (an empty "Overview/Traces" page); this kind opens the
+#: runs table, the view for model training (the UI's ExperimentKind enum)
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+    """The experiment's id, made if needed, tagged as a model-training experiment."""
     found = client.get_experiment_by_name(name)
     if found is not None:
+        if EXPERIMENT_KIND_TAG not in found.tags:
+            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return found.experiment_id
     location = None
     if uri.startswith("sqlite:///"):
         # Artifacts beside the database, by absolute path (MLflow's default is ./mlruns
         # relative to whichever process happens to log).
         location = (Path(uri[len("sqlite:///"):]).parent / "mlruns").as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
 def flat_params(values: dict[str, Any]) -> list[Param]:
