@@ -33,7 +33,7 @@ def main() -> None:
 
     base = load_config_values(args.config) if args.config else {}
     base.update(parse_overrides(args.overrides))
-    if args.config and args.methods == ap.get_default("methods"):
+    if args.config and args.methods == ap.get_default("methods") and "method" in base:
         args.methods = base["method"]
     rows = []
     first = args.methods.split(",")[0]
