@@ -4,7 +4,7 @@ first method with its 95 % bootstrap interval), in-process.
     python benchmarks/accuracy.py                                # l2, mixup, smile at 2 and 5 per class, 5 seeds
     python benchmarks/accuracy.py --config fashion_mnist --samples 5,20   # ImageNet EfficientNet-Lite0 -> Fashion-MNIST
     python benchmarks/accuracy.py --methods smile --samples 5 --seeds 3 --set mixup_alpha=0.5
-    python benchmarks/accuracy.py --config runs/study/best.json --samples 5   # a tuned config on fresh seeds
+    python benchmarks/accuracy.py --config runs/study/best.json --samples 20 --first-seed 100   # a tuned config on fresh seeds
 """
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", default="l2,mixup,smile")
     ap.add_argument("--samples", default="2,5", help="samples_per_class values")
-    ap.add_argument("--seeds", type=int, default=5, help="seeds 0..K-1")
+    ap.add_argument("--seeds", type=int, default=5, help="seeds FIRST..FIRST+K-1")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="first seed (e.g. 100 to evaluate a tuned config on seeds it was not tuned on)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--config", type=Path, help="base config file (e.g. a study's best.json); --methods defaults to its method")
     ap.add_argument("--json", type=Path)
@@ -40,7 +42,7 @@ def main() -> None:
     for spc in [int(s) for s in args.samples.split(",")]:
         for method in args.methods.split(","):
             accs = []
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 cfg = make_config({**base, "method": method, "samples_per_class": spc, "seed": seed})
                 m = train(cfg, None, log=lambda msg: print(msg, file=sys.stderr))
                 accs.append(m["test_acc"])

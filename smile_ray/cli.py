@@ -6,6 +6,7 @@ bugs.
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -154,6 +155,7 @@ def tune(space_file, num_samples, output, address, tracking_uri, experiment, res
     click.echo(f"best trial {best['trial_id']}: {best['metric']} {best[best['metric']]:.4f}  "
                f"test_acc {best['test_acc']:.4f}  ({s['trials']} trials, {s['wall_seconds']:.0f} s in all)")
     click.echo(f"wrote {output / 'trials.parquet'}, {output / 'best.json'}")
+    echo_mlflow(output / "study.json")
 
 
 @cli.command()
@@ -202,6 +204,7 @@ def ablate(definitions, drops, all_components, seeds, base_file, overrides, tune
                          resume=resume)
     click.echo(table, nl=False)
     click.echo(f"wrote {output / 'ablation.parquet'}, {output / 'ablation.md'}, {output / 'ablation.png'}")
+    echo_mlflow(output / "ablation.json")
 
 
 @cli.command("config")
@@ -211,6 +214,12 @@ def show_config(config_file, overrides) -> None:
     """Print the resolved config as YAML (a starting point for --config files)."""
     config: Config = resolve_config(config_file, overrides)
     click.echo(yaml.safe_dump(config.to_dict(), sort_keys=False), nl=False)
+
+
+def echo_mlflow(state_file: Path) -> None:
+    link = json.loads(state_file.read_text()).get("mlflow_ui")
+    if link:
+        click.echo(f"MLflow: {link}")
 
 
 def argv_has(argv: list[str] | None, word: str) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -69,12 +70,30 @@ def feature_mixup_loss(
     return squared.clamp_min(1e-30).sqrt() / (h * w)
 
 
-def all_reduce_sum(t: Tensor) -> Tensor:
-    """Sum of ``t`` over the ranks of the default process group, with gradients (the
-    backward pass sums the ranks' gradients too)."""
-    import torch.distributed.nn.functional as dist_nn
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t: Tensor) -> Tensor:  # noqa: D102
+        import torch.distributed as dist
 
-    return dist_nn.all_reduce(t)
+        out = t.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: D102
+        import torch.distributed as dist
+
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def all_reduce_sum(t: Tensor) -> Tensor:
+    """Sum of ``t`` over the ranks of the default process group, with gradients: the
+    backward pass sums the ranks' output gradients, since every rank's output depends on
+    every rank's input (what ``torch.distributed.nn.all_reduce`` did before it was
+    deprecated)."""
+    return _AllReduceSum.apply(t)
 
 
 def source_label_loss(aux_logits: Tensor, teacher_prob: Tensor, perm: Tensor, lam: float) -> Tensor:

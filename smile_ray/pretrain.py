@@ -80,18 +80,20 @@ def pretrain_source(task: TensorTask, backbone: str, log=print, progress: bool =
         from tqdm import tqdm
 
         bar = tqdm(total=r["steps"], desc=f"pre-training {backbone}", unit="step", file=sys.stderr, dynamic_ncols=True)
-    for step in range(r["steps"]):
-        for g in opt.param_groups:
-            g["lr"] = 0.5 * r["lr"] * (1 + math.cos(math.pi * step / r["steps"]))
-        x, y = task.train_batch(step, r["batch_size"])
-        loss = F.cross_entropy(model(x)[1], y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    try:
+        for step in range(r["steps"]):
+            for g in opt.param_groups:
+                g["lr"] = 0.5 * r["lr"] * (1 + math.cos(math.pi * step / r["steps"]))
+            x, y = task.train_batch(step, r["batch_size"])
+            loss = F.cross_entropy(model(x)[1], y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if bar is not None:
+                bar.update(1)
+    finally:  # an interrupted pre-training leaves its bar where it stopped, before the error line
         if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.close()
     info = {"seconds": time.perf_counter() - start, "source_val_acc": accuracy(model, task, "val"), **r}
     return model, info
 

@@ -110,7 +110,7 @@ def setup(
     fmt = torch.channels_last if config.channels_last else torch.contiguous_format
     model.to(device, memory_format=fmt).train()
     source.to(device, memory_format=fmt)
-    method.attach(model, source)
+    method.attach(model, source, task=task, cache_dir=cache_dir)
     if prepare_model is not None:
         model = prepare_model(model)
     optimizer = torch.optim.SGD(
@@ -132,7 +132,7 @@ def train_step(run: Run, step: int, x: Tensor, y: Tensor) -> Tensor:
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     run.optimizer.step()
-    run.method.after_step(run.model, step)
+    run.method.after_step(run.model, step, run.optimizer)
     return loss.detach()
 
 
@@ -241,33 +241,35 @@ def train(
                    file=sys.stderr, dynamic_ncols=True)
     loss_sum, loss_n = torch.zeros((), device=run.device), 0
     started = time.perf_counter()
-    while step < config.steps:
-        x, y = run.to_device(*run.task.train_batch(step, config.batch_size, rank, world_size))
-        loss_sum += train_step(run, step, x, y)
-        loss_n += 1
-        step += 1
+    try:
+        while step < config.steps:
+            x, y = run.to_device(*run.task.train_batch(step, config.batch_size, rank, world_size))
+            loss_sum += train_step(run, step, x, y)
+            loss_n += 1
+            step += 1
+            if bar is not None:
+                bar.update(1)
+            if step % config.eval_every == 0 or step == config.steps:
+                record: dict[str, Any] = {"step": step}
+                if lead:  # other ranks hold the same weights; only rank 0's metrics are kept
+                    val = evaluate(run, "val")
+                    record.update(train_loss=(loss_sum / loss_n).item(), lr=learning_rate(config, step - 1),
+                                  val_acc=val["acc"], val_ece=val["ece"])
+                    if not math.isfinite(record["train_loss"]):
+                        raise SmileError(f"training diverged at step {step} (loss {record['train_loss']}); "
+                                         "lower lr or the loss weights")
+                    history.append(record)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_acc=f"{val['acc']:.3f}")
+                    if ckpt_dir is not None:
+                        elapsed = seconds + time.perf_counter() - started
+                        save_checkpoint(run, ckpt_dir / CHECKPOINT_FILE, step, history, elapsed, resumed_from)
+                loss_sum, loss_n = torch.zeros((), device=run.device), 0
+                if on_eval is not None:
+                    on_eval(dict(record), ckpt_dir)
+    finally:  # an interrupted run leaves its bar where it stopped, before the error line
         if bar is not None:
-            bar.update(1)
-        if step % config.eval_every == 0 or step == config.steps:
-            record: dict[str, Any] = {"step": step}
-            if lead:  # other ranks hold the same weights; only rank 0's metrics are kept
-                val = evaluate(run, "val")
-                record.update(train_loss=(loss_sum / loss_n).item(), lr=learning_rate(config, step - 1),
-                              val_acc=val["acc"], val_ece=val["ece"])
-                if not math.isfinite(record["train_loss"]):
-                    raise SmileError(f"training diverged at step {step} (loss {record['train_loss']}); "
-                                     "lower lr or the loss weights")
-                history.append(record)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_acc=f"{val['acc']:.3f}")
-                if ckpt_dir is not None:
-                    elapsed = seconds + time.perf_counter() - started
-                    save_checkpoint(run, ckpt_dir / CHECKPOINT_FILE, step, history, elapsed, resumed_from)
-            loss_sum, loss_n = torch.zeros((), device=run.device), 0
-            if on_eval is not None:
-                on_eval(dict(record), ckpt_dir)
-    if bar is not None:
-        bar.close()
+            bar.close()
     seconds += time.perf_counter() - started
     consistent = ranks_consistent(run) if world_size > 1 else None
 
@@ -290,6 +292,7 @@ def train(
             "resumed_from": resumed_from,
             "source_weights": run.source_weights,
             "split_sizes": run.task.split_sizes(),
+            "method_info": run.method.info(),
             "history": history,
             "config": config.to_dict(),
         }

@@ -166,6 +166,7 @@ def finished_runs(out):
 
 def test_an_interrupted_ablation_resumes_without_rerunning_finished_runs(tmp_path, cache_dir):
     import os
+    import re
     import signal
     import subprocess
     import sys
@@ -185,6 +186,12 @@ def test_an_interrupted_ablation_resumes_without_rerunning_finished_runs(tmp_pat
     proc.send_signal(signal.SIGINT)
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode != 0 and "add --resume" in err.strip().splitlines()[-1]
+    # the live table names each run by its arm, data size and seed
+    assert [ln.split() for ln in err.splitlines() if ln.split()[:2] == ["done", "elapsed"]] == [
+        ["done", "elapsed", "arm", "samples_per_class", "seed", "val_acc", "test_acc", "s/run"]], err
+    rows = [ln.split() for ln in err.splitlines() if re.match(r"\s*\d/4\s", ln)]
+    assert len(rows) >= 2 and all(r[2] in ("full", "-source_label") and r[3] == "3" and r[4] in ("0", "1")
+                                  for r in rows), err
     before = {p: p.stat().st_mtime_ns for p in finished_runs(out)}
     assert not (out / "ablation.parquet").exists()
 
@@ -192,6 +199,7 @@ def test_an_interrupted_ablation_resumes_without_rerunning_finished_runs(tmp_pat
     assert refused.returncode == 2 and "drop --seeds" in refused.stderr
     resumed = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr
+    assert re.search(r"^\s*4/4\s", resumed.stderr, re.M), resumed.stderr
     rows = pq.read_table(out / "ablation.parquet").to_pylist()
     assert sorted((r["arm"], r["seed"]) for r in rows) == [("-source_label", 0), ("-source_label", 1),
                                                            ("full", 0), ("full", 1)]

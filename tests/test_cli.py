@@ -158,3 +158,25 @@ def test_overwrite_keeps_the_checkpoint_until_the_new_run_replaces_it(bad, tmp_p
     bad("--overwrite", "--workers", "5", expect="does not split evenly")
     bad("--overwrite", "--set", "samples_per_class=1000", expect="larger than the digits training pool")
     assert (ckpt / "state.pt").read_bytes() == b"old run"  # nothing lost to a run that never started
+
+
+def test_ctrl_c_leaves_the_progress_bar_above_the_error_line(tmp_path, cache_dir):
+    """The bar is closed where the run stopped; nothing is drawn after the error line."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "SMILE_RAY_CACHE": str(cache_dir)}
+    proc = subprocess.Popen([sys.executable, "-m", "smile_ray", "train", "--output", str(out), "--set", "steps=5000",
+                             "--set", "eval_every=20"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=tmp_path)
+    deadline = time.time() + 180
+    while not (out / "checkpoint").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130
+    tail = err[err.rindex("error: interrupted"):]
+    assert tail.count("\n") == 1 and tail.endswith("\n") and "\r" not in tail, repr(err[-400:])
+    assert "Traceback" not in err

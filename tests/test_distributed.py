@@ -104,3 +104,21 @@ def test_cluster_file_passes_rays_own_validation():
     assert workers and all(v["resources"].get("GPU", 0) >= 1 for v in workers.values())
     assert raw["available_node_types"][raw["head_node_type"]]["resources"].get("GPU", 0) == 0
     assert raw["idle_timeout_minutes"] > 0 and raw["max_workers"] >= 1
+
+
+def test_the_workers_terminal_shows_each_evaluation_once_and_no_ray_noise(tmp_path, cache_dir):
+    """What a person sees from `train --workers 2`: one line per evaluation (Ray Train
+    patches print in its workers to log it a second time), none of Ray Train's INFO
+    lines, and no preemption-watcher error line for a run that worked."""
+    env = {**os.environ, "SMILE_RAY_CACHE": str(cache_dir)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "smile_ray", "train", "--workers", "2", "--output", str(tmp_path / "run"),
+         "--set", "steps=20", "--set", "eval_every=10", "--set", "samples_per_class=3"],
+        capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    err = proc.stderr
+    assert err.count("step 10/20") == 1 and err.count("step 20/20") == 1, err
+    for noise in ("PreemptionWatcher", "Traceback", "Reporting training result", "FutureWarning"):
+        assert noise not in err, err
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["workers"] == 2

@@ -4,7 +4,7 @@
   MLflow, orchestration, reports or CLI module;
 * ``reports/`` imports no Ray, MLflow or orchestration module;
 * ``orchestration/`` modules import the core and each other only through the modules
-  meant to be shared (``cluster``, ``ray_train``, ``trainable``, ``runner``, ``spaces``,
+  meant to be shared (``cluster``, ``ray_train``, ``trainable``, ``runner``, ``spaces``, ``progress``,
   ``tracking``) and the public ``run_study`` of ``tune``;
 * no module outside ``methods/`` mentions a method by name in a comparison.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "smile_ray"
 EXTERNAL_ORCHESTRATION = ("ray", "mlflow")
-SHARED_ORCHESTRATION = {"cluster", "ray_train", "trainable", "runner", "spaces", "tracking", "tune"}
+SHARED_ORCHESTRATION = {"cluster", "ray_train", "trainable", "runner", "spaces", "tracking", "progress", "tune"}
 
 
 def module_name(path: Path) -> str:

@@ -1,6 +1,7 @@
 """``smile-ray tune``: a real Ray Tune + HyperOpt study, tracked in a real MLflow store."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -209,6 +210,12 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path, c
     assert proc.returncode != 0 and "--resume" in err.strip().splitlines()[-1]
     before = {p: p.stat().st_mtime_ns for p in finished_trials(out)}
     assert not (out / "trials.parquet").exists()
+    # the live table: a header once, then a row per finished trial, on an 80-120 column terminal
+    (header,) = [ln.split() for ln in err.splitlines() if ln.split()[:3] == ["done", "elapsed", "trial"]]
+    assert set(header[3:6]) == {"mixup_alpha", "feature_weight", "label_mixup"}, err
+    assert header[6:] == ["val_acc", "best", "s/run"], err
+    rows = [ln for ln in err.splitlines() if re.match(r"\s*\d/4\s+\d+m\d\ds\s+\w{8,}\s", ln)]
+    assert len(rows) >= 2 and all(len(ln) <= 120 for ln in rows), err
 
     resume = [sys.executable, "-m", "smile_ray", "tune", "--output", str(out), "--resume"]
     resumed = subprocess.run(resume, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
@@ -218,6 +225,7 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path, c
     best = json.loads((out / "best.json").read_text())
     assert best["study"]["wall_seconds"] > json.loads((out / "study.json").read_text())["wall_seconds"] - 1e-6 > 0
     assert "in all" in resumed.stdout
+    assert re.search(r"^\s*4/4\s", resumed.stderr, re.M), resumed.stderr  # counted with the trials before the resume
     for path, mtime in before.items():  # finished trials were not run again
         assert path.stat().st_mtime_ns == mtime
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -33,6 +33,7 @@ from smile_ray.errors import SmileError
 from smile_ray.methods import method_class
 from smile_ray.orchestration import tracking
 from smile_ray.orchestration.cluster import check_address, connect
+from smile_ray.orchestration.progress import ablation_progress
 from smile_ray.orchestration.runner import can_resume, finish, run_trials
 from smile_ray.orchestration.spaces import Definitions, load_definitions
 from smile_ray.orchestration.tune import run_study
@@ -133,13 +134,14 @@ def run_ablation(
                     "all_components": all_components, "seeds": defs.seeds,
                     "base_file": str(Path(base_file).resolve()) if base_file else None, "overrides": overrides or {},
                     "tune_budget": tune_budget, "tracking_uri": uri, "experiment": experiment,
-                    "parent_run_id": parent_id, "runs": runs}, out / STATE_FILE)
+                    "parent_run_id": parent_id, "mlflow_ui": tracking.ui_link(uri, exp_id, parent_id),
+                    "runs": runs}, out / STATE_FILE)
 
     logger = tracking.StudyLogger(uri, exp_id, parent_id, out.name, defs.base.to_dict(), runs=runs)
     setup = {"runs": runs, "cache_dir": str(cache_dir) if cache_dir else None, "resources": defs.resources}
     started = time.perf_counter()
     results = run_trials(out, setup, {"run": tune.grid_search(list(range(len(runs))))}, logger, resume=resume,
-                         expected=len(runs), verbose=verbose,
+                         expected=len(runs), table=ablation_progress(runs, len(runs)) if verbose else None,
                          tune_config=tune.TuneConfig(max_concurrent_trials=defs.max_concurrent))
     if results.num_errors:
         logger.close_open_runs("FAILED")

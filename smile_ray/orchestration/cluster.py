@@ -1,11 +1,23 @@
 """Start a local Ray or join a cluster; turn Ray's failures into one-line errors."""
 from __future__ import annotations
 
+import os
 import socket
 
 import ray
 
 from smile_ray.errors import SmileError
+
+
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+_OWN: dict[str, str | None] = {"api_server": None}  # the value this process set, if any
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def check_address(address: str | None) -> None:
@@ -34,7 +46,19 @@ def connect(address: str | None = None) -> None:
         if address:
             ray.init(address=address, logging_level="ERROR", logging_config=quiet)
         else:
-            ray.init(logging_level="ERROR", logging_config=quiet)
+            # One machine that we start ourselves is not preempted; Ray Train's preemption
+            # watcher would only print a core-worker error line (its actor's arguments sit
+            # in the object store) for a run that works. On a cluster it stays on.
+            os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
+            # Ray Train's placement-group cleaner asks the state API about its controller
+            # without an address; with two Ray instances on the machine (two jobs, or a
+            # test beside a run) it finds both, and its thread dies with a traceback on the
+            # terminal. Name this instance's API server (its dashboard, where one is
+            # installed) so that it asks this one, and fails quietly where none runs.
+            port = _free_port()
+            if API_SERVER_ENV not in os.environ or os.environ[API_SERVER_ENV] == _OWN["api_server"]:
+                _OWN["api_server"] = os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+            ray.init(logging_level="ERROR", logging_config=quiet, dashboard_host="127.0.0.1", dashboard_port=port)
     except (ConnectionError, TimeoutError, ValueError, RuntimeError) as e:
         detail = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise SmileError(f"cannot reach a Ray cluster at --address {address!r}: {detail}") from None

@@ -30,6 +30,7 @@ step 0; ``resumed_from`` in metrics.json lists the steps it restarted from.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sys
 import tempfile
@@ -57,8 +58,20 @@ def scalars(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
 
 
+def say(line: str) -> None:
+    """A line on the worker's stderr, which Ray forwards to the driver's terminal. Not
+    ``print``: Ray Train patches ``print`` in its workers to also log through the root
+    logger, which prints the line a second time."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def worker_loop(loop_config: dict[str, Any]) -> None:
     """What every Ray Train worker runs."""
+    # Ray Train's worker logs its every report at INFO through a logger named by a file
+    # path, outside ``ray.train`` and so past RunConfig's logging_config: keep the
+    # worker's root logger to warnings (its files under the Ray session keep everything).
+    logging.getLogger().setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     config = make_config(loop_config["config"])
@@ -68,8 +81,8 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
 
     def on_eval(record: dict[str, Any], checkpoint_dir: Path | None) -> None:
         if rank == 0 and loop_config.get("progress"):
-            print(f"step {record['step']}/{config.steps}  loss {record['train_loss']:.4f}  "
-                  f"val_acc {record['val_acc']:.4f}", file=sys.stderr, flush=True)
+            say(f"step {record['step']}/{config.steps}  loss {record['train_loss']:.4f}  "
+                f"val_acc {record['val_acc']:.4f}")
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(record, checkpoint=checkpoint)
 
@@ -98,7 +111,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
                     parallel_strategy_kwargs={
                         "find_unused_parameters": method_class(config.method).may_skip_parameters(config)},
                 ),
-                log=lambda msg: print(f"[rank {rank}] {msg}", file=sys.stderr),
+                log=lambda msg: say(f"[rank {rank}] {msg}"),
             )
     finally:
         if work is not None:
@@ -171,6 +184,9 @@ def train_distributed(
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
+            # Train's own INFO lines (every report, every worker-group step) and its
+            # transient warnings stay in the session's log files, off the terminal.
+            logging_config=ray.train.LoggingConfig(log_level="ERROR"),
         ),
     )
     try:

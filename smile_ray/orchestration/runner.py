@@ -16,6 +16,7 @@ from mlflow.entities import Metric
 from ray import tune
 
 from smile_ray.errors import SmileError
+from smile_ray.orchestration.progress import TrialTable
 from smile_ray.orchestration.tracking import StudyLogger
 from smile_ray.orchestration.trainable import trainable
 
@@ -35,10 +36,11 @@ def run_trials(
     tune_config: tune.TuneConfig | None = None,
     resume: bool = False,
     expected: int,
-    verbose: int = 1,
+    table: TrialTable | None = None,
 ):
     """Fit (or restore and finish) the experiment; returns Tune's ResultGrid once every
-    one of its ``expected`` trials has ended. An interrupted fit raises KeyboardInterrupt."""
+    one of its ``expected`` trials has ended. An interrupted fit raises KeyboardInterrupt.
+    Ray Tune's own console table is off; ``table`` prints a row per ended trial instead."""
     client, parent_id = logger.client, logger.parent_run_id
     fn = trainable(setup)
     try:
@@ -50,7 +52,7 @@ def run_trials(
                 param_space=param_space,
                 tune_config=tune_config,
                 run_config=tune.RunConfig(
-                    name=EXPERIMENT_DIR, storage_path=str(out), callbacks=[logger], verbose=verbose,
+                    name=EXPERIMENT_DIR, storage_path=str(out), callbacks=[logger] + ([table] if table else []), verbose=0,
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                     failure_config=tune.FailureConfig(max_failures=1),
                 ),

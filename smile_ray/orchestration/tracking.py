@@ -84,6 +84,19 @@ def _cause(e: BaseException) -> str:
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
+# MLflow 3's UI opens every experiment on its GenAI pages (traces) unless the page's
+# address asks for the model-training view; the experiment-kind tag alone does not do it.
+UI_VIEW = "?workflowType=machine_learning"
+
+
+def ui_link(uri: str, experiment_id: str, run_id: str) -> str:
+    """Where a person sees a parent run, its child runs, their curves and artifacts."""
+    page = f"#/experiments/{experiment_id}/runs/{run_id}{UI_VIEW}"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{page}"
+    return f"run `mlflow ui --backend-store-uri {uri}`, then open http://127.0.0.1:5000/{page}"
+
+
 def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
     """The experiment's id, made if needed, tagged as a model-training experiment."""
     found = client.get_experiment_by_name(name)

@@ -30,6 +30,7 @@ from smile_ray.config import make_config
 from smile_ray.errors import SmileError
 from smile_ray.orchestration import tracking
 from smile_ray.orchestration.cluster import check_address, connect
+from smile_ray.orchestration.progress import study_progress
 from smile_ray.orchestration.runner import EXPERIMENT_DIR, can_resume, fail, finish, run_trials
 from smile_ray.orchestration.spaces import Param, Study, load_study
 from smile_ray.pretrain import load_source
@@ -130,7 +131,8 @@ def run_study(
             {**study.summary(), **{f"base.{k}": v for k, v in study.base.to_dict().items()}}))
         write_json({"space_file": str(Path(space_file).resolve()), "num_samples": study.num_samples,
                     "overrides": overrides or {}, "tracking_uri": uri, "experiment": experiment,
-                    "parent_run_id": parent_id, "address": address}, state_file)
+                    "parent_run_id": parent_id, "address": address,
+                    "mlflow_ui": tracking.ui_link(uri, exp_id, parent_id)}, state_file)
 
     base = study.base.to_dict()
     logger = tracking.StudyLogger(uri, exp_id, parent_id, out.name, base)
@@ -140,7 +142,8 @@ def run_study(
     try:
         results = run_trials(
             out, setup, {p.name: to_tune(p) for p in study.space}, logger, resume=resume,
-            expected=expected_trials(study), verbose=verbose,
+            expected=expected_trials(study),
+            table=study_progress(study.searched, study.metric, study.mode, expected_trials(study)) if verbose else None,
             tune_config=tune.TuneConfig(
                 metric=study.metric, mode=study.mode, num_samples=study.num_samples,
                 search_alg=_search_alg(study, base), scheduler=_scheduler(study),
