@@ -33,6 +33,11 @@ REFERENCE_PLAIN_TAIL_FRACTION = 1000 / 9000
 
 SWITCHES = ("feature_mixup", "source_label", "mean_teacher", "label_mixup", "head_l2", "plain_tail")
 
+# RegSL's published runs train 30 epochs, counted from 1, reweighting from epoch 5 and
+# relabelling from epoch 10: after 4 and 9 of the 30 epochs (this project counts steps).
+REGSL_EPOCHS = 30
+DELTA_VARIANTS = ("attention", "feature_map")
+
 
 def _key(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
@@ -82,6 +87,38 @@ class Config:
     label_mixup: bool = _key(True, "smile: target classifier trained on mixed labels (else clean CE)")
     head_l2: bool = _key(True, "all methods: L2 penalty on the classifier heads")
     plain_tail: bool = _key(True, "mixup/smile: plain fine-tuning for the final steps")
+    # baselines (docs/method.md); each also pays the head L2 above when head_l2 is on
+    l2sp_weight: float = _key(0.01, "l2sp: weight a of 0.5 * sum ||w - w0||^2 over the backbone (TLlib: 0.01)")
+    bss_weight: float = _key(0.001, "bss: weight eta of the k smallest squared singular values of the batch features")
+    bss_k: int = _key(1, "bss: how many of the smallest singular values are shrunk (>= 1)")
+    delta_weight: float = _key(0.01, "delta: weight of the feature-map distance to the pre-trained network")
+    delta_variant: str = _key(
+        "attention",
+        "delta: attention (channels weighted by their measured importance, computed once and cached; "
+        "the published DELTA) or feature_map (unweighted)",
+    )
+    cotuning_weight: float = _key(2.3, "cotuning: weight lambda of the source-head loss to the category relationship")
+    rifle_reinits: int = _key(3, "rifle: times the target classifier is re-initialised, evenly spaced (0: none)")
+    stochnorm_prob: float = _key(
+        0.5, "stochnorm: per-channel probability of normalising with batch (else running) statistics in training"
+    )
+    lwf_weight: float = _key(4.0, "lwf: weight of the distillation loss to the recorded source logits")
+    lwf_temperature: float = _key(3.0, "lwf: softmax temperature T of the distillation loss")
+    regsl_radius: float = _key(
+        7.8, "regsl: Frobenius radius D around the pre-trained weights of the first two backbone stages"
+    )
+    regsl_gamma: float = _key(1.0, "regsl: radius growth per later stage (stage l >= 3: D * gamma^(l-2))")
+    regsl_head_radius: float = _key(14.08, "regsl: Frobenius radius around 0 of the target classifier's weight")
+    regsl_relabel_threshold: float = _key(
+        0.9, "regsl: a stored label is replaced when the model gives another class more than this probability"
+    )
+    regsl_temperature: float = _key(2.0, "regsl: temperature T of the batch softmax(-loss / T) example weights")
+    regsl_relabel_start_fraction: float = _key(
+        9 / REGSL_EPOCHS, "regsl: fraction of steps after which relabelling starts (epoch 10 of 30)"
+    )
+    regsl_reweight_start_fraction: float = _key(
+        4 / REGSL_EPOCHS, "regsl: fraction of steps after which examples are reweighted (epoch 5 of 30)"
+    )
     # running
     eval_every: int = _key(100, "steps between validation evaluations and checkpoints")
     device: str = _key("auto", "auto, cpu, cuda or cuda:N")
@@ -193,6 +230,23 @@ def _check_ranges(c: Config, where: str) -> None:
     need(c.source_label_weight >= 0, "source_label_weight", "must be >= 0")
     need(c.head_l2_weight >= 0, "head_l2_weight", "must be >= 0")
     need(0 <= c.plain_tail_fraction < 1, "plain_tail_fraction", "must be in [0, 1)")
+    need(c.l2sp_weight >= 0, "l2sp_weight", "must be >= 0")
+    need(c.bss_weight >= 0, "bss_weight", "must be >= 0")
+    need(c.bss_k >= 1, "bss_k", "must be >= 1")
+    need(c.delta_weight >= 0, "delta_weight", "must be >= 0")
+    need(c.delta_variant in DELTA_VARIANTS, "delta_variant", " or ".join(DELTA_VARIANTS))
+    need(c.cotuning_weight >= 0, "cotuning_weight", "must be >= 0")
+    need(c.rifle_reinits >= 0, "rifle_reinits", "must be >= 0")
+    need(0 <= c.stochnorm_prob <= 1, "stochnorm_prob", "must be in [0, 1]")
+    need(c.lwf_weight >= 0, "lwf_weight", "must be >= 0")
+    need(c.lwf_temperature > 0, "lwf_temperature", "must be > 0")
+    need(c.regsl_radius > 0, "regsl_radius", "must be > 0")
+    need(c.regsl_gamma > 0, "regsl_gamma", "must be > 0")
+    need(c.regsl_head_radius > 0, "regsl_head_radius", "must be > 0")
+    need(0 <= c.regsl_relabel_threshold <= 1, "regsl_relabel_threshold", "must be in [0, 1]")
+    need(c.regsl_temperature > 0, "regsl_temperature", "must be > 0")
+    need(0 <= c.regsl_relabel_start_fraction <= 1, "regsl_relabel_start_fraction", "must be in [0, 1]")
+    need(0 <= c.regsl_reweight_start_fraction <= 1, "regsl_reweight_start_fraction", "must be in [0, 1]")
     need(c.eval_every >= 1, "eval_every", "must be >= 1")
     need(c.threads >= 0, "threads", "0 (torch's default) or a count >= 1")
     need(bool(_DEVICE.match(c.device)), "device", "auto, cpu, cuda or cuda:N")

@@ -1,9 +1,16 @@
-"""SMILE's loss terms as pure functions on tensors (Li et al., 2022; ``docs/method.md``).
+"""SMILE's loss terms and the baselines' penalties as pure functions on tensors
+(Li et al., 2022; ``docs/method.md``).
 
 Notation: a batch ``x`` of B images with labels ``y``; ``lam`` the mixing weight and
 ``perm`` a permutation of the batch, so the mixed input is
 ``x_mix = lam * x + (1 - lam) * x[perm]``. Student outputs are computed on ``x_mix``,
 teacher outputs on the clean ``x``.
+
+The baselines' terms (L2-SP, BSS, DELTA, Co-Tuning, LwF, RegSL's reweighting) follow,
+after SMILE's; each states its formula and where it departs from the public code.
+Data parallel: :func:`all_reduce_sum` and :func:`all_gather_cat` carry gradients, so a
+term over the whole global batch (a norm, a sum, singular values, a batch softmax) can
+be computed on every rank and DDP's averaging still gives the single-process gradient.
 """
 from __future__ import annotations
 
@@ -116,3 +123,112 @@ def head_l2(*heads: nn.Module | None) -> Tensor:
     (the target classifier and, for SMILE, the source-label head)."""
     params = [p for h in heads if h is not None for p in h.parameters()]
     return 0.5 * sum(p.pow(2).sum() for p in params)
+
+
+# ---------------------------------------------------------------- data parallel
+
+
+class _AllGatherCat(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t: Tensor) -> Tensor:  # noqa: D102
+        import torch.distributed as dist
+
+        ctx.rank, ctx.rows = dist.get_rank(), t.shape[0]
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: D102
+        import torch.distributed as dist
+
+        # Every rank's output holds every rank's rows: the gradient of rank r's rows is
+        # the sum over ranks of their output gradients' slice r (a reduce-scatter, done
+        # as an all-reduce because gloo has no reduce-scatter).
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def all_gather_cat(t: Tensor) -> Tensor:
+    """The ranks' ``t`` (equal shapes) concatenated along dim 0 in rank order, with
+    gradients: the global batch's rows, when each rank holds a contiguous shard.
+
+    Every rank then computes the same batch-level term, and the gradient each rank gets
+    for its own rows is N times the single-process one (each of the N ranks' copies of
+    the term depends on them), which DDP's averaging over N ranks undoes -- as for
+    :func:`all_reduce_sum`."""
+    return _AllGatherCat.apply(t)
+
+
+# ---------------------------------------------------------------- baselines
+
+
+def l2sp_penalty(params: list[Tensor], ref_params: list[Tensor]) -> Tensor:
+    """L2-SP's starting-point term (Li et al., ICML 2018): ``0.5 * sum_i ||p_i - p0_i||^2``
+    over paired lists of tensors, the references detached (a constant)."""
+    return 0.5 * sum((p - p0.detach()).float().pow(2).sum() for p, p0 in zip(params, ref_params, strict=True))
+
+
+def bss_penalty(features: Tensor, k: int) -> Tensor:
+    """Batch Spectral Shrinkage (Chen et al., NeurIPS 2019): ``sum_{i=1..k} sigma_{-i}(F)^2``,
+    the k smallest squared singular values of the ``B x d`` feature matrix ``F`` (there
+    are ``min(B, d)``; a larger k takes them all). Gradients flow through the SVD."""
+    sigma = torch.linalg.svdvals(features.float())  # descending
+    return sigma[-min(k, sigma.numel()):].pow(2).sum()
+
+
+def delta_penalty(fmaps: list[Tensor], ref_fmaps: list[Tensor], channel_weights: list[Tensor] | None = None) -> Tensor:
+    """DELTA's behavioural term (Li et al., ICLR 2019) over layers j, summed over the batch
+    (no mean: it grows with B), the reference maps ``FM0`` detached:
+
+    * ``channel_weights`` None (feature-map form): ``sum_j 0.5 * ||FM_j - FM0_j||_F^2``;
+    * attention form, ``a_j`` a weight per channel of layer j (``C_j`` of them, summing
+      to 1): ``sum_j 0.5 * sum_b sum_c C_j * a_{j,c} * ||FM_{j,b,c} - FM0_{j,b,c}||_2^2 / (H_j * W_j)``.
+    """
+    total = fmaps[0].new_zeros((), dtype=torch.float32)
+    weights = channel_weights if channel_weights is not None else [None] * len(fmaps)
+    for fm, ref, a in zip(fmaps, ref_fmaps, weights, strict=True):
+        sq = (fm.float() - ref.detach().float()).pow(2)
+        if a is None:
+            total = total + 0.5 * sq.sum()
+        else:
+            c, h, w = fm.shape[1:]
+            per_channel = sq.sum(dim=(0, 2, 3))  # sum over batch and positions
+            total = total + 0.5 * c * (a.float() * per_channel).sum() / (h * w)
+    return total
+
+
+def cotuning_relationship(source_probs: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """Co-Tuning's category relationship in its direct form (You et al., NeurIPS 2020, as
+    TLlib computes it): ``R[c] = mean of source_probs over the images of target class c``,
+    a ``(num_classes, C_source)`` matrix whose rows are distributions ``p(y_s | y_t = c)``.
+    A class without images gets a zero row (its images then add no Co-Tuning loss)."""
+    probs = source_probs.float()
+    sums = probs.new_zeros(num_classes, probs.shape[1]).index_add_(0, labels, probs)
+    counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).to(probs)
+    return sums / counts[:, None]
+
+
+def cotuning_loss(source_logits: Tensor, labels: Tensor, relationship: Tensor) -> Tensor:
+    """Co-Tuning's source-head term: ``mean_b(-sum_k R[y_b, k] * log softmax(source_logits_b)_k)``,
+    the soft cross-entropy of the source head to each label's relationship row."""
+    target = relationship[labels].detach()
+    return -(target * F.log_softmax(source_logits.float(), dim=1)).sum(dim=1).mean()
+
+
+def lwf_loss(logits: Tensor, ref_logits: Tensor, temperature: float) -> Tensor:
+    """Learning without Forgetting (Li and Hoiem, 2017), as TLlib's knowledge distillation:
+    ``mean_b KL(softmax(ref_logits_b / T) || softmax(logits_b / T))``, the recorded
+    pre-trained logits detached; no ``T^2`` factor."""
+    log_p = F.log_softmax(ref_logits.detach().float() / temperature, dim=1)
+    log_q = F.log_softmax(logits.float() / temperature, dim=1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()
+
+
+def softmax_weighted_loss(losses: Tensor, temperature: float) -> Tensor:
+    """RegSL's example reweighting (Li and Zhang, NeurIPS 2021): ``sum_i w_i * l_i`` with
+    ``w = softmax(-l / T)`` over the batch, the weights detached: confident (low-loss)
+    examples weigh more, likely-mislabelled ones less."""
+    weights = torch.softmax(-losses.detach().float() / temperature, dim=0)
+    return (weights * losses.float()).sum()

@@ -43,6 +43,14 @@ METHODS: Registry[Any] = Registry("method", {
     "l2": "smile_ray.methods.l2:L2",
     "mixup": "smile_ray.methods.mixup:Mixup",
     "smile": "smile_ray.methods.smile:Smile",
+    "l2sp": "smile_ray.methods.l2sp:L2SP",
+    "bss": "smile_ray.methods.bss:BSS",
+    "lwf": "smile_ray.methods.lwf:LwF",
+    "cotuning": "smile_ray.methods.cotuning:CoTuning",
+    "rifle": "smile_ray.methods.rifle:Rifle",
+    "stochnorm": "smile_ray.methods.stochnorm:StochNorm",
+    "delta": "smile_ray.methods.delta:Delta",
+    "regsl": "smile_ray.methods.regsl:RegSL",
 })
 
 DATASETS: Registry[Any] = Registry("dataset", {

@@ -38,7 +38,7 @@ def test_overrides_are_typed_from_yaml_spelling():
         ({"steps": 2.5}, "steps=2.5 is not a valid int"),
         ({"lr": True}, "lr=True is not a valid float"),
         ({"feature_mixup": "maybe"}, "feature_mixup='maybe' is not a valid bool"),
-        ({"method": "delta"}, "unknown method 'delta' (choose from: l2, mixup, smile)"),
+        ({"method": "maml"}, "unknown method 'maml' (choose from: l2, mixup, smile, l2sp, bss,"),
         ({"dataset": "imagenet21k"}, "unknown dataset 'imagenet21k'"),
         ({"backbone": "vgg"}, "unknown backbone 'vgg'"),
         ({"precision": "fp16"}, "precision='fp16' is out of range"),

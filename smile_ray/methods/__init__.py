@@ -1,5 +1,7 @@
-"""Fine-tuning methods, one file each (``l2.py``, ``mixup.py``, ``smile.py``), built by
-name through :data:`smile_ray.registry.METHODS`."""
+"""Fine-tuning methods, one file each (``l2.py``, ``mixup.py``, ``smile.py`` and the
+baselines ``l2sp.py``, ``bss.py``, ``lwf.py``, ``cotuning.py``, ``rifle.py``,
+``stochnorm.py``, ``delta.py``, ``regsl.py``), built by name through
+:data:`smile_ray.registry.METHODS`."""
 from __future__ import annotations
 
 from smile_ray.config import Config

@@ -89,7 +89,8 @@ class Smile(Method):
         # In the plain tail the source-label head gets no gradient unless the head L2 reaches it.
         return config.source_label and config.plain_tail and not config.head_l2
 
-    def attach(self, model, source):
+    def attach(self, model, source, task=None, cache_dir=None):
+        super().attach(model, source, task, cache_dir)
         if not self.uses_teacher:
             return
         self.teacher = copy.deepcopy(source).eval().requires_grad_(False)
@@ -124,7 +125,7 @@ class Smile(Method):
         return self.add_head_l2(model, total, parts), parts
 
     @torch.no_grad()
-    def after_step(self, model, step):
+    def after_step(self, model, step, optimizer=None):
         c = self.config
         if self.teacher is None or not c.mean_teacher or (step + 1) % c.ema_every or self.in_plain_tail(step):
             return
