@@ -207,6 +207,53 @@ def ablate(definitions, drops, all_components, seeds, base_file, overrides, tune
     echo_mlflow(output / "ablation.json")
 
 
+@cli.command()
+@click.option("--methods", "methods_text", default="l2,mixup,smile", show_default=True,
+              help="Comma-separated methods to compare: " + ", ".join(METHODS.names()) + ".")
+@click.option("--settings", "settings_file", type=click.Path(dir_okay=False, path_type=Path), default=Path("digits"),
+              show_default=True, help="Comparison settings (base config, columns, seeds, per-method tune spaces), "
+              "or a shipped file by name: " + ", ".join(shipped_names("compare")) + ".")
+@click.option("--seeds", type=int, help="Seeds per cell, 0..K-1, shared by every method [the file's seeds].")
+@set_option("the settings' base and columns, to every run")
+@click.option("--tune-budget", type=int, default=0, show_default=True,
+              help="First give each method this many HyperOpt trials per column (on validation) over its own knobs.")
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path), help="Output directory [runs/compare-TIME].")
+@click.option("--address", help="Ray cluster to join [start a local Ray].")
+@click.option("--tracking-uri", help="MLflow tracking URI [sqlite:///$PWD/mlflow.db].")
+@click.option("--experiment", help="MLflow experiment name [smile-ray-DATASET].")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Source-model cache.")
+@click.option("--resume", is_flag=True,
+              help="Continue the interrupted comparison in --output with its saved settings; finished runs are kept.")
+def compare(methods_text, settings_file, seeds, overrides, tune_budget, output, address, tracking_uri, experiment,
+            cache_dir, resume) -> None:
+    """Compare fine-tuning methods over shared seeds: the paper's Table 2 from one command.
+
+    Every (method, column, seed) is a Ray Tune trial. Writes OUTPUT/table.md (rows =
+    methods, columns = settings, mean ± std test accuracy, best in bold, paired
+    difference to l2 with its 95 % interval), OUTPUT/results.parquet (a row per run),
+    OUTPUT/table.png, and an MLflow parent run with a child per run; prints the table.
+    A failed run is named on one line and left out; the rest are kept.
+    """
+    from smile_ray.orchestration.compare import parse_methods, run_compare
+
+    if resume:
+        if output is None:
+            raise SmileError("--resume needs --output DIR (the comparison to continue)")
+        given = [flag for flag, value in (("--seeds", seeds), ("--set", overrides), ("--tune-budget", tune_budget),
+                                          ("--tracking-uri", tracking_uri), ("--experiment", experiment)) if value]
+        if given:
+            raise SmileError(f"--resume continues the comparison with its saved settings; drop {', '.join(given)}")
+    methods = parse_methods(methods_text)
+    if output is None:
+        output = Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    table = run_compare(methods, settings_file, output, seeds=seeds, overrides=parse_overrides(overrides),
+                        tune_budget=tune_budget, address=address, tracking_uri=tracking_uri, experiment=experiment,
+                        cache_dir=cache_dir, resume=resume, on_failed=lambda line: click.echo(line, err=True))
+    click.echo(table, nl=False)
+    click.echo(f"wrote {output / 'results.parquet'}, {output / 'table.md'}, {output / 'table.png'}")
+    echo_mlflow(output / "compare.json")
+
+
 @cli.command("config")
 @config_option
 @set_option("--config")

@@ -200,6 +200,7 @@ def test_an_interrupted_ablation_resumes_without_rerunning_finished_runs(tmp_pat
     resumed = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr
     assert re.search(r"^\s*4/4\s", resumed.stderr, re.M), resumed.stderr
+    assert "View detailed results" not in resumed.stdout + resumed.stderr  # Tune's own output is off
     rows = pq.read_table(out / "ablation.parquet").to_pylist()
     assert sorted((r["arm"], r["seed"]) for r in rows) == [("-source_label", 0), ("-source_label", 1),
                                                            ("full", 0), ("full", 1)]

@@ -125,7 +125,16 @@ def test_against_a_real_mlflow_server(ray_local, tmp_path, cache_dir):
         run_study(write_space(tmp_path / "space.yaml"), out, tracking_uri=uri, experiment="served",
                   cache_dir=cache_dir, verbose=0)
         check_study(out, client, 4)
-        assert client.get_experiment_by_name("served") is not None
+        served = client.get_experiment_by_name("served")
+        assert served is not None
+        # the address printed at the end opens the parent run in the model-training view
+        state = json.loads((out / "study.json").read_text())
+        assert state["mlflow_ui"] == (f"{uri}/#/experiments/{served.experiment_id}/runs/{state['parent_run_id']}"
+                                      "?workflowType=machine_learning")
+        import urllib.request
+
+        with urllib.request.urlopen(uri + "/", timeout=30) as page:  # the UI itself is served there
+            assert page.status == 200 and b"<html" in page.read().lower()
         assert not (tmp_path / "mlflow.db").exists()
     finally:
         server.terminate()
@@ -225,6 +234,8 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path, c
     best = json.loads((out / "best.json").read_text())
     assert best["study"]["wall_seconds"] > json.loads((out / "study.json").read_text())["wall_seconds"] - 1e-6 > 0
     assert "in all" in resumed.stdout
+    assert "Configuration for experiment" not in resumed.stdout and "View detailed results" not in resumed.stdout
+    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}" in resumed.stdout
     assert re.search(r"^\s*4/4\s", resumed.stderr, re.M), resumed.stderr  # counted with the trials before the resume
     for path, mtime in before.items():  # finished trials were not run again
         assert path.stat().st_mtime_ns == mtime

@@ -117,12 +117,18 @@ def study_progress(searched: list[str], metric: str, mode: str, expected: int) -
     return TrialTable(columns, [metric], expected, best=(metric, mode))
 
 
-def ablation_progress(runs: list[dict[str, Any]], expected: int) -> TrialTable:
-    """An ablation's table: each run's arm, data size and seed, with its accuracies."""
+def runs_progress(runs: list[dict[str, Any]], tags: list[str], expected: int) -> TrialTable:
+    """The table of a list of runs (an ablation's, a comparison's): each run's ``tags``
+    (arm or method, data size or setting, seed) with its accuracies."""
     def tag(name):
         return lambda t: runs[t.config["run"]]["tags"][name] if "run" in (t.config or {}) else None
 
-    columns: list[Column] = [("arm", tag("arm")), ("samples_per_class", tag("samples_per_class")), ("seed", tag("seed"))]
-    table = TrialTable(columns, ["val_acc", "test_acc"], expected)
-    table.widths[2] = max(table.widths[2], *(len(r["tags"]["arm"]) for r in runs))
+    table = TrialTable([(name, tag(name)) for name in tags], ["val_acc", "test_acc"], expected)
+    for i, name in enumerate(tags):  # text columns as wide as their longest value
+        table.widths[2 + i] = max(table.widths[2 + i], *(len(str(r["tags"][name])) for r in runs))
     return table
+
+
+def ablation_progress(runs: list[dict[str, Any]], expected: int) -> TrialTable:
+    """An ablation's table: each run's arm, data size and seed, with its accuracies."""
+    return runs_progress(runs, ["arm", "samples_per_class", "seed"], expected)

@@ -8,6 +8,7 @@ to set once its outputs are written, KILLED on an interrupt, FAILED on an error.
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from smile_ray.orchestration.tracking import StudyLogger
 from smile_ray.orchestration.trainable import trainable
 
 EXPERIMENT_DIR = "tune"
+NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"
 
 
 def can_resume(out: Path) -> bool:
@@ -43,6 +45,10 @@ def run_trials(
     Ray Tune's own console table is off; ``table`` prints a row per ended trial instead."""
     client, parent_id = logger.client, logger.parent_run_id
     fn = trainable(setup)
+    # Tune's newer console output prints its experiment box and paths on stdout even at
+    # verbose=0; the older engine at verbose=0 prints nothing, leaving stdout to the
+    # results and stderr to ``table``.
+    os.environ[NEW_OUTPUT_ENV] = "0"
     try:
         if resume:
             tuner = tune.Tuner.restore(str(out / EXPERIMENT_DIR), fn, resume_errored=True, param_space=param_space)

@@ -28,6 +28,11 @@ An ablation-definitions file (``ablations/``) has ``base``, ``seeds``,
 above, for every run), ``components`` (name -> the config overrides that turn it off)
 and an optional ``tune_space`` (as ``space`` above, for ``--tune-budget``).
 
+A comparison-settings file (``search_spaces/compare/``) has ``base`` (no ``method``:
+``--methods`` names them), ``columns`` (``{samples_per_class: [2, 5]}``, a column per
+value, or ``{name: {overrides}}``), ``seeds``, ``max_concurrent``, ``resources`` and
+optional ``tune_spaces`` (method -> space, for ``--tune-budget``).
+
 This module is plain Python: it knows the file formats, not Ray.
 """
 from __future__ import annotations
@@ -276,3 +281,76 @@ def load_definitions(path: str | Path, base_file: str | Path | None = None, over
     for name, spec in tune_space.items():
         parse_param(path, name, spec, base)
     return Definitions(path, base, n, tuple(samples), concurrent, resources, dict(components), tune_space)
+
+
+COMPARE_TOP_LEVEL = ("base", "columns", "seeds", "max_concurrent", "resources", "tune_spaces")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A validated comparison-settings file (``smile-ray compare --settings``)."""
+
+    path: Path
+    base: Config
+    columns: dict[str, dict[str, Any]]  # column name -> config overrides
+    seeds: int
+    max_concurrent: int
+    resources: Resources
+    tune_spaces: dict[str, dict[str, Any]]  # method -> {key: distribution}
+
+
+def parse_columns(path: Path, raw: Any) -> dict[str, dict[str, Any]]:
+    """``{key: [v1, v2]}`` (a column per value, named ``key=v``) or ``{name: {overrides}}``."""
+    if isinstance(raw, dict) and len(raw) == 1 and isinstance(next(iter(raw.values())), list):
+        key, values = next(iter(raw.items()))
+        if not values:
+            raise SmileError(f"{path}: columns.{key}: expected a non-empty list of values")
+        return {f"{key}={v}": {key: v} for v in values}
+    if isinstance(raw, dict) and raw and all(isinstance(v, dict) for v in raw.values()):
+        return {str(k): dict(v) for k, v in raw.items()}
+    raise SmileError(f"{path}: columns must be {{key: [values]}} (e.g. samples_per_class: [2, 5]) "
+                     "or a mapping of column names to config overrides")
+
+
+def load_settings(path: str | Path, methods: list[str], overrides: dict[str, Any] | None = None,
+                  seeds: int | None = None) -> Settings:
+    """Read and validate a comparison-settings file (a path, or a shipped one by name)
+    for ``methods``. ``overrides`` (``--set``) apply to every run; seeds are 0..K-1, so
+    ``--set seed`` and ``--set method`` are refused, and a method's own knob must belong
+    to one of ``methods``."""
+    from smile_ray.methods import method_class
+    from smile_ray.methods.base import Method
+
+    path = find_shipped(path, "compare")
+    raw = read_sections(path, COMPARE_TOP_LEVEL, "columns")
+    overrides = dict(overrides or {})
+    base_raw = raw.get("base") if isinstance(raw.get("base"), dict) else {}
+    for key, why in (("seed", "a comparison runs seeds 0..K-1 for every method; choose K with --seeds"),
+                     ("method", "a comparison takes its methods from --methods")):
+        if key in overrides:
+            raise SmileError(f"--set {key}: {why}")
+        if key in base_raw:
+            raise SmileError(f"{path}: base.{key}: {why}")
+    base = parse_base(path, raw.get("base"), overrides)
+    columns = parse_columns(path, raw.get("columns"))
+    configs = {}
+    for m in methods:
+        for name, col in columns.items():
+            configs[m, name] = make_config({**base.to_dict(), **col, "method": m}, where=f"{path}: columns.{name}")
+    for key in overrides:  # a knob of a method that is not in the run would silently do nothing
+        if key in Method.METHOD_KEYS and not any(key in method_class(m).used_keys(c) for (m, _), c in configs.items()):
+            raise SmileError(f"--set {key}: no method in --methods ({', '.join(methods)}) reads {key}")
+    if seeds is not None:
+        n = check_int(seeds, "--seeds", 2, "a paired comparison needs at least 2 seeds")
+    else:
+        n = check_int(raw.get("seeds", 5), f"{path}: seeds", 2, "a paired comparison needs at least 2 seeds")
+    concurrent = check_int(raw.get("max_concurrent", 2), f"{path}: max_concurrent", 1)
+    resources = parse_resources(path, raw.get("resources"), base)
+    spaces = raw.get("tune_spaces") or {}
+    if not isinstance(spaces, dict) or not all(isinstance(v, dict) for v in spaces.values()):
+        raise SmileError(f"{path}: tune_spaces must map method names to {{key: distribution}}")
+    for m, space in spaces.items():
+        method_class(m)  # an unknown method name is one line
+        for name, spec in space.items():
+            parse_param(path, name, spec, base.replace(method=m))
+    return Settings(path, base, columns, n, concurrent, resources, {m: dict(s) for m, s in spaces.items()})

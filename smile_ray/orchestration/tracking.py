@@ -168,7 +168,8 @@ class StudyLogger(tune.Callback):
                 config = {**self.base, **trial.config}
             run = client.create_run(
                 self.experiment,
-                run_name=f"{self.study_name}-{extra.get('arm', '')}{'-s' + extra['seed'] if extra else ''}-{trial.trial_id}",
+                run_name="-".join([self.study_name, *(v for k, v in extra.items() if k != "seed")]
+                                  + ([f"s{extra['seed']}"] if "seed" in extra else []) + [trial.trial_id]),
                 tags={PARENT_TAG: self.parent_run_id, "trial_id": trial.trial_id, "study": self.study_name,
                       "method": str(config.get("method")), "dataset": str(config.get("dataset")), **extra},
             )

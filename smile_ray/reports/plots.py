@@ -102,3 +102,41 @@ def plot_ablation(rows: list[dict[str, Any]], arms: list[str], path: Path, title
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_compare(rows: list[dict[str, Any]], methods: list[str], columns: list[str], path: Path, title: str) -> Path:
+    """The comparison table as a picture: per column, each method's seeds (dots) and its
+    mean with a 95 % t-interval of the mean (bar)."""
+    from scipy import stats as sps
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(columns), figsize=(max(4.0, 0.8 * len(methods) + 2.0) * len(columns), 4.2),
+                             squeeze=False)
+    for ax, column in zip(axes[0], columns):
+        for i, m in enumerate(methods):
+            vals = np.array([100 * r["test_acc"] for r in rows if r["method"] == m and r["setting"] == column])
+            if not len(vals):
+                continue
+            jitter = np.linspace(-0.12, 0.12, len(vals)) if len(vals) > 1 else np.zeros(1)
+            ax.scatter(i - 0.1 + jitter, vals, s=14, color="tab:blue", alpha=0.7, zorder=2,
+                       label="one seed" if i == 0 else None)
+            half = (sps.t.ppf(0.975, len(vals) - 1) * vals.std(ddof=1) / np.sqrt(len(vals))) if len(vals) > 1 else 0.0
+            ax.errorbar([i + 0.18], [vals.mean()], yerr=[[half], [half]], fmt="o", color="black", capsize=3, zorder=3,
+                        label="mean, 95 % t-interval" if i == 0 else None)
+        ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
+        ax.set_xlim(-0.6, len(methods) - 0.4)
+        ax.set_title(column)
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(axis="y", alpha=0.3)
+    handles = {}
+    for ax in axes[0]:  # a column whose runs all failed has nothing to label
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    if handles:
+        axes[0][-1].legend(handles.values(), handles.keys(), loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8,
+                           frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -33,3 +33,44 @@ def ablation_table(rows: list[dict[str, Any]], arms: list[str], reference: str) 
             lines.append(f"| {spc} | {arm} | {cell} | {s['diff']:+.2f} | [{s['ci_low']:+.2f}, {s['ci_high']:+.2f}] "
                          f"| {s['p_improve']:.2f} | {s['p_value']:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+COMPARE_LEGEND = ("Cells: mean ± std test accuracy (%) over the shared seeds, the best mean per column in bold; "
+                  "below each, the paired difference to the reference (points) with its 95 % CI "
+                  f"(Student t below {BOOTSTRAP_MIN_N} seeds, percentile bootstrap from {BOOTSTRAP_MIN_N}) "
+                  "and the paired t-test's p.")
+
+
+def compare_table(rows: list[dict[str, Any]], methods: list[str], columns: list[str], reference: str) -> str:
+    """The paper's Table 2 form: rows = methods, columns = settings; a cell is mean ± std
+    test accuracy and the paired difference to ``reference`` on the seeds both have."""
+    acc = {(r["method"], r["setting"], r["seed"]): 100 * r["test_acc"] for r in rows}
+    means = {}
+    for m in methods:
+        for c in columns:
+            vals = [v for (mm, cc, _), v in acc.items() if mm == m and cc == c]
+            if vals:
+                means[m, c] = (float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, len(vals))
+    best = {c: max((means[m, c][0] for m in methods if (m, c) in means), default=None) for c in columns}
+    lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for m in methods:
+        cells = []
+        for c in columns:
+            if (m, c) not in means:
+                cells.append("(failed)")
+                continue
+            mean, sd, n = means[m, c]
+            cell = f"{mean:.2f} ± {sd:.2f}"
+            if mean == best[c]:
+                cell = f"**{cell}**"
+            if m != reference:
+                seeds = sorted(s for (mm, cc, s) in acc if mm == m and cc == c and (reference, c, s) in acc)
+                if len(seeds) >= 2:
+                    st = paired_stats([acc[reference, c, s] for s in seeds], [acc[m, c, s] for s in seeds])
+                    cell += (f"<br>{st['diff']:+.2f} [{st['ci_low']:+.2f}, {st['ci_high']:+.2f}] "
+                             f"p={st['p_value']:.3f}")
+            if n < max(means[mm, c][2] for mm in methods if (mm, c) in means):
+                cell += f" (n={n})"
+            cells.append(cell)
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

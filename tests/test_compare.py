@@ -1,0 +1,110 @@
+"""``smile-ray compare``: methods x settings x shared seeds, the paper's Table 2 form."""
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from smile_ray.cli import main
+from smile_ray.orchestration.compare import run_compare
+from smile_ray.stats import paired_stats
+
+SETTINGS = {
+    "base": {"steps": 20, "eval_every": 10},
+    "columns": {"3 per class": {"samples_per_class": 3},
+                # a setting that diverges at its first evaluation: its runs fail, the rest are kept
+                "diverging": {"samples_per_class": 3, "lr": 1.0e6}},
+    "seeds": 2,
+    "max_concurrent": 2,
+    "tune_spaces": {"smile": {"mixup_alpha": {"loguniform": [0.05, 2.0]}}},
+}
+
+
+def write_settings(path, **changes):
+    path.write_text(yaml.safe_dump({**SETTINGS, **changes}, sort_keys=False))
+    return path
+
+
+def test_tiny_comparison_end_to_end(ray_local, tmp_path, cache_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "cmp"
+    failed = []
+    table = run_compare(["l2", "smile"], write_settings(tmp_path / "settings.yaml"), out, cache_dir=cache_dir,
+                        verbose=0, on_failed=failed.append)
+    rows = pq.read_table(out / "results.parquet").to_pylist()
+    # every run of the good column, none of the diverging one; each failure named once
+    assert sorted((r["method"], r["setting"], r["seed"]) for r in rows) == [
+        ("l2", "3 per class", 0), ("l2", "3 per class", 1), ("smile", "3 per class", 0), ("smile", "3 per class", 1)]
+    assert len(failed) == 4 and all(line.startswith("run failed: ") and "diverging" in line for line in failed)
+    assert all(json.loads(r["config"])["method"] == r["method"] and json.loads(r["config"])["seed"] == r["seed"]
+               for r in rows)
+
+    # the table: rows = methods, columns = settings, best mean in bold, paired difference to l2
+    md = (out / "table.md").read_text()
+    assert table in md and "| method | 3 per class | diverging |" in table
+    acc = {(r["method"], r["seed"]): 100 * r["test_acc"] for r in rows}
+    l2, smile = [acc["l2", s] for s in (0, 1)], [acc["smile", s] for s in (0, 1)]
+    st = paired_stats(l2, smile)
+    smile_line = next(ln for ln in table.splitlines() if ln.startswith("| smile |"))
+    assert f"{np.mean(smile):.2f} ± {np.std(smile, ddof=1):.2f}" in smile_line
+    assert f"{st['diff']:+.2f} [{st['ci_low']:+.2f}, {st['ci_high']:+.2f}]" in smile_line
+    assert smile_line.rstrip().endswith("(failed) |")
+    best = "smile" if np.mean(smile) >= np.mean(l2) else "l2"
+    assert "**" in next(ln for ln in table.splitlines() if ln.startswith(f"| {best} |"))
+    assert "run failed: " in md and (out / "table.png").stat().st_size > 1000
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("smile-ray-digits")
+    (parent,) = client.search_runs([exp.experiment_id], filter_string="tags.kind = 'comparison'")
+    assert parent.info.status == "FINISHED"
+    assert {"results.parquet", "table.md", "table.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    kids = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(kids) == 8
+    done = sorted((k.data.tags["method"], k.data.tags["setting"], k.data.tags["seed"]) for k in kids
+                  if k.info.status == "FINISHED")
+    assert done == [("l2", "3 per class", "0"), ("l2", "3 per class", "1"),
+                    ("smile", "3 per class", "0"), ("smile", "3 per class", "1")]
+    assert all(k.info.status == "FAILED" for k in kids if k.data.tags["setting"] == "diverging")
+
+
+def run_cli(capfd, *argv):
+    code = main(list(argv))
+    return code, capfd.readouterr().err
+
+
+@pytest.mark.parametrize("argv, changes, expect", [
+    (["--methods", "l2,nope"], {}, "unknown method 'nope'"),
+    (["--methods", "l2,smile", "--set", "bss_weight=0.1"], {}, "no method in --methods (l2, smile) reads bss_weight"),
+    (["--methods", "l2,smile", "--set", "seed=1"], {}, "--set seed"),
+    (["--methods", "l2"], {"columns": {"samples_per_class": []}}, "columns.samples_per_class: expected a non-empty"),
+    (["--methods", "l2"], {"columns": [1, 2]}, "columns must be"),
+    (["--methods", "l2"], {"base": {"method": "smile"}}, "base.method: a comparison takes its methods from --methods"),
+    (["--methods", "l2"], {"columns": {"a": {"lr": -1}}}, "lr"),
+    (["--methods", "l2"], {"tune_spaces": {"nope": {}}}, "unknown method 'nope'"),
+    (["--methods", "l2"], {"colums": {}}, "unknown key 'colums'"),
+    (["--methods", "l2", "--seeds", "1"], {}, "at least 2 seeds"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capfd, monkeypatch, argv, changes, expect):
+    monkeypatch.chdir(tmp_path)
+    settings = write_settings(tmp_path / "settings.yaml", **changes)
+    code, err = run_cli(capfd, "compare", "--settings", str(settings), "--output", str(tmp_path / "out"), *argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and expect in err, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_malformed_settings_file_is_one_line(tmp_path, capfd, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.yaml").write_text("base: {steps: 20\ncolumns: [")
+    code, err = run_cli(capfd, "compare", "--settings", str(tmp_path / "bad.yaml"), "--output", str(tmp_path / "out"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "bad.yaml" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_shipped_settings_load_by_name():
+    from smile_ray.orchestration.spaces import load_settings
+
+    for name in ("digits", "fashion_mnist"):
+        s = load_settings(name, ["l2", "mixup", "smile"])
+        assert s.seeds >= 5 and len(s.columns) == 2 and set(s.tune_spaces) >= {"l2", "mixup", "smile"}
