@@ -11,6 +11,7 @@ torchvision (no Ray, no MLflow), so it runs on a bare GPU box too.
         --synthetic --device cuda --precision bf16 --channels-last
     python benchmarks/step_time.py --backbone efficientnet_lite0 --image-size 64 --synthetic \\
         --variants plain,l2,smile --steps 5 --rounds 5 --warmup 3
+    python benchmarks/step_time.py --variants l2,mixup,smile,l2sp,delta,bss,cotuning,rifle,stochnorm,lwf,regsl
 
 ``plain`` is the floor: the bare backbone and a linear head, ``F.cross_entropy`` and
 ``torch.optim.SGD``, written here without any smile-ray code.
@@ -32,6 +33,7 @@ from smile_ray.config import make_config  # noqa: E402
 from smile_ray.pretrain import default_cache_dir  # noqa: E402
 from smile_ray.models import build_source_model  # noqa: E402
 from smile_ray.recipe import resolve_device, setup, train, train_step  # noqa: E402
+from smile_ray.registry import METHODS  # noqa: E402
 
 VARIANTS = {
     "plain": {"method": "l2"},  # the config only builds the batches; the step is below
@@ -76,7 +78,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30, help="timed steps per variant and round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="comma-separated subset of: " + ", ".join(VARIANTS) + ", or any method (l2sp, bss, ...)")
     ap.add_argument("--full", action="store_true", help="also time source pre-training and a default `train` run")
     ap.add_argument("--json", type=Path, help="write the figures here as JSON")
     ap.add_argument("--cache-dir", type=Path, default=None, help="source-model cache [smile-ray's default]")
@@ -103,6 +106,10 @@ def main() -> None:
         "weights": "none" if args.synthetic else "source",
     }
     names = [v.strip() for v in args.variants.split(",")]
+    for name in names:  # any registered method is a variant of its own name (the baselines)
+        if name not in VARIANTS:
+            METHODS.check(name)
+            VARIANTS[name] = {"method": name}
     runs, batches = {}, None
     for name in names:
         cfg = make_config({**base, **VARIANTS[name]})
