@@ -53,7 +53,7 @@ def bad(tmp_path, capfd, cache_dir):
         (["--set", "feature_weight=-1"], "feature_weight=-1.0 is out of range"),
         (["--set", "steps=ten"], "steps='ten' is not a valid int"),
         (["--set", "samples_per_class=1000"], "samples_per_class=1000 is larger than the digits training pool"),
-        (["--method", "delta"], "unknown method 'delta'"),
+        (["--method", "maml"], "unknown method 'maml'"),
         (["--dataset", "cifar"], "unknown dataset 'cifar'"),
         (["--set", "backbone=vgg16"], "unknown backbone 'vgg16'"),
         (["--set", "weights=/nonexistent/w.pt"], "weights file /nonexistent/w.pt does not exist"),
