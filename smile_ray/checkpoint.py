@@ -63,12 +63,19 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+#: keys that may change on resume: they do not change what a run computes
+RESUME_MAY_CHANGE = ("device", "data_workers")
+
+
 def check_same_config(state: dict[str, Any], config: Config, path: Path) -> None:
-    """Refuse a checkpoint made with another config (the device may change)."""
-    changed = [k for k in config_diff(state["config"], config.to_dict()) if k != "device"]
+    """Refuse a checkpoint made with another config (the device and the number of data
+    workers may change). A key the checkpoint lacks (it predates the key) counts as its
+    default, which is what the older code did."""
+    saved = {**Config().to_dict(), **state["config"]}
+    changed = [k for k in config_diff(saved, config.to_dict()) if k not in RESUME_MAY_CHANGE]
     if changed:
         k = changed[0]
         raise SmileError(
-            f"checkpoint {path} was made with {k}={state['config'].get(k)!r}, not {getattr(config, k)!r}; "
+            f"checkpoint {path} was made with {k}={saved.get(k)!r}, not {getattr(config, k)!r}; "
             "start afresh in another output directory"
         )

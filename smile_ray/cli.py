@@ -85,8 +85,10 @@ def train(method, dataset, config_file, overrides, output, overwrite, cache_dir,
     """Fine-tune one model and write OUTPUT/metrics.json.
 
     metrics.json holds the method, the full config, validation and test accuracy, test
-    ECE and NLL, steps, seconds and the per-evaluation history; model.pt the student's
-    weights; checkpoint/state.pt the state to resume from.
+    ECE and NLL, the interpolation losses (Label-IL, Feature-IL on train and test images),
+    the test split's reliability bins, steps, seconds and the per-evaluation history;
+    reliability.png its reliability diagram; model.pt the student's weights;
+    checkpoint/state.pt the state to resume from.
     """
     config = resolve_config(config_file, overrides, method=method, dataset=dataset)
     if output is None:
@@ -110,7 +112,10 @@ def train(method, dataset, config_file, overrides, output, overwrite, cache_dir,
         f"{config.method} on {config.dataset}: val_acc {metrics['val_acc']:.4f}  test_acc {metrics['test_acc']:.4f}  "
         f"test_ece {metrics['test_ece']:.4f}  {metrics['steps']} steps in {metrics['seconds']:.1f} s"
     )
-    click.echo(f"wrote {output / 'metrics.json'}")
+    from smile_ray.reports.plots import plot_run_reliability
+
+    plot = plot_run_reliability(metrics, output / "reliability.png")
+    click.echo(f"wrote {output / 'metrics.json'}, {plot}")
 
 
 @cli.command()
@@ -184,7 +189,8 @@ def ablate(definitions, drops, all_components, seeds, base_file, overrides, tune
 
     Writes OUTPUT/ablation.parquet (a row per arm x seed), OUTPUT/ablation.md (mean ± std
     test accuracy, paired difference to the full method with a bootstrap CI, probability
-    of improvement, paired t-test p-value) and OUTPUT/ablation.png; prints the table.
+    of improvement, paired t-test p-value, minimum detectable effect) and
+    OUTPUT/ablation.png; prints the table.
     """
     from smile_ray.orchestration.ablate import run_ablation
 
@@ -230,7 +236,8 @@ def compare(methods_text, settings_file, seeds, overrides, tune_budget, output, 
 
     Every (method, column, seed) is a Ray Tune trial. Writes OUTPUT/table.md (rows =
     methods, columns = settings, mean ± std test accuracy, best in bold, paired
-    difference to l2 with its 95 % interval), OUTPUT/results.parquet (a row per run),
+    difference to l2 with its 95 % interval and minimum detectable effect),
+    OUTPUT/results.parquet (a row per run),
     OUTPUT/table.png, and an MLflow parent run with a child per run; prints the table.
     A failed run is named on one line and left out; the rest are kept.
     """
@@ -252,6 +259,24 @@ def compare(methods_text, settings_file, seeds, overrides, tune_budget, output, 
     click.echo(table, nl=False)
     click.echo(f"wrote {output / 'results.parquet'}, {output / 'table.md'}, {output / 'table.png'}")
     echo_mlflow(output / "compare.json")
+
+
+@cli.command()
+@click.argument("dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("report.md"),
+              show_default=True, help="The Markdown report; its images go to <stem>_files/ beside it.")
+def report(dirs, output) -> None:
+    """One Markdown report, with plots, of output directories of train, tune, ablate or compare.
+
+    DIR is a run (metrics.json), a study (trials.parquet, best.json), an ablation
+    (ablation.parquet, ablation.md) or a comparison (results.parquet, table.md). The report
+    holds the tables (recomputed, with MDE and IQM), training curves, reliability diagrams,
+    interpolation losses and, where the data size varies, accuracy against it.
+    """
+    from smile_ray.reports.report import build_report
+
+    path = build_report(list(dirs), output)
+    click.echo(f"wrote {path} (images in {path.parent / (path.stem + '_files')})")
 
 
 @cli.command("config")

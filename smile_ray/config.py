@@ -55,8 +55,39 @@ class Config:
         "source",
         "source (pre-train on the dataset's source task, cached), imagenet (torch hub cache), none, or a file",
     )
-    data_root: str = _key("", "folder holding the dataset's files ('' = the dataset's default location)")
-    samples_per_class: int = _key(5, "training images per target class, drawn by seed")
+    data_root: str = _key(
+        "", "folder holding the dataset's files in their native layout ('' = the dataset's default location; "
+        "the image datasets have none)",
+    )
+    samples_per_class: int = _key(
+        5, "training images per target class, drawn by seed (used when train_images and sample_rate are 0)"
+    )
+    # the paper's subsets (docs/method.md, "Subsets and splits"): C:25%/N:400 is
+    # class_fraction=0.25 train_images=400; C:All/N:15% is sample_rate=0.15
+    class_fraction: float = _key(
+        1.0, "fraction of the target classes kept, chosen by seed (paper C:25% = 0.25); validation and test "
+        "keep only those classes",
+    )
+    train_images: int = _key(
+        0, "training images in total from the kept classes, equal per class up to one (paper N:400); "
+        "0: off. Exclusive with sample_rate",
+    )
+    sample_rate: float = _key(
+        0.0, "fraction of each kept class's training pool drawn by seed (paper N:15% = 0.15, N:100% = 1); "
+        "0: off. Exclusive with train_images",
+    )
+    val_fraction: float = _key(
+        0.1, "image datasets: fraction of each class's training images held out (fixed, whatever the seed) "
+        "as the validation split, before any subset is drawn",
+    )
+    data_workers: int = _key(
+        -1, "image datasets: DataLoader processes decoding and augmenting images; -1: min(4, CPUs of this "
+        "process); 0: in the training process",
+    )
+    skip_bad_images: bool = _key(
+        False, "image datasets: leave out unreadable images with a warning (counted in metrics.json) "
+        "instead of stopping with an error naming the first",
+    )
     image_size: int = _key(32, "input side in pixels (digits 32; the paper uses 224)")
     # optimisation
     steps: int = _key(300, "optimiser steps (reference: 9000 on 224 px datasets)")
@@ -215,6 +246,14 @@ def _check_ranges(c: Config, where: str) -> None:
             raise SmileError(f"{where}: {key}={getattr(c, key)!r} is out of range ({rule})")
 
     need(c.samples_per_class >= 1, "samples_per_class", "must be >= 1")
+    need(0 < c.class_fraction <= 1, "class_fraction", "must be in (0, 1]")
+    need(c.train_images >= 0, "train_images", "0 (off) or a count >= 1")
+    need(0 <= c.sample_rate <= 1, "sample_rate", "0 (off) or a fraction in (0, 1]")
+    need(0 < c.val_fraction < 1, "val_fraction", "must be in (0, 1)")
+    need(c.data_workers >= -1, "data_workers", "-1 (auto), 0 (in process) or a count >= 1")
+    if c.train_images and c.sample_rate:
+        raise SmileError(f"{where}: train_images={c.train_images} and sample_rate={c.sample_rate} are exclusive "
+                         "(set one of them; 0 turns a key off)")
     need(c.image_size >= 8, "image_size", "must be >= 8")
     need(c.steps >= 1, "steps", "must be >= 1")
     need(c.batch_size >= 1, "batch_size", "must be >= 1")

@@ -123,7 +123,10 @@ def load_source(config: Config, cache_dir: str | Path | None = None, log=print,
             )
         return load_source_model(config.backbone, path), str(path)
     if w == "none":
-        return build_source_model(config.backbone, BACKBONES.get(config.backbone).source_classes), "none"
+        # seeded: the global generator's state would otherwise make two runs of one config differ
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(rng.derive_seed(config.seed, rng.INIT, 1))
+            return build_source_model(config.backbone, BACKBONES.get(config.backbone).source_classes), "none"
     return load_source_model(config.backbone, w), str(Path(w).resolve())
 
 

@@ -35,7 +35,7 @@ from smile_ray.config import Config
 from smile_ray.data import TensorTask, build_task
 from smile_ray.errors import SmileError
 from smile_ray.methods import Method, build_method, unwrap
-from smile_ray.metrics import classification_metrics
+from smile_ray.metrics import classification_metrics, interpolation_losses, reliability_bins
 from smile_ray.models import TransferNet
 from smile_ray.pretrain import load_source
 
@@ -137,8 +137,9 @@ def train_step(run: Run, step: int, x: Tensor, y: Tensor) -> Tensor:
 
 
 @torch.inference_mode()
-def evaluate(run: Run, split: str) -> dict[str, float]:
-    """Top-1 accuracy, expected calibration error (15 bins) and NLL on ``split``."""
+def evaluate(run: Run, split: str, reliability: bool = False) -> dict[str, Any]:
+    """Top-1 accuracy, expected calibration error (15 bins) and NLL on ``split``; with
+    ``reliability``, also the per-bin data of a reliability diagram."""
     model = unwrap(run.model)
     model.eval()
     logits, labels = [], []
@@ -148,7 +149,11 @@ def evaluate(run: Run, split: str) -> dict[str, float]:
             logits.append(model(x).logits.float())
         labels.append(y)
     model.train()
-    return classification_metrics(torch.cat(logits), torch.cat(labels))
+    logits, labels = torch.cat(logits), torch.cat(labels)
+    out: dict[str, Any] = classification_metrics(logits, labels)
+    if reliability:
+        out["reliability"] = reliability_bins(logits, labels)
+    return out
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -276,7 +281,9 @@ def train(
     if not lead:
         metrics: dict[str, Any] = {"step": step}
     else:
-        val, test = evaluate(run, "val"), evaluate(run, "test")
+        val, test = evaluate(run, "val"), evaluate(run, "test", reliability=True)
+        # the paper's Eq. 1, once, on rank 0's (every rank's) final weights
+        il = interpolation_losses(unwrap(run.model), run.task, config.seed, run.to_device)
         metrics = {
             "method": config.method,
             "dataset": config.dataset,
@@ -285,6 +292,8 @@ def train(
             "test_acc": test["acc"],
             "test_ece": test["ece"],
             "test_nll": test["nll"],
+            **il,
+            "reliability": test["reliability"],
             "steps": step,
             "seconds": seconds,
             "workers": world_size,
@@ -292,6 +301,8 @@ def train(
             "resumed_from": resumed_from,
             "source_weights": run.source_weights,
             "split_sizes": run.task.split_sizes(),
+            "classes": run.task.classes,
+            "skipped_images": run.task.skipped_images,
             "method_info": run.method.info(),
             "history": history,
             "config": config.to_dict(),

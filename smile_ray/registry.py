@@ -57,6 +57,14 @@ DATASETS: Registry[Any] = Registry("dataset", {
     "digits": "smile_ray.data.digits:DIGITS",
     "fashion_mnist": "smile_ray.data.fashion_mnist:FASHION_MNIST",
     "fashion_mnist5": "smile_ray.data.fashion_mnist:FASHION_MNIST5",
+    "cub200": "smile_ray.data.cub200:CUB200",
+    "stanford_cars": "smile_ray.data.stanford_cars:STANFORD_CARS",
+    "fgvc_aircraft": "smile_ray.data.fgvc_aircraft:FGVC_AIRCRAFT",
+    "mit_indoor67": "smile_ray.data.mit_indoor67:MIT_INDOOR67",
+    "stanford_dogs": "smile_ray.data.stanford_dogs:STANFORD_DOGS",
+    "oxford_flowers102": "smile_ray.data.oxford_flowers102:OXFORD_FLOWERS102",
+    "cifar100": "smile_ray.data.cifar100:CIFAR100",
+    "image_folder": "smile_ray.data.image_folder:IMAGE_FOLDER",
 })
 
 BACKBONES: Registry[Any] = Registry("backbone", {

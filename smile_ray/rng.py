@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 # stream ids
-SPLIT, SUBSET, ORDER, AUGMENT, LAMBDA, PERMUTATION, INIT = range(1, 8)
+SPLIT, SUBSET, ORDER, AUGMENT, LAMBDA, PERMUTATION, INIT, CLASSES = range(1, 9)
+INTERPOLATION = 9  # the image pairs of the interpolation loss (metrics.interpolation_losses)
 
 
 def derive_seed(*keys: int) -> int:

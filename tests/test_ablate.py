@@ -73,6 +73,9 @@ def test_tiny_ablation_end_to_end(ray_local, tmp_path, cache_dir, monkeypatch):
     kids = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{pid}'")
     assert sorted((k.data.tags["arm"], k.data.tags["seed"]) for k in kids) == sorted((a, str(s)) for a in arms for s in (0, 1))
     assert all(k.info.status == "FINISHED" and "test_acc" in k.data.metrics for k in kids)
+    # the interpolation losses reach the rows and MLflow; each child has its reliability diagram
+    assert all(r["label_il_test"] > 0 for r in rows) and all("label_il_test" in k.data.metrics for k in kids)
+    assert all("reliability.png" in {a.path for a in client.list_artifacts(k.info.run_id)} for k in kids)
     src = next(k for k in kids if k.data.tags["arm"] == "-source_label")
     assert src.data.params["source_label"] == "False"
 

@@ -21,6 +21,7 @@ def test_train_on_digits_end_to_end(tmp_path, cache_dir):
     assert m["method"] == "smile" and m["steps"] == 300 and m["config"]["samples_per_class"] == 5
     assert m["test_acc"] > 0.6  # chance is 0.2 on five classes
     assert (out / "model.pt").is_file() and (out / "checkpoint" / "state.pt").is_file()
+    assert (out / "reliability.png").stat().st_size > 5000
     assert "test_acc" in proc.stdout
 
 

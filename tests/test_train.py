@@ -117,6 +117,14 @@ def test_metrics_json_is_complete(tmp_path, cache_dir):
     assert m["method"] == "mixup" and m["config"] == cfg.to_dict() and m["steps"] == 30
     assert 0 <= m["val_acc"] <= 1 and 0 <= m["test_acc"] <= 1 and 0 <= m["test_ece"] <= 1
     assert [h["step"] for h in m["history"]] == [10, 20, 30] and m["seconds"] > 0
+    # the paper's interpolation losses and the test split's reliability bins
+    assert all(m[k] > 0 for k in ("label_il_train", "label_il_test", "feature_il_train", "feature_il_test"))
+    assert m["interpolation"]["pairs"] == 256 and m["interpolation"]["lambdas"] == [0.25, 0.5, 0.75]
+    rel = m["reliability"]
+    assert rel["bins"] == 15 and sum(rel["count"]) == m["split_sizes"]["test"]
+    n = sum(rel["count"])
+    ece = sum(k / n * abs(a - c) for k, a, c in zip(rel["count"], rel["accuracy"], rel["confidence"]) if k)
+    assert ece == pytest.approx(m["test_ece"], abs=1e-5)
 
 
 def test_expected_calibration_error_by_hand():

@@ -1,6 +1,12 @@
 """Target (and source) tasks by name: one file per dataset (``digits.py``, ...), each
 defining a :class:`DatasetSpec` that :data:`smile_ray.registry.DATASETS` names.
 
+Two kinds of task share one interface (``train_batch``, ``train_indices``,
+``eval_batches``, ``split_sizes``, ``train_labels``, ``digest_tensors``, ``classes``,
+``skipped_images``, ``num_classes``, ``in_channels``): :class:`TensorTask` holds small
+datasets (digits, Fashion-MNIST) in memory as tensors; :class:`~smile_ray.data.images.ImageTask`
+decodes and augments image files in DataLoader workers (CUB, Cars, Aircraft, ...).
+
 A task hands the training loop deterministic batches: ``train_batch(step, batch_size)`` is
 a pure function of the seed and the step (see :mod:`smile_ray.rng`), so resuming and
 data-parallel sharding need no sampler state. Data-parallel ranks take contiguous
@@ -9,7 +15,7 @@ shards of the same global batch, so the union over ranks is the single-process b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -19,25 +25,20 @@ from smile_ray import rng
 from smile_ray.config import Config
 from smile_ray.registry import DATASETS
 
-class TensorTask:
-    """A classification task held in memory as tensors, with step-keyed batches."""
+if TYPE_CHECKING:
+    from smile_ray.data.images import ImageTask
 
-    def __init__(
-        self,
-        splits: dict[str, tuple[Tensor, Tensor]],
-        num_classes: int,
-        seed: int,
-        shift: int = 0,
-    ):
-        self.splits = splits
-        self.num_classes = num_classes
-        self.in_channels = splits["train"][0].shape[1]
+
+class StepOrder:
+    """The order training images are visited in: consecutive epochs, each a permutation
+    keyed by (seed, epoch), so the indices of a step's batch need no sampler state."""
+
+    def __init__(self, seed: int):
         self.seed = seed
-        self.shift = shift
         self._orders: dict[int, Tensor] = {}
 
     def __len__(self) -> int:
-        return len(self.splits["train"][1])
+        raise NotImplementedError
 
     def _order(self, epoch: int) -> Tensor:
         if epoch not in self._orders:
@@ -57,6 +58,33 @@ class TensorTask:
             sel = epochs == e
             out[sel] = self._order(e)[pos[sel] % n]
         return out
+
+
+class TensorTask(StepOrder):
+    """A classification task held in memory as tensors, with step-keyed batches.
+
+    ``classes`` names the classes in label order (``metrics.json`` records them);
+    ``skipped_images`` is always empty here (the image datasets fill theirs).
+    """
+
+    def __init__(
+        self,
+        splits: dict[str, tuple[Tensor, Tensor]],
+        num_classes: int,
+        seed: int,
+        shift: int = 0,
+        classes: list[str] | None = None,
+    ):
+        super().__init__(seed)
+        self.splits = splits
+        self.num_classes = num_classes
+        self.in_channels = splits["train"][0].shape[1]
+        self.shift = shift
+        self.classes = list(classes) if classes is not None else None
+        self.skipped_images: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.splits["train"][1])
 
     def train_batch(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> tuple[Tensor, Tensor]:
         """Rank ``rank``'s shard of the augmented global batch at ``step``."""
@@ -78,6 +106,14 @@ class TensorTask:
     def split_sizes(self) -> dict[str, int]:
         return {k: len(v[1]) for k, v in self.splits.items()}
 
+    def train_labels(self) -> Tensor:
+        """The training labels, in training-set index order."""
+        return self.splits["train"][1]
+
+    def digest_tensors(self) -> tuple[Tensor, ...]:
+        """What identifies the training data for cached preparations (images and labels)."""
+        return self.splits["train"]
+
 
 def random_shift(x: Tensor, pad: int, generator: torch.Generator) -> Tensor:
     """Translate each image by up to ``pad`` pixels (zero padding = the normalised mean)."""
@@ -98,9 +134,9 @@ class DatasetSpec:
     model is pre-trained on for ``weights=source`` (None if the dataset has none; it may
     read only ``image_size`` and ``data_root``, the keys of the source-model cache)."""
 
-    target: Callable[[Config], TensorTask]
+    target: Callable[[Config], "TensorTask | ImageTask"]
     source: Callable[[Config], TensorTask] | None = None
 
 
-def build_task(config: Config) -> TensorTask:
+def build_task(config: Config) -> "TensorTask | ImageTask":
     return DATASETS.get(config.dataset).target(config)

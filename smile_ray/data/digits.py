@@ -5,7 +5,8 @@ handwritten digits (1,797 images), so it runs anywhere without a download:
 * target task: digits 5-9 (relabelled 0-4), split once by a fixed seed into a held-out
   test split (40 % of each class), a validation split (20 %) and a training pool (40 %,
   at least 69 images per class), from which ``samples_per_class`` images per class are
-  drawn by ``seed``.
+  drawn by ``seed`` (or as ``train_images`` / ``sample_rate`` say; ``class_fraction``
+  keeps a seeded choice of the five classes: :mod:`smile_ray.data.subsets`).
 
 Images are upsampled bilinearly to ``image_size`` and normalised; training batches get a
 random translation of up to ``image_size // 16`` pixels (no flips: they change digits).
@@ -20,6 +21,7 @@ from torch import Tensor
 from smile_ray import rng
 from smile_ray.config import Config
 from smile_ray.data import DatasetSpec, TensorTask
+from smile_ray.data.subsets import draw, kept_classes, subset_counts
 from smile_ray.errors import SmileError
 
 SPLIT_SEED = 0  # the test/val/pool split is fixed: every run is scored on the same images
@@ -59,23 +61,30 @@ def _relabel(labels: np.ndarray, classes: tuple[int, ...]) -> Tensor:
 
 def digits_target(config: Config) -> TensorTask:
     x, labels = _digits_images(config.image_size)
-    classes = DIGITS_TARGET_CLASSES
-    test, val, pool = _split_per_class(labels, classes, (DIGITS_TEST_FRACTION, DIGITS_VAL_FRACTION))
-    smallest = min(int((labels[pool] == c).sum()) for c in classes)
-    if config.samples_per_class > smallest:
-        raise SmileError(
-            f"samples_per_class={config.samples_per_class} is larger than the digits training "
-            f"pool ({smallest} images in its smallest class)"
-        )
-    g = rng.numpy_rng(config.seed, rng.SUBSET)
-    train = np.concatenate(
-        [g.choice(pool[labels[pool] == c], config.samples_per_class, replace=False) for c in classes]
-    )
+    # the splits are made over all five target classes, then cut to the kept ones, so a
+    # class's test and validation images do not depend on class_fraction
+    test, val, pool = _split_per_class(labels, DIGITS_TARGET_CLASSES, (DIGITS_TEST_FRACTION, DIGITS_VAL_FRACTION))
+    classes = tuple(DIGITS_TARGET_CLASSES[i] for i in kept_classes(len(DIGITS_TARGET_CLASSES), config))
+    test, val = test[np.isin(labels[test], classes)], val[np.isin(labels[val], classes)]
+    pools = [pool[labels[pool] == c] for c in classes]
+    if config.train_images or config.sample_rate:
+        counts = subset_counts([len(p) for p in pools], [str(c) for c in classes], config, "digits",
+                               held_out=f"{DIGITS_TEST_FRACTION:.0%} for test and {DIGITS_VAL_FRACTION:.0%}")
+    else:
+        smallest = min(len(p) for p in pools)
+        if config.samples_per_class > smallest:
+            raise SmileError(
+                f"samples_per_class={config.samples_per_class} is larger than the digits training "
+                f"pool ({smallest} images in its smallest class)"
+            )
+        counts = [config.samples_per_class] * len(classes)
+    train = np.concatenate(draw(pools, counts, config.seed))
     splits = {
         name: (x[idx], _relabel(labels[idx], classes))
         for name, idx in (("train", train), ("val", val), ("test", test))
     }
-    return TensorTask(splits, len(classes), config.seed, shift=max(1, config.image_size // 16))
+    return TensorTask(splits, len(classes), config.seed, shift=max(1, config.image_size // 16),
+                      classes=[str(c) for c in classes])
 
 
 def digits_source(config: Config) -> TensorTask:

@@ -16,6 +16,10 @@ Classes: 0 T-shirt/top, 1 Trouser, 2 Pullover, 3 Dress, 4 Coat, 5 Sandal, 6 Shir
   validation split, 27,000 to train on); the target task is classes 5-9 relabelled 0-4,
   with the same split rules (100 validation images per class, training draws from the
   rest) and the 5,000 test images of classes 5-9.
+* The paper's subset keys apply to both targets (:mod:`smile_ray.data.subsets`):
+  ``class_fraction`` keeps a seeded choice of the classes (validation and test too),
+  ``train_images`` / ``sample_rate`` replace ``samples_per_class``; the validation
+  hold-out stays 100 per class (``val_fraction`` is for the image datasets).
 
 Images: uint8 -> float in [0, 1] -> resized bilinearly to ``image_size`` (antialiased
 when downsizing), one channel (the model repeats it for 3-channel backbones). Then
@@ -60,6 +64,7 @@ from torch import Tensor
 from smile_ray import rng
 from smile_ray.config import Config
 from smile_ray.data import DatasetSpec, TensorTask
+from smile_ray.data.subsets import draw, kept_classes, subset_counts
 from smile_ray.errors import SmileError
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -253,28 +258,33 @@ def holdout(labels: np.ndarray, classes: tuple[int, ...], per_class: int | None 
 
 
 def target_indices(labels: np.ndarray, classes: tuple[int, ...], samples_per_class: int, seed: int,
-                   name: str) -> tuple[np.ndarray, np.ndarray]:
+                   name: str, config: Config | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(train, val) indices into the training images: ``VAL_PER_CLASS`` per class held
-    out once, ``samples_per_class`` per class drawn by ``seed`` from the rest."""
+    out once, ``samples_per_class`` per class drawn by ``seed`` from the rest (or, when
+    ``config`` sets ``train_images`` or ``sample_rate``, the counts those keys give:
+    :mod:`smile_ray.data.subsets`)."""
     val, pool = holdout(labels, classes, per_class=VAL_PER_CLASS)
-    smallest = min(int((labels[pool] == c).sum()) for c in classes)
-    if samples_per_class > smallest:
-        raise SmileError(
-            f"samples_per_class={samples_per_class} is larger than the {name} training pool "
-            f"({smallest} images in its smallest class after holding out {VAL_PER_CLASS} per class for validation)"
-        )
-    g = rng.numpy_rng(seed, rng.SUBSET)
-    train = np.concatenate(
-        [g.choice(pool[labels[pool] == c], samples_per_class, replace=False) for c in classes]
-    )
-    return train, val
+    pools = [pool[labels[pool] == c] for c in classes]
+    if config is not None and (config.train_images or config.sample_rate):
+        counts = subset_counts([len(p) for p in pools], [CLASS_NAMES[c] for c in classes], config, name,
+                               held_out=f"{VAL_PER_CLASS} per class")
+    else:
+        smallest = min(len(p) for p in pools)
+        if samples_per_class > smallest:
+            raise SmileError(
+                f"samples_per_class={samples_per_class} is larger than the {name} training pool "
+                f"({smallest} images in its smallest class after holding out {VAL_PER_CLASS} per class for validation)"
+            )
+        counts = [samples_per_class] * len(classes)
+    return np.concatenate(draw(pools, counts, seed)), val
 
 
 def _target(config: Config, classes: tuple[int, ...], name: str,
             normalise: Callable[[FashionArrays], Callable[[Tensor], Tensor]]) -> TensorTask:
     data = load(config.data_root)
     norm = normalise(data)
-    train, val = target_indices(data.train_labels, classes, config.samples_per_class, config.seed, name)
+    classes = tuple(classes[i] for i in kept_classes(len(classes), config))
+    train, val = target_indices(data.train_labels, classes, config.samples_per_class, config.seed, name, config)
     test = np.flatnonzero(np.isin(data.test_labels, classes))
     size = config.image_size
     splits = {
@@ -282,7 +292,8 @@ def _target(config: Config, classes: tuple[int, ...], name: str,
         "val": (_images(data.train_images[val], size, norm), _labels(data.train_labels[val], classes)),
         "test": (_images(data.test_images[test], size, norm), _labels(data.test_labels[test], classes)),
     }
-    return TensorTask(splits, len(classes), config.seed, shift=max(1, size // 16))
+    return TensorTask(splits, len(classes), config.seed, shift=max(1, size // 16),
+                      classes=[CLASS_NAMES[c] for c in classes])
 
 
 def _raw(data: FashionArrays) -> Callable[[Tensor], Tensor]:

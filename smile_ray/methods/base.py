@@ -68,7 +68,9 @@ class Method:
         """Called once the student and the pre-trained source model are on the device, before
         the optimiser is built and before any data-parallel wrapping: the place to change the
         student's modules and to compute one-off preparations. ``task`` is the training task
-        (a :class:`~smile_ray.data.TensorTask`), ``cache_dir`` where preparations are cached
+        (a :class:`~smile_ray.data.TensorTask` or :class:`~smile_ray.data.images.ImageTask`:
+        read it through their shared interface, ``train_labels()``, ``eval_batches("train")``,
+        ``train_batch``, never ``splits``), ``cache_dir`` where preparations are cached
         (None: the default cache, as for the source model)."""
         self.task = task
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
@@ -166,8 +168,7 @@ class Method:
         from smile_ray.checkpoint import save_torch, write_json
         from smile_ray.pretrain import default_cache_dir
 
-        x, y = self.need_task().splits["train"]
-        digest = tensor_digest(*source.weights_state_dict().values(), x, y,
+        digest = tensor_digest(*source.weights_state_dict().values(), *self.need_task().digest_tensors(),
                                extra={"name": name, "settings": settings, "v": PREPARATION_VERSION})
         path = (self.cache_dir or default_cache_dir()) / "prepared" / f"{name}-{digest[:16]}.pt"
         start = time.perf_counter()
@@ -216,10 +217,12 @@ def evaluating(module: nn.Module):
 
 
 @torch.no_grad()
-def source_logits(source: SourceModel, x: Tensor, device: torch.device, batch_size: int = 256) -> Tensor:
-    """The pre-trained source classifier's logits of images ``x`` (eval mode, fp32)."""
+def train_source_logits(source: SourceModel, task: Any, device: torch.device) -> Tensor:
+    """The pre-trained source classifier's logits of the task's un-augmented training
+    images, in training-set index order (eval mode, fp32). Streams the task's batches,
+    so image datasets are never held in memory whole."""
     with evaluating(source):
-        return torch.cat([source(x[i:i + batch_size].to(device))[1].float() for i in range(0, len(x), batch_size)])
+        return torch.cat([source(x.to(device))[1].float() for x, _ in task.eval_batches("train")])
 
 
 def stages(body: nn.Module) -> list[tuple[str, nn.Module]]:

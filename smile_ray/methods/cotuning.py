@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from smile_ray.losses import cotuning_loss, cotuning_relationship
-from smile_ray.methods.base import Method, source_logits
+from smile_ray.methods.base import Method, train_source_logits
 
 
 class CoTuning(Method):
@@ -37,11 +37,9 @@ class CoTuning(Method):
         super().attach(model, source, task, cache_dir)
         device = next(model.parameters()).device
         task = self.need_task()
-        x, y = task.splits["train"]
-
         def relationship():
-            probs = torch.softmax(source_logits(source, x, device), dim=1)
-            return {"relationship": cotuning_relationship(probs, y.to(device), task.num_classes)}
+            probs = torch.softmax(train_source_logits(source, task, device), dim=1)
+            return {"relationship": cotuning_relationship(probs, task.train_labels().to(device), task.num_classes)}
 
         self.relationship = self.prepare("cotuning_relationship", source, {"direct": True}, relationship,
                                          device)["relationship"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from smile_ray.losses import lwf_loss
-from smile_ray.methods.base import Method, source_logits
+from smile_ray.methods.base import Method, train_source_logits
 
 
 class LwF(Method):
@@ -34,9 +34,9 @@ class LwF(Method):
     def attach(self, model, source, task=None, cache_dir=None):
         super().attach(model, source, task, cache_dir)
         device = next(model.parameters()).device
-        x = self.need_task().splits["train"][0]
+        task = self.need_task()
         self.recorded = self.prepare("lwf_source_logits", source, {},
-                                     lambda: {"logits": source_logits(source, x, device)}, device)["logits"]
+                                     lambda: {"logits": train_source_logits(source, task, device)}, device)["logits"]
 
     def loss(self, model, x, y, step):
         c = self.config

@@ -93,7 +93,7 @@ class RegSL(Method):
         self._centres = [start[n].detach().clone() for n, _ in pairs] + [None]
         self._radii = [r for _, r in pairs] + [c.regsl_head_radius]
         self._info["constrained"] = {n: r for n, r in pairs} | {"classifier.weight": c.regsl_head_radius}
-        self.labels = self.need_task().splits["train"][1].to(device).clone()
+        self.labels = self.need_task().train_labels().to(device).clone()
         self.relabelled = torch.zeros((), dtype=torch.long, device=device)
 
     @torch.no_grad()

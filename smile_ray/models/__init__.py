@@ -9,6 +9,19 @@ torchvision's layout: body keys as torchvision names them (``conv1.weight``,
 ``layer1.0.bn1.running_mean``, ...) and ``fc.weight`` / ``fc.bias`` for the source
 classifier, so a torchvision ResNet checkpoint loads as it is. Files are read with
 ``torch.load(weights_only=True)``; nothing is ever downloaded.
+
+Checkpoint wrappers are unwrapped (:func:`read_weights`): a state dict under a
+``state_dict``, ``model``, ``model_state_dict``, ``model_state``, ``net`` or ``network``
+entry (nested up to three deep, other entries such as ``epoch`` ignored), and key
+prefixes ``module.`` (DataParallel / DDP) and ``_orig_mod.`` (``torch.compile``) are
+stripped, so e.g. the Places365 ResNet-50 checkpoint (``resnet50_places365.pth.tar``:
+``{"epoch", "arch", "state_dict": {"module.conv1.weight", ...}, "best_prec1"}``, 365
+classes) loads as ``weights=<file>``.
+
+Input normalisation has one home per backbone: :attr:`BackboneSpec.input_norm`, the
+per-channel (mean, std) the image pipeline (:mod:`smile_ray.data.images`) applies to
+images in [0, 1]. ResNets declare ImageNet's; EfficientNet-Lite declares none because
+its body normalises its own input (TF style); ``digits_cnn`` has none.
 """
 from __future__ import annotations
 
@@ -39,6 +52,14 @@ class BackboneSpec:
     # Turns a weight file's state dict into the torchvision layout (body keys + fc.*)
     # when the file comes in another one; None for files already in it.
     convert: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None
+    # Per-channel (mean, std) the image pipeline applies to images in [0, 1] before the
+    # body; None when the body takes [0, 1] images (it normalises them itself, or was
+    # trained here on the tensor datasets' own normalisation).
+    input_norm: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None
+
+
+#: torchvision's ImageNet normalisation (also Places365's)
+IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def torch_hub_file(name: str) -> Callable[[], Path]:
@@ -121,8 +142,42 @@ def imagenet_weights_path(backbone: str) -> Path:
     return spec.imagenet_file()
 
 
+#: entries of a checkpoint dict that hold the model's state dict (first found wins)
+WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "model_state", "net", "network")
+#: key prefixes added by wrappers: DataParallel / DDP, torch.compile
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _is_flat(state: object) -> bool:
+    return isinstance(state, dict) and bool(state) and all(isinstance(v, Tensor) for v in state.values())
+
+
+def unwrap_checkpoint(state: object) -> object:
+    """The state dict inside common checkpoint wrappers, with wrapper prefixes stripped."""
+    for _ in range(3):
+        if _is_flat(state) or not isinstance(state, dict):
+            break
+        inner = next((state[k] for k in WRAPPER_KEYS if isinstance(state.get(k), dict)), None)
+        if inner is None:
+            break
+        state = inner
+    if _is_flat(state):
+        out = {}
+        for key, value in state.items():
+            stripped = True
+            while stripped:
+                stripped = False
+                for prefix in WRAPPER_PREFIXES:
+                    if key.startswith(prefix):
+                        key, stripped = key[len(prefix):], True
+            out[key] = value
+        state = out
+    return state
+
+
 def read_weights(path: str | Path) -> dict[str, Tensor]:
-    """A flat state dict from a file, with ``weights_only=True``; one-line errors."""
+    """A flat state dict from a file, with ``weights_only=True``, unwrapped from common
+    checkpoint wrappers (module docstring); one-line errors."""
     path = Path(path)
     if not path.is_file():
         raise SmileError(f"weights file {path} does not exist")
@@ -130,11 +185,19 @@ def read_weights(path: str | Path) -> dict[str, Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt or foreign files
         raise SmileError(f"weights file {path} is not a readable PyTorch state dict ({e.__class__.__name__})") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise SmileError(f"weights file {path} does not hold a flat state dict of tensors")
+    state = unwrap_checkpoint(state)
+    if not _is_flat(state):
+        raise SmileError(f"weights file {path} does not hold a flat state dict of tensors "
+                         f"(nor one under {', '.join(WRAPPER_KEYS)})")
     return state
+
+
+def _first_bad_shape(module: nn.Module, values: dict[str, Tensor]) -> str | None:
+    expected = module.state_dict()
+    for key, value in values.items():
+        if key in expected and tuple(expected[key].shape) != tuple(value.shape):
+            return f"{key} has shape {tuple(value.shape)} in the file, {tuple(expected[key].shape)} in the model"
+    return None
 
 
 def load_source_model(backbone: str, path: str | Path) -> SourceModel:
@@ -154,7 +217,10 @@ def load_source_model(backbone: str, path: str | Path) -> SourceModel:
     model = build_source_model(backbone, int(state["fc.weight"].shape[0]))
     fc = {k[3:]: v for k, v in state.items() if k.startswith("fc.")}
     body = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    for part, values in ((model.fc, fc), (model.body, body)):
+    for part, values, prefix in ((model.body, body, ""), (model.fc, fc, "fc.")):
+        bad = _first_bad_shape(part, values)
+        if bad:
+            raise SmileError(f"weights file {path} does not fit backbone {backbone!r}: {prefix}{bad}")
         try:
             result = part.load_state_dict(values, strict=False)
         except RuntimeError as e:

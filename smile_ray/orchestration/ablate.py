@@ -30,6 +30,7 @@ from ray import tune
 from smile_ray.checkpoint import write_json
 from smile_ray.config import make_config
 from smile_ray.errors import SmileError
+from smile_ray.metrics import IL_METRICS
 from smile_ray.methods import method_class
 from smile_ray.orchestration import tracking
 from smile_ray.orchestration.cluster import check_address, connect
@@ -155,7 +156,7 @@ def run_ablation(
         rows.append({**spec["tags"], "dropped": spec["tags"]["arm"].lstrip("-") if spec["tags"]["arm"] != FULL else "",
                      "config": json.dumps(spec["config"], sort_keys=True),
                      "val_acc": m["val_acc"], "test_acc": m["test_acc"], "test_ece": m["test_ece"],
-                     "seconds": m["seconds"]})
+                     "seconds": m["seconds"], **{k: m.get(k) for k in IL_METRICS}})
     arm_names = list(dict.fromkeys(r["tags"]["arm"] for r in runs))
     rows.sort(key=lambda r: (r["samples_per_class"], arm_names.index(r["arm"]), r["seed"]))
     pq.write_table(pa.Table.from_pylist(rows), out / "ablation.parquet")

@@ -9,7 +9,8 @@ seeds with its best config: every method gets the same search budget.
 
 Outputs: ``results.parquet`` (a row per run), ``table.md`` (rows = methods, columns =
 settings, mean ± std test accuracy, the best per column in bold, and each method's
-paired difference to the reference method with its 95 % interval), ``table.png`` (the
+paired difference to the reference method with its 95 % interval and minimum detectable
+effect, and the IQM where a cell has 8 runs), ``table.png`` (the
 same as dots and intervals), an MLflow parent run with a child per run. A run that
 fails is named on one line and left out of the table; the others are kept. ``--resume``
 continues an interrupted comparison (finished runs are kept).
@@ -29,6 +30,7 @@ from ray import tune
 from smile_ray.checkpoint import write_json
 from smile_ray.config import make_config
 from smile_ray.errors import SmileError
+from smile_ray.metrics import IL_METRICS
 from smile_ray.methods import method_class
 from smile_ray.orchestration import tracking
 from smile_ray.orchestration.cluster import check_address, connect
@@ -152,7 +154,7 @@ def run_compare(
         rows.append({**spec["tags"], **{k: spec["config"].get(k) for k in searched},
                      "config": json.dumps(spec["config"], sort_keys=True),
                      "val_acc": m["val_acc"], "test_acc": m["test_acc"], "test_ece": m["test_ece"],
-                     "seconds": m["seconds"]})
+                     "seconds": m["seconds"], **{k: m.get(k) for k in IL_METRICS}})
     if not rows:
         logger.close_open_runs("FAILED")
         client.set_terminated(parent_id, status="FAILED")

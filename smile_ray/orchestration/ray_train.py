@@ -54,8 +54,13 @@ from smile_ray.recipe import train
 
 
 def scalars(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The numbers and names of a run's metrics (no history, config or lists)."""
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+    """The numbers and names of a run's metrics (no history, config or lists), and its
+    reliability bins as one JSON string, from which the driver draws the run's
+    reliability diagram for MLflow (:class:`~smile_ray.orchestration.tracking.StudyLogger`)."""
+    out = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+    if "reliability" in metrics:
+        out["reliability"] = json.dumps(metrics["reliability"])
+    return out
 
 
 def say(line: str) -> None:

@@ -4,13 +4,17 @@ nested child run per trial, all written from the Ray driver through ``MlflowClie
 Logging from the driver, not from trials, sidesteps two Ray pitfalls: trainables do not
 inherit the tracking URI (ray-project/ray#36257), and Ray's ``MLflowLoggerCallback``
 makes top-level runs with no parent. Nesting uses MLflow's ``mlflow.parentRunId`` tag.
-Any run that ends in error is marked FAILED, never left RUNNING.
+Any run that ends in error is marked FAILED, never left RUNNING. A trial's final report
+carries its test split's reliability bins; the driver draws the reliability diagram and
+logs it as the child run's artifact ``reliability.png``.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -134,12 +138,13 @@ class StudyLogger(tune.Callback):
         self.base = base
         self.runs: dict[str, str] = {}
         self._logged: set[tuple[str, str, int]] = set()  # (trial, metric, step) already logged
+        self._drawn: set[str] = set()  # trials whose reliability diagram is logged
         self._client: MlflowClient | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks with the experiment; a restored logger must read the
         # child runs from MLflow as they are then, not as they were at the last snapshot.
-        return {**self.__dict__, "_client": None, "runs": {}, "_logged": set()}
+        return {**self.__dict__, "_client": None, "runs": {}, "_logged": set(), "_drawn": set()}
 
     def children(self) -> list:
         return self.client.search_runs([self.experiment], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'",
@@ -156,16 +161,17 @@ class StudyLogger(tune.Callback):
                     self.runs[trial] = run.info.run_id
         return self._client
 
+    def _config_of(self, trial) -> tuple[dict[str, Any], dict[str, str]]:
+        """The trial's full config and its run's tags (an ablation's or comparison's)."""
+        if self.runs_spec is not None and "run" in trial.config:
+            spec = self.runs_spec[trial.config["run"]]
+            return spec["config"], {k: str(v) for k, v in spec["tags"].items()}
+        return {**self.base, **trial.config}, {}
+
     def _run_for(self, trial) -> str:
         client = self.client
         if trial.trial_id not in self.runs:
-            extra: dict[str, str] = {}
-            if self.runs_spec is not None and "run" in trial.config:
-                spec = self.runs_spec[trial.config["run"]]
-                config = spec["config"]
-                extra = {k: str(v) for k, v in spec["tags"].items()}
-            else:
-                config = {**self.base, **trial.config}
+            config, extra = self._config_of(trial)
             run = client.create_run(
                 self.experiment,
                 run_name="-".join([self.study_name, *(v for k, v in extra.items() if k != "seed")]
@@ -193,6 +199,21 @@ class StudyLogger(tune.Callback):
         metrics = [Metric(k, float(result[k]), ts, step) for k in keys]
         if metrics:
             self.client.log_batch(run_id, metrics=metrics)
+        if isinstance(result.get("reliability"), str) and trial.trial_id not in self._drawn:
+            self._drawn.add(trial.trial_id)
+            self._log_reliability(run_id, trial, json.loads(result["reliability"]))
+
+    def _log_reliability(self, run_id: str, trial, reliability: dict[str, Any]) -> None:
+        from smile_ray.reports.plots import plot_run_reliability
+
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = plot_run_reliability({"reliability": reliability, "config": self._config_of(trial)[0]},
+                                            Path(tmp) / "reliability.png")
+            except Exception as e:  # a diagram that fails to draw must not stop the study
+                logging.getLogger(__name__).warning("no reliability diagram for trial %s: %s", trial.trial_id, e)
+                return
+            self.client.log_artifact(run_id, str(path))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.client.set_terminated(self._run_for(trial), status="FINISHED")

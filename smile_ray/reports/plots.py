@@ -8,7 +8,6 @@ from typing import Any
 import numpy as np
 
 
-
 def _pyplot():
     import matplotlib
 
@@ -136,6 +135,193 @@ def plot_compare(rows: list[dict[str, Any]], methods: list[str], columns: list[s
         axes[0][-1].legend(handles.values(), handles.keys(), loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8,
                            frameon=False)
     fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------ single runs and their analyses
+
+
+def run_title(config: dict[str, Any], seeds: int | None = None) -> str:
+    """What was run, for a plot's title: method, dataset, backbone, steps, and the seed
+    (or, for a group of runs, how many seeds)."""
+    seed = f"{seeds} seeds" if seeds is not None else f"seed {config.get('seed')}"
+    return (f"{config.get('method')} on {config.get('dataset')} ({config.get('backbone')}, "
+            f"{config.get('steps')} steps, {seed})")
+
+
+def pool_reliability(bins: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several runs' reliability data (:func:`smile_ray.metrics.reliability_bins`) as one:
+    counts add up, per-bin confidence and accuracy are count-weighted means."""
+    k = bins[0]["bins"]
+    count = np.zeros(k)
+    conf, acc = np.zeros(k), np.zeros(k)
+    for b in bins:
+        n = np.asarray(b["count"], float)
+        count += n
+        conf += n * np.array([c or 0.0 for c in b["confidence"]])
+        acc += n * np.array([a or 0.0 for a in b["accuracy"]])
+    some = count > 0
+    return {"bins": k, "count": [int(c) for c in count],
+            "confidence": [float(c / n) if s else None for c, n, s in zip(conf, count, some)],
+            "accuracy": [float(a / n) if s else None for a, n, s in zip(acc, count, some)]}
+
+
+def reliability_ece(reliability: dict[str, Any]) -> float:
+    """``sum_b count_b / N * |accuracy_b - confidence_b|``: the ECE the bins hold."""
+    n = sum(reliability["count"])
+    return sum(c / n * abs(a - f) for c, a, f in zip(reliability["count"], reliability["accuracy"],
+                                                      reliability["confidence"]) if c) if n else float("nan")
+
+
+def plot_reliability(panels: dict[str, dict[str, Any]], path: Path, title: str) -> Path:
+    """Reliability diagrams (Guo et al., 2017), one panel per entry of ``panels``
+    (label -> reliability data): per confidence bin the accuracy (bar) against the
+    diagonal of perfect calibration and the bin's mean confidence (red, the gap drawn
+    as a red line), and below, the share of the images in each bin. The ECE is in each
+    panel's title."""
+    plt = _pyplot()
+    k = len(panels)
+    cols = min(k, 4)
+    rows = math.ceil(k / cols)
+    fig = plt.figure(figsize=(max(4.6, 3.6 * cols), 4.6 * rows + 0.9), layout="constrained")
+    outer = fig.add_gridspec(rows, cols)
+    for idx, (label, rel) in enumerate(panels.items()):
+        inner = outer[idx // cols, idx % cols].subgridspec(2, 1, height_ratios=[3, 1], hspace=0.05)
+        ax = fig.add_subplot(inner[0])
+        hist = fig.add_subplot(inner[1], sharex=ax)
+        nb = rel["bins"]
+        width = 1.0 / nb
+        centres = (np.arange(nb) + 0.5) * width
+        count = np.asarray(rel["count"], float)
+        some = count > 0
+        acc = np.array([a if a is not None else 0.0 for a in rel["accuracy"]])
+        conf = np.array([c if c is not None else 0.0 for c in rel["confidence"]])
+        ax.plot([0, 1], [0, 1], ls="--", color="0.3", lw=1, label="perfect calibration")
+        ax.bar(centres[some], acc[some], width=width, color="tab:blue", alpha=0.8, edgecolor="black", lw=0.5,
+               label="accuracy in bin")
+        ax.vlines(centres[some], np.minimum(acc, conf)[some], np.maximum(acc, conf)[some], color="tab:red", lw=1.5)
+        ax.scatter(centres[some], conf[some], marker="_", s=120, color="tab:red", lw=2, zorder=3,
+                   label="mean confidence in bin (red line: the gap)")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("accuracy (fraction correct)")
+        ax.set_title(f"{label}\nECE {100 * reliability_ece(rel):.2f} % ({int(count.sum())} images)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelbottom=False)
+        hist.bar(centres, count / max(count.sum(), 1), width=width, color="0.5", edgecolor="black", lw=0.5)
+        hist.set_xlabel("confidence (max. softmax probability)")
+        hist.set_ylabel("share of\nimages", fontsize=8)
+        hist.grid(alpha=0.3)
+        if idx == 0:
+            handles, names = ax.get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncol=3 if cols > 1 else 1, fontsize=8, frameon=False)
+    _suptitle(fig, title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _suptitle(fig, title: str, fontsize: int = 10) -> None:
+    """The figure's title, wrapped to its width (about 13 characters per inch at 10 pt)."""
+    import textwrap
+
+    width = int(fig.get_figwidth() * 130 / fontsize)
+    fig.suptitle("\n".join(textwrap.fill(line, width) for line in title.splitlines()), fontsize=fontsize)
+
+
+def plot_run_reliability(metrics: dict[str, Any], path: Path) -> Path:
+    """One run's reliability diagram on its test split, from its ``metrics.json``."""
+    rel = metrics["reliability"]
+    return plot_reliability({f"test split, {rel['bins']} confidence bins": rel}, path,
+                            f"Reliability: {run_title(metrics.get('config', {}))}")
+
+
+def plot_curves(groups: dict[str, list[list[dict[str, Any]]]], path: Path, title: str,
+                highlight: str | None = None) -> Path:
+    """Training curves from ``metrics.json`` histories: validation accuracy and training
+    loss against the step. ``groups`` maps a label to its runs' histories; a group of
+    several runs is drawn as thin lines per run and a thick line for their mean.
+    ``highlight`` names a group drawn on top in red (e.g. a study's best trial)."""
+    plt = _pyplot()
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    # red is the highlighted group's alone
+    colours = [c for c in plt.colormaps["tab10"].colors if c != plt.colormaps["tab10"](3)[:3]]
+    many = len(groups) > 10  # a study's trials: no legend entry each
+    others = "other trials" if highlight is not None else "runs"  # the one legend entry of the grey lines
+    for i, (label, histories) in enumerate(groups.items()):
+        top = label == highlight
+        colour = "tab:red" if top else ("0.6" if many else colours[i % len(colours)])
+        for ax, key, scale in ((acc_ax, "val_acc", 100), (loss_ax, "train_loss", 1)):
+            curves = [([h["step"] for h in hist if key in h], [scale * h[key] for h in hist if key in h])
+                      for hist in histories]
+            curves = [c for c in curves if c[0]]
+            if not curves:
+                continue
+            lw = 2.2 if top else (0.8 if many else 1.8)
+            if len(curves) > 1:
+                for xs, ys in curves:
+                    ax.plot(xs, ys, color=colour, lw=0.6, alpha=0.35)
+                steps = sorted(set.intersection(*(set(xs) for xs, _ in curves)))
+                mean = [np.mean([dict(zip(xs, ys))[s] for xs, ys in curves]) for s in steps]
+                ax.plot(steps, mean, color=colour, lw=lw, marker="o", ms=3,
+                        label=f"{label} (mean of {len(curves)})" if (top or not many) else None)
+            else:
+                xs, ys = curves[0]
+                name = label if (top or not many) else others
+                others = others if (top or not many or ax is loss_ax) else None
+                ax.plot(xs, ys, color=colour, lw=lw, marker="o" if len(xs) < 30 else None, ms=3, label=name,
+                        zorder=3 if top else 2)
+    acc_ax.set_ylabel("validation accuracy (%)")
+    loss_ax.set_ylabel("training loss (mean since last evaluation)")
+    for ax in (acc_ax, loss_ax):
+        ax.set_xlabel("training step (optimiser updates)")
+        ax.grid(alpha=0.3)
+    handles, names = acc_ax.get_legend_handles_labels()
+    if handles:
+        acc_ax.legend(fontsize=8, loc="lower right")
+    _suptitle(fig, title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_vs_size(rows: list[dict[str, Any]], group_key: str, path: Path, title: str,
+                          size_key: str = "samples_per_class", value_key: str = "test_acc") -> Path:
+    """The paper's Fig. 1 form: test accuracy (%) against training-set size, one line per
+    ``group_key`` value (method or arm) through the mean over seeds at each size, with a
+    band for the 95 % Student-t interval of that mean (none where a size has one run)."""
+    from scipy import stats as sps
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    sizes = sorted({r[size_key] for r in rows})
+    for group in dict.fromkeys(r[group_key] for r in rows):
+        xs, mean, low, high = [], [], [], []
+        for size in sizes:
+            v = np.array([100 * r[value_key] for r in rows if r[group_key] == group and r[size_key] == size
+                          and r.get(value_key) is not None], float)
+            if not len(v):
+                continue
+            half = sps.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0
+            xs.append(size)
+            mean.append(v.mean())
+            low.append(v.mean() - half)
+            high.append(v.mean() + half)
+        line, = ax.plot(xs, mean, marker="o", lw=1.8, label=str(group))
+        ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.18, lw=0)
+    if sizes and min(sizes) > 0 and max(sizes) / min(sizes) >= 8:
+        ax.set_xscale("log")
+        ax.minorticks_off()
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.set_xlabel("training images per class" if size_key == "samples_per_class" else size_key)
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, title=f"{group_key} (mean, 95 % t-interval)", title_fontsize=8)
+    _suptitle(fig, title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

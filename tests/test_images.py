@@ -1,0 +1,243 @@
+"""The file-image pipeline: transforms, normalisation, batches keyed by (seed, step, rank)
+whatever the number of DataLoader workers, bad images, resume, and one end-to-end run
+through the CLI."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import native_layouts as nl
+from smile_ray.config import make_config
+from smile_ray.data import build_task
+from smile_ray.data.images import ImageTask, resize_side
+from smile_ray.errors import SmileError
+from smile_ray.models import IMAGENET_NORM
+
+SIZE = 16  # crop side; resized to round(16 * 256 / 224) = 18 first
+
+
+def folder_task(root, **values) -> ImageTask:
+    return build_task(make_config({"dataset": "image_folder", "data_root": str(root), "backbone": "resnet18",
+                                   "weights": "none", "image_size": SIZE, "data_workers": 0,
+                                   "samples_per_class": 4, **values}))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("folder")
+    nl.write_image_folder(root, train=6, test=2, suffix=".png", size=(40, 30))
+    return root
+
+
+def reference(task: ImageTask, split: str, i: int, top: int, left: int, flip: bool, norm=IMAGENET_NORM) -> torch.Tensor:
+    """torchvision's own transforms on the same file: Resize((R, R)), crop, flip, ToTensor, Normalize."""
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    source = task.sources[split][0]
+    im = Image.open(source.name(i)).convert("RGB")
+    im = TF.resize(im, [resize_side(SIZE)] * 2)
+    im = TF.center_crop(im, [SIZE]) if top < 0 else TF.crop(im, top, left, SIZE, SIZE)
+    if flip:
+        im = TF.hflip(im)
+    x = TF.to_tensor(im)
+    return TF.normalize(x, *norm) if norm else x
+
+
+def test_resize_side_scales_the_reference():
+    assert resize_side(224) == 256 and resize_side(16) == 18 and resize_side(32) == 37 and resize_side(448) == 512
+
+
+def test_eval_is_resize_then_centre_crop_with_imagenet_normalisation(folder):
+    t = folder_task(folder)
+    x, y = next(t.eval_batches("test"))
+    assert x.shape == (6, 3, SIZE, SIZE) and y.tolist() == [0, 0, 1, 1, 2, 2]
+    for i in range(6):
+        torch.testing.assert_close(x[i], reference(t, "test", i, -1, -1, False))
+
+
+def test_train_batches_crop_and_flip_as_drawn(folder):
+    t = folder_task(folder)
+    flips, offsets = set(), set()
+    for step in range(4):
+        x, y = t.train_batch(step, 6)
+        items = t.shard_items(step, 6)
+        assert y.tolist() == t.train_labels()[t.train_indices(step, 6)].tolist()
+        for j, (i, top, left, flip) in enumerate(items):
+            torch.testing.assert_close(x[j], reference(t, "train", i, top, left, flip))
+            flips.add(flip)
+            offsets.add((top, left))
+            assert 0 <= top <= 2 and 0 <= left <= 2  # R - S = 2
+    assert flips == {True, False} and len(offsets) > 3
+
+
+def test_the_backbone_declares_the_normalisation(folder):
+    lite = folder_task(folder, backbone="efficientnet_lite0")  # normalises inside the model: [0, 1] here
+    x, _ = next(lite.eval_batches("test"))
+    torch.testing.assert_close(x[0], reference(lite, "test", 0, -1, -1, False, norm=None))
+    assert 0 <= x.min() and x.max() <= 1
+
+
+def test_batches_are_a_pure_function_of_seed_step_and_rank(folder):
+    a = folder_task(folder, seed=5)
+    steps = [a.train_batch(s, 8) for s in range(5)]
+    two = folder_task(folder, seed=5, data_workers=2)  # decoded in two worker processes
+    for s in (0, 1, 2, 3, 4):
+        x, y = two.train_batch(s, 8)
+        assert torch.equal(x, steps[s][0]) and torch.equal(y, steps[s][1])
+    fresh = folder_task(folder, seed=5)
+    for s in (3, 1, 4, 0):  # out of order: the loader restarts at the asked step
+        assert torch.equal(fresh.train_batch(s, 8)[0], steps[s][0])
+    shards = [two.train_batch(2, 8, rank=r, world_size=2) for r in range(2)]
+    assert torch.equal(torch.cat([s[0] for s in shards]), steps[2][0])
+    assert torch.equal(torch.cat([s[1] for s in shards]), steps[2][1])
+    assert not torch.equal(steps[0][0], steps[1][0])
+    other = folder_task(folder, seed=6)
+    assert not torch.equal(other.train_batch(0, 8)[0], steps[0][0])
+    assert not a.pin_memory  # CPU run
+
+
+def test_the_global_torch_generator_is_not_touched(folder):
+    t = folder_task(folder, data_workers=1)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    t.train_batch(0, 4)
+    list(t.eval_batches("val"))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+# ------------------------------------------------------------------ bad images
+
+
+@pytest.fixture
+def cub(tmp_path):
+    base = nl.write_cub(tmp_path, classes=3, train=8, test=2)
+    return tmp_path, base
+
+
+def cub_task(root, **values):
+    return build_task(make_config({"dataset": "cub200", "data_root": str(root), "backbone": "resnet18",
+                                   "weights": "none", "image_size": SIZE, "data_workers": 0,
+                                   "samples_per_class": 2, **values}))
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:200])
+
+
+def test_an_unreadable_image_stops_the_run_at_indexing(cub):
+    root, base = cub
+    bad = base / "images" / "002.Bird_1" / "Bird_1_0003.jpg"
+    truncate(bad)
+    with pytest.raises(SmileError) as err:
+        cub_task(root)
+    message = str(err.value)
+    assert "\n" not in message and f"cannot read image {bad}" in message and "skip_bad_images=true" in message
+    (base / "images" / "003.Bird_2" / "Bird_2_0000.jpg").write_text("not a picture")
+    bad.unlink()
+    with pytest.raises(SmileError, match=r"Bird_1_0003.jpg \(no such file\) \(2 unreadable among the 30"):
+        cub_task(root)
+
+
+def test_skip_bad_images_leaves_them_out_with_a_warning(cub):
+    root, base = cub
+    bad = [base / "images" / "002.Bird_1" / "Bird_1_0003.jpg", base / "images" / "001.Bird_0" / "Bird_0_0009.jpg"]
+    for path in bad:
+        truncate(path)
+    with pytest.warns(UserWarning, match=r"cub200: left out 2 unreadable images"):
+        t = cub_task(root, skip_bad_images=True, sample_rate=1.0)
+    assert sorted(t.skipped_images) == sorted(map(str, bad))
+    assert t.split_sizes() == {"train": 3 * 7 - 1, "val": 3, "test": 3 * 2 - 1}  # one train, one test image fewer
+    used = {t.sources[s][0].name(i) for s in t.sources for i in range(len(t.sources[s][0]))}
+    assert not used & set(map(str, bad))
+
+
+def test_an_image_that_breaks_after_indexing_names_itself(cub):
+    root, base = cub
+    for workers in (0, 1):
+        t = cub_task(root, data_workers=workers, sample_rate=1.0)
+        victim = t.sources["train"][0].name(int(t.train_indices(0, 4)[0]))
+        saved = Path(victim).read_bytes()
+        truncate(Path(victim))
+        try:
+            with pytest.raises(SmileError) as err:
+                t.train_batch(0, 4)
+        finally:
+            Path(victim).write_bytes(saved)
+        message = str(err.value)
+        assert message.startswith(f"cub200: cannot read image {victim} (") and "\n" not in message
+
+
+# ------------------------------------------------------------------ training on images
+
+
+def run_config(root, **values):
+    return make_config({"dataset": "cub200", "data_root": str(root), "backbone": "resnet18", "weights": "none",
+                        "image_size": SIZE, "steps": 4, "eval_every": 2, "batch_size": 8, "samples_per_class": 3,
+                        "data_workers": 1, "threads": 1, **values})
+
+
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(cub, tmp_path):
+    from smile_ray.recipe import train
+
+    root, _ = cub
+    cfg = run_config(root)
+    whole = train(cfg, tmp_path / "whole", cache_dir=tmp_path / "cache")
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_2(record, _checkpoint_dir):
+        if record["step"] == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(cfg, tmp_path / "split", cache_dir=tmp_path / "cache", on_eval=stop_at_2)
+    resumed = train(cfg.replace(data_workers=0), tmp_path / "split", cache_dir=tmp_path / "cache")  # any worker count
+    assert resumed["resumed_from"] == [2] and resumed["history"] == whole["history"]
+    a = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method", ["lwf", "cotuning", "regsl", "delta"])
+def test_methods_with_preparations_run_on_images(cub, tmp_path, method):
+    from smile_ray.recipe import train
+
+    root, _ = cub
+    m = train(run_config(root, method=method, steps=2, data_workers=0), None, cache_dir=tmp_path / "cache")
+    assert m["steps"] == 2 and m["split_sizes"]["train"] == 9
+
+
+def test_end_to_end_through_the_cli(cub, tmp_path, capsys):
+    from smile_ray.cli import main
+
+    root, base = cub
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "cub200", "--set", f"data_root={root}", "--set", "backbone=resnet18",
+            "--set", "weights=none", "--set", "image_size=32", "--set", "steps=4", "--set", "eval_every=2",
+            "--set", "batch_size=8", "--set", "class_fraction=0.67", "--set", "train_images=5",
+            "--set", "data_workers=1", "--set", "threads=1", "--output", str(out), "--quiet",
+            "--cache-dir", str(tmp_path / "cache")]
+    assert main(args) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["dataset"] == "cub200" and m["steps"] == 4 and len(m["history"]) == 2
+    assert len(m["classes"]) == 2 and set(m["classes"]) <= {"001.Bird_0", "002.Bird_1", "003.Bird_2"}
+    assert m["split_sizes"] == {"train": 5, "val": 2, "test": 4} and m["skipped_images"] == []
+    assert m["config"]["class_fraction"] == 0.67 and m["config"]["train_images"] == 5
+    capsys.readouterr()
+
+    # a bad image: one line on stderr, exit code 2, nothing written
+    truncate(base / "images" / "001.Bird_0" / "Bird_0_0001.jpg")
+    failed = tmp_path / "failed"
+    args[args.index(str(out))] = str(failed)
+    args[args.index("class_fraction=0.67")] = "class_fraction=1"
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Bird_0_0001.jpg" in err and err.startswith("error: cub200: cannot read image")
+    assert not failed.exists()
+    shutil.rmtree(tmp_path / "cache", ignore_errors=True)
