@@ -5,7 +5,7 @@
 * ``reports/`` imports no Ray, MLflow or orchestration module;
 * ``orchestration/`` modules import the core and each other only through the modules
   meant to be shared (``cluster``, ``ray_train``, ``trainable``, ``runner``, ``spaces``, ``progress``,
-  ``tracking``) and the public ``run_study`` of ``tune``;
+  ``tracking``) and the public ``run_study`` and ``tune_config`` of ``tune``;
 * no module outside ``methods/`` mentions a method by name in a comparison.
 """
 from __future__ import annotations
@@ -71,9 +71,9 @@ def test_the_layers_are_what_the_tree_says():
             assert siblings <= SHARED_ORCHESTRATION, f"{name} reaches into {siblings - SHARED_ORCHESTRATION}"
             assert not any(d.startswith("smile_ray.cli") for d in deps)
     tune_users = [n for n, d in mods.items() if "smile_ray.orchestration.tune" in d]
-    for n in tune_users:  # tune's public entry point only
+    for n in tune_users:  # tune's public entry points only
         assert {d for d in mods[n] if d.startswith("smile_ray.orchestration.tune.")} <= {
-            "smile_ray.orchestration.tune.run_study"}, n
+            "smile_ray.orchestration.tune.run_study", "smile_ray.orchestration.tune.tune_config"}, n
 
 
 def test_the_config_module_needs_no_registry_module_and_no_torch():

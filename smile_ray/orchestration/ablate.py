@@ -24,20 +24,18 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 from ray import tune
 
 from smile_ray.checkpoint import write_json
 from smile_ray.config import make_config
 from smile_ray.errors import SmileError
 from smile_ray.metrics import IL_METRICS
-from smile_ray.methods import method_class
 from smile_ray.orchestration import tracking
 from smile_ray.orchestration.cluster import check_address, connect
 from smile_ray.orchestration.progress import ablation_progress
 from smile_ray.orchestration.runner import can_resume, finish, run_trials
 from smile_ray.orchestration.spaces import Definitions, load_definitions
-from smile_ray.orchestration.tune import run_study
+from smile_ray.orchestration.tune import tune_config
 from smile_ray.pretrain import load_source
 from smile_ray.reports.plots import plot_ablation
 from smile_ray.reports.tables import ABLATION_LEGEND, ablation_table
@@ -120,7 +118,10 @@ def run_ablation(
         for arm, arm_overrides in arms.items():
             config = {**base, **arm_overrides}
             if tune_budget:
-                config = _tune_arm(arm, config, defs, tune_budget, out, uri, experiment, cache_dir, address)
+                config = tune_config(config, defs.tune_space, tune_budget,
+                                     out / "tuning" / arm.lstrip("-").replace("+", "_"), defs.resources,
+                                     defs.max_concurrent, tracking_uri=uri, experiment=experiment,
+                                     cache_dir=cache_dir, address=address)
             arm_configs[arm] = config
         runs = [
             {"tags": {"arm": arm, "seed": seed, "samples_per_class": spc},
@@ -172,20 +173,3 @@ def run_ablation(
     finish(logger, [out / "ablation.parquet", out / "ablation.md", plot, defs.path])
     return table
 
-
-def _tune_arm(arm, config, defs, budget, out, uri, experiment, cache_dir, address) -> dict[str, Any]:
-    """HyperOpt search of ``budget`` trials for one arm over the parameters it still uses."""
-    unused = method_class(config["method"]).unused_keys(make_config(config))
-    space = {k: v for k, v in defs.tune_space.items() if k not in unused}
-    if not space:
-        return config
-    folder = out / "tuning" / arm.lstrip("-").replace("+", "_")
-    folder.mkdir(parents=True, exist_ok=True)
-    space_file = folder.parent / f"{folder.name}.yaml"
-    res = defs.resources
-    space_file.write_text(yaml.safe_dump({"base": config, "metric": "val_acc", "num_samples": budget,
-                                          "max_concurrent": defs.max_concurrent, "space": space,
-                                          "resources": {"cpus": res.cpus, "gpus": res.gpus, "workers": res.workers}}))
-    best = run_study(space_file, folder, tracking_uri=uri, experiment=experiment, cache_dir=cache_dir,
-                     address=address, verbose=0)
-    return {**config, **{k: best["config"][k] for k in space}}

@@ -24,20 +24,18 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 from ray import tune
 
 from smile_ray.checkpoint import write_json
 from smile_ray.config import make_config
 from smile_ray.errors import SmileError
 from smile_ray.metrics import IL_METRICS
-from smile_ray.methods import method_class
 from smile_ray.orchestration import tracking
 from smile_ray.orchestration.cluster import check_address, connect
 from smile_ray.orchestration.progress import runs_progress
 from smile_ray.orchestration.runner import can_resume, finish, run_trials
-from smile_ray.orchestration.spaces import Settings, load_settings
-from smile_ray.orchestration.tune import run_study
+from smile_ray.orchestration.spaces import load_settings
+from smile_ray.orchestration.tune import tune_config
 from smile_ray.pretrain import load_source
 from smile_ray.registry import METHODS
 from smile_ray.reports.plots import plot_compare
@@ -113,8 +111,10 @@ def run_compare(
             for m in methods:
                 config = make_config({**base, **col_overrides, "method": m}).to_dict()
                 if tune_budget:
-                    config = _tune_cell(m, column, config, settings, tune_budget, out, uri, experiment, cache_dir,
-                                        address)
+                    config = tune_config(config, settings.tune_spaces.get(m) or {}, tune_budget,
+                                         out / "tuning" / f"{m}-{column}".replace("/", "_").replace("=", "_"),
+                                         settings.resources, settings.max_concurrent, tracking_uri=uri,
+                                         experiment=experiment, cache_dir=cache_dir, address=address)
                 cell_configs[m, column] = config
         runs = [
             {"tags": {"method": m, "setting": column, "seed": seed},
@@ -176,21 +176,3 @@ def run_compare(
     finish(logger, [out / "results.parquet", out / "table.md", plot, Path(settings.path)])
     return table
 
-
-def _tune_cell(method, column, config, settings: Settings, budget, out, uri, experiment, cache_dir, address):
-    """``budget`` HyperOpt trials for one method on one column, over the knobs it reads."""
-    space = settings.tune_spaces.get(method) or {}
-    unused = method_class(method).unused_keys(make_config(config))
-    space = {k: v for k, v in space.items() if k not in unused}
-    if not space:
-        return config
-    folder = out / "tuning" / f"{method}-{column}".replace("/", "_").replace("=", "_")
-    folder.mkdir(parents=True, exist_ok=True)
-    space_file = folder.parent / f"{folder.name}.yaml"
-    res = settings.resources
-    space_file.write_text(yaml.safe_dump({"base": config, "metric": "val_acc", "num_samples": budget,
-                                          "max_concurrent": settings.max_concurrent, "space": space,
-                                          "resources": {"cpus": res.cpus, "gpus": res.gpus, "workers": res.workers}}))
-    best = run_study(space_file, folder, tracking_uri=uri, experiment=experiment, cache_dir=cache_dir,
-                     address=address, verbose=0)
-    return {**config, **{k: best["config"][k] for k in space}}

@@ -20,6 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
@@ -28,6 +29,7 @@ from ray.tune.search.hyperopt import HyperOptSearch
 from smile_ray.checkpoint import write_json
 from smile_ray.config import make_config
 from smile_ray.errors import SmileError
+from smile_ray.methods import method_class
 from smile_ray.orchestration import tracking
 from smile_ray.orchestration.cluster import check_address, connect
 from smile_ray.orchestration.progress import study_progress
@@ -196,3 +198,23 @@ def _best(rows: list[dict[str, Any]], study: Study) -> dict[str, Any]:
     sign = 1 if study.mode == "max" else -1
     # Ties on the metric go to the earliest trial id (deterministic).
     return max(done, key=lambda r: (sign * r[study.metric], [-ord(c) for c in r["trial_id"]]))
+
+
+def tune_config(config: dict[str, Any], space: dict[str, Any], budget: int, folder: Path, resources,
+                max_concurrent: int, *, tracking_uri: str, experiment: str, cache_dir, address) -> dict[str, Any]:
+    """``config`` with the best of ``budget`` HyperOpt trials (on validation) over the
+    keys of ``space`` its method reads; the study goes to ``folder`` (how ``ablate`` and
+    ``compare`` tune each arm or method before its seeds run)."""
+    unused = method_class(config["method"]).unused_keys(make_config(config))
+    space = {k: v for k, v in space.items() if k not in unused}
+    if not space:
+        return config
+    folder.mkdir(parents=True, exist_ok=True)
+    space_file = folder.parent / f"{folder.name}.yaml"
+    space_file.write_text(yaml.safe_dump({"base": config, "metric": "val_acc", "num_samples": budget,
+                                          "max_concurrent": max_concurrent, "space": space,
+                                          "resources": {"cpus": resources.cpus, "gpus": resources.gpus,
+                                                        "workers": resources.workers}}))
+    best = run_study(space_file, folder, tracking_uri=tracking_uri, experiment=experiment, cache_dir=cache_dir,
+                     address=address, verbose=0)
+    return {**config, **{k: best["config"][k] for k in space}}

@@ -333,14 +333,19 @@ def _ablation(report: Report, src: Source) -> None:
         report.add("### Interpolation loss (paper, Eq. 1)", "", "Mean ± std over seeds; docs/method.md.", "", table)
     if _missing_runs_note(report, src, rows):
         label = (lambda r: r["arm"]) if len(sizes) == 1 else (lambda r: f"{r['arm']}, {r['samples_per_class']}/class")
-        groups: dict[str, list[dict[str, Any]]] = {}
-        for r in rows:
-            if r["_run"] is not None:
-                groups.setdefault(label(r), []).append(r["_run"])
-        report.add("### Training curves", "")
-        report.image("curves", lambda p: plots.plot_curves({k: [m["history"] for m in v] for k, v in groups.items()},
-                                                           p, f"Training curves per arm: {what}"), "training curves")
-        _reliability_panels(report, groups, f"Reliability per arm: {what}", "reliability")
+        _curves_and_reliability(report, rows, label, f"per arm: {what}")
+
+
+def _curves_and_reliability(report: Report, rows: list[dict[str, Any]], label, what: str) -> None:
+    """Training curves and reliability panels of the rows' runs, grouped by ``label(row)``."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["_run"] is not None:
+            groups.setdefault(label(r), []).append(r["_run"])
+    report.add("### Training curves", "")
+    report.image("curves", lambda p: plots.plot_curves({k: [m["history"] for m in v] for k, v in groups.items()},
+                                                       p, f"Training curves {what}"), "training curves")
+    _reliability_panels(report, groups, f"Reliability {what}", "reliability")
 
 
 def _comparison(report: Report, src: Source) -> None:
@@ -372,11 +377,4 @@ def _comparison(report: Report, src: Source) -> None:
         report.add("### Interpolation loss (paper, Eq. 1)", "", "Mean ± std over seeds; docs/method.md.", "", table)
     if _missing_runs_note(report, src, rows):
         label = (lambda r: r["method"]) if len(columns) == 1 else (lambda r: f"{r['method']}, {r['setting']}")
-        groups: dict[str, list[dict[str, Any]]] = {}
-        for r in rows:
-            if r["_run"] is not None:
-                groups.setdefault(label(r), []).append(r["_run"])
-        report.add("### Training curves", "")
-        report.image("curves", lambda p: plots.plot_curves({k: [m["history"] for m in v] for k, v in groups.items()},
-                                                           p, f"Training curves per method: {what}"), "training curves")
-        _reliability_panels(report, groups, f"Reliability per method: {what}", "reliability")
+        _curves_and_reliability(report, rows, label, f"per method: {what}")
