@@ -120,8 +120,13 @@ def plot_compare(rows: list[dict[str, Any]], methods: list[str], columns: list[s
             ax.scatter(i - 0.1 + jitter, vals, s=14, color="tab:blue", alpha=0.7, zorder=2,
                        label="one seed" if i == 0 else None)
             half = (sps.t.ppf(0.975, len(vals) - 1) * vals.std(ddof=1) / np.sqrt(len(vals))) if len(vals) > 1 else 0.0
-            ax.errorbar([i + 0.18], [vals.mean()], yerr=[[half], [half]], fmt="o", color="black", capsize=3, zorder=3,
-                        label="mean, 95 % t-interval" if i == 0 else None)
+            low, high = max(0.0, vals.mean() - half), min(100.0, vals.mean() + half)  # accuracy lies in [0, 100]
+            ax.errorbar([i + 0.18], [vals.mean()], yerr=[[vals.mean() - low], [high - vals.mean()]], fmt="o",
+                        color="black", capsize=3, zorder=3,
+                        label="mean, 95 % t-interval (within 0-100 %)" if i == 0 else None)
+        if not any(r["setting"] == column for r in rows):
+            ax.text(0.5, 0.5, "no finished runs", transform=ax.transAxes, ha="center", va="center", color="0.4")
+            ax.set_yticks([])
         ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
         ax.set_xlim(-0.6, len(methods) - 0.4)
         ax.set_title(column)
