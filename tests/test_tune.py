@@ -3,6 +3,7 @@ import json
 import os
 import re
 import signal
+import statistics
 import socket
 import subprocess
 import sys
@@ -160,6 +161,9 @@ def run_cli(capfd, *argv):
         ({"search": "bayes"}, "search 'bayes'"),
         ({"bogus": 1}, "unknown key 'bogus'"),
         ({"space": {"mixup_alpha": {"grid": [0.1, 0.2]}}}, "grid values need search: grid or random"),
+        ({"replicates": 0}, "replicates=0 must be an integer >= 1"),
+        ({"replicates": 2, "resources": {"workers": 2}}, "replicates=2 with resources.workers=2"),
+        ({"replicates": 2, "space": {"seed": {"randint": [0, 9]}}}, "space.seed with replicates=2"),
     ],
 )
 def test_bad_space_files_are_one_line_and_create_nothing(tmp_path, capfd, monkeypatch, changes, expect):
@@ -267,3 +271,46 @@ def test_trials_with_two_workers_report_every_evaluation(ray_local, tmp_path, ca
     parent_id = json.loads((out / "study.json").read_text())["parent_run_id"]
     (kid,) = children(client, parent_id)
     assert sorted(h.step for h in client.get_metric_history(kid.info.run_id, "val_acc")) == [10, 20]
+
+
+def test_replicated_trials_report_the_mean_of_their_seeds(ray_local, tmp_path, cache_dir, monkeypatch):
+    """replicates: 3 -> each trial runs seeds s, s+1, s+2 (s = base seed) as separate
+    processes; Tune, the table and MLflow see their mean at every evaluation, the per-seed
+    values are kept, and best.json's config (seed s) is replicate 0."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "study"
+    space = write_space(tmp_path / "space.yaml", replicates=3, num_samples=2, search="random",
+                        space={"mixup_alpha": {"loguniform": [0.05, 2.0]}})
+    run_study(space, out, cache_dir=cache_dir, verbose=0)
+    s0 = 2022  # the config's default seed: TINY's base does not set one
+    rows = pq.read_table(out / "trials.parquet").to_pylist()
+    assert len(rows) == 2 and all(r["status"] == "TERMINATED" for r in rows)
+    for r in rows:
+        per_seed = [r[f"val_acc_r{i}"] for i in range(3)]
+        assert r["val_acc"] == pytest.approx(sum(per_seed) / 3)
+        assert r["val_acc_std"] == pytest.approx(statistics.stdev(per_seed))
+        assert r["test_acc"] == pytest.approx(sum(r[f"test_acc_r{i}"] for i in range(3)) / 3)
+        trial_dir = next((out / "tune").glob(f"*{r['trial_id']}*"))
+        seeds = [json.loads((trial_dir / "run" / f"replicate-{i}" / "metrics.json").read_text())
+                 for i in range(3)]
+        assert [m["config"]["seed"] for m in seeds] == [s0, s0 + 1, s0 + 2]
+        assert [m["val_acc"] for m in seeds] == pytest.approx(per_seed)
+        # distinct seeds draw distinct training subsets: the curves differ
+        assert len({tuple(h["train_loss"] for h in m["history"]) for m in seeds}) == 3
+    best = json.loads((out / "best.json").read_text())
+    assert best["replicates"]["seeds"] == [s0, s0 + 1, s0 + 2]
+    assert best["replicates"]["val_acc"]["mean"] == pytest.approx(max(r["val_acc"] for r in rows))
+    assert len(best["replicates"]["test_acc"]["per_seed"]) == 3 and best["config"]["seed"] == s0
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent_id = json.loads((out / "study.json").read_text())["parent_run_id"]
+    for kid in children(client, parent_id):
+        history = client.get_metric_history(kid.info.run_id, "val_acc")
+        assert sorted(m.step for m in history) == [10, 20]  # one mean per evaluation, not one per seed
+        assert {"val_acc_std", "val_acc_r2", "test_acc_r0"} <= set(kid.data.metrics)
+
+    # replicate 0 of the winner is `train --config best.json`, in this process
+    from smile_ray.config import make_config
+    from smile_ray.recipe import train
+    again = train(make_config(best["config"]), tmp_path / "again", cache_dir=cache_dir, progress=False)
+    assert again["val_acc"] == pytest.approx(best["replicates"]["val_acc"]["per_seed"][0], abs=1.5 / 179)

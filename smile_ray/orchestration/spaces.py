@@ -13,6 +13,8 @@ A space file is YAML::
     scheduler: none            # none | asha (early stopping over evaluation steps)
     resources: {cpus: 1, gpus: 0, workers: 1}   # per trial; workers > 1 = Ray Train per trial
     seed: 0                    # seed of the search algorithm
+    replicates: 1              # seeds per trial (base.seed, base.seed + 1, ...): the trial
+                               # reports their mean validation curve; see trainable.py
     space:                     # flat config names -> distributions
       mixup_alpha: {loguniform: [0.05, 2.0]}
       ema_decay: {uniform: [0.99, 0.9999]}
@@ -48,7 +50,8 @@ from smile_ray.metrics import EVAL_METRICS
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "randint", "choice", "grid")
 SEARCHES = ("hyperopt", "random", "grid")
 SCHEDULERS = ("none", "asha")
-TOP_LEVEL = ("base", "metric", "mode", "num_samples", "search", "max_concurrent", "scheduler", "resources", "seed", "space")
+TOP_LEVEL = ("base", "metric", "mode", "num_samples", "search", "max_concurrent", "scheduler", "resources", "seed",
+             "replicates", "space")
 RESOURCES = ("cpus", "gpus", "workers")
 
 
@@ -91,6 +94,11 @@ class Study:
     resources: Resources
     seed: int
     space: tuple[Param, ...] = field(default_factory=tuple)
+    replicates: int = 1  # seeds per trial: base.seed, base.seed + 1, ...; the trial reports their mean
+
+    @property
+    def replicate_seeds(self) -> list[int]:
+        return [self.base.seed + r for r in range(self.replicates)]
 
     @property
     def searched(self) -> list[str]:
@@ -100,7 +108,7 @@ class Study:
         return {
             "metric": self.metric, "mode": self.mode, "num_samples": self.num_samples, "search": self.search,
             "max_concurrent": self.max_concurrent, "scheduler": self.scheduler, "seed": self.seed,
-            **self.resources.summary(),
+            "replicates": self.replicates, **self.resources.summary(),
         }
 
 
@@ -209,6 +217,10 @@ def load_study(path: str | Path, overrides: dict[str, Any] | None = None, num_sa
     concurrent = check_int(raw.get("max_concurrent", 2), f"{path}: max_concurrent", 1)
     seed = check_int(raw.get("seed", 0), f"{path}: seed", 0)
     resources = parse_resources(path, raw.get("resources"), base)
+    replicates = check_int(raw.get("replicates", 1), f"{path}: replicates", 1)
+    if replicates > 1 and resources.workers > 1:
+        raise SmileError(f"{path}: replicates={replicates} with resources.workers={resources.workers}: "
+                         "replicated trials run in one process per seed; use workers: 1")
 
     space_raw = raw.get("space")
     if not isinstance(space_raw, dict) or not space_raw:
@@ -216,7 +228,10 @@ def load_study(path: str | Path, overrides: dict[str, Any] | None = None, num_sa
     space = tuple(parse_param(path, name, spec, base) for name, spec in space_raw.items())
     if search == "hyperopt" and any(p.kind == "grid" for p in space):
         raise SmileError(f"{path}: grid values need search: grid or random (hyperopt samples)")
-    return Study(path, base, metric, mode, n, search, concurrent, scheduler, resources, seed, space)
+    if replicates > 1 and "seed" in space_raw:
+        raise SmileError(f"{path}: space.seed with replicates={replicates}: replicates choose the seeds "
+                         "(base.seed, base.seed + 1, ...)")
+    return Study(path, base, metric, mode, n, search, concurrent, scheduler, resources, seed, space, replicates)
 
 
 ABLATION_TOP_LEVEL = ("base", "seeds", "samples_per_class", "max_concurrent", "resources", "components", "tune_space")

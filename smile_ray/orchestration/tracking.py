@@ -26,6 +26,8 @@ from ray import tune
 from smile_ray.errors import SmileError
 from smile_ray.metrics import REPORTED
 
+REPLICATE_KEY = re.compile(r"(.+)_(?:std|r\d+)")  # a replicated trial's spread / per-seed value of a key
+
 PARENT_TAG = "mlflow.parentRunId"
 
 
@@ -188,13 +190,18 @@ class StudyLogger(tune.Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         self._run_for(trial)
 
+    def _logs(self, key: str) -> bool:
+        m = REPLICATE_KEY.fullmatch(key)
+        return key in self.LOGGED or (m is not None and m[1] in self.LOGGED)
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self._run_for(trial)
         step = int(result.get("step", 0))
         ts = int(result.get("timestamp", 0)) * 1000
         # The final report repeats the last evaluation's metrics: log each point once.
-        keys = [k for k in self.LOGGED if isinstance(result.get(k), (int, float))
-                and (trial.trial_id, k, step) not in self._logged]
+        # A replicated trial's report adds each logged key's spread and per-seed values.
+        keys = [k for k in result if self._logs(k) and isinstance(result[k], (int, float))
+                and not isinstance(result[k], bool) and (trial.trial_id, k, step) not in self._logged]
         self._logged.update((trial.trial_id, k, step) for k in keys)
         metrics = [Metric(k, float(result[k]), ts, step) for k in keys]
         if metrics:

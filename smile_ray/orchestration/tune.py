@@ -35,6 +35,7 @@ from smile_ray.orchestration.cluster import check_address, connect
 from smile_ray.orchestration.progress import study_progress
 from smile_ray.orchestration.runner import EXPERIMENT_DIR, can_resume, fail, finish, run_trials
 from smile_ray.orchestration.spaces import Param, Study, load_study
+from smile_ray.orchestration.trainable import SPREAD_KEYS
 from smile_ray.pretrain import load_source
 from smile_ray.reports.plots import plot_study
 
@@ -138,7 +139,8 @@ def run_study(
 
     base = study.base.to_dict()
     logger = tracking.StudyLogger(uri, exp_id, parent_id, out.name, base)
-    setup = {"base": base, "cache_dir": str(cache_dir) if cache_dir else None, "resources": study.resources}
+    setup = {"base": base, "cache_dir": str(cache_dir) if cache_dir else None, "resources": study.resources,
+             "replicates": study.replicates}
     started = time.perf_counter()
     earlier = json.loads(state_file.read_text()).get("wall_seconds", 0.0)  # of the parts before a resume
     try:
@@ -164,6 +166,7 @@ def run_study(
     record = {
         "trial_id": best["trial_id"], "metric": study.metric, "mode": study.mode,
         **{k: best.get(k) for k in RESULT_KEYS},
+        **({"replicates": _replicates(best, study)} if study.replicates > 1 else {}),
         "study": {**study.summary(), "trials": len(rows), "wall_seconds": wall,
                   "trial_seconds": sum(r.get("seconds") or 0.0 for r in rows)},
         "config": make_config({**base, **{p: best[p] for p in study.searched}}).to_dict(),
@@ -187,10 +190,20 @@ def _rows(results, study: Study) -> list[dict[str, Any]]:
             **{p: cfg.get(p) for p in study.searched},
             study.metric: m.get(study.metric),
             **{k: m.get(k) for k in RESULT_KEYS if k != study.metric},
+            **({f"{k}_{s}": m.get(f"{k}_{s}") for k in SPREAD_KEYS if k in RESULT_KEYS
+                for s in ["std"] + [f"r{i}" for i in range(study.replicates)]} if study.replicates > 1 else {}),
             # STOPPED: ended early by the scheduler (ASHA), so it has no test metrics
             "status": "ERROR" if res.error else ("TERMINATED" if "test_acc" in m else "STOPPED"),
         })
     return sorted(rows, key=lambda r: r["trial_id"])
+
+
+def _replicates(best: dict[str, Any], study: Study) -> dict[str, Any]:
+    """The chosen trial's seeds with each one's value, mean and spread (best.json)."""
+    keys = [k for k in SPREAD_KEYS if k in RESULT_KEYS]
+    return {"seeds": study.replicate_seeds,
+            **{k: {"per_seed": [best.get(f"{k}_r{i}") for i in range(study.replicates)],
+                   "mean": best.get(k), "std": best.get(f"{k}_std")} for k in keys}}
 
 
 def _best(rows: list[dict[str, Any]], study: Study) -> dict[str, Any]:
