@@ -163,6 +163,26 @@ def tune(space_file, num_samples, output, address, tracking_uri, experiment, res
     echo_mlflow(output / "study.json")
 
 
+AUTO_MAX_SEEDS = 20
+
+
+def parse_seeds(seeds: str | None, max_seeds: int | None) -> tuple[int | None, int | None]:
+    """``--seeds K|auto`` and ``--max-seeds M`` -> (K or None for the file's, M or None
+    for fixed seeds)."""
+    if seeds == "auto":
+        if max_seeds is not None and max_seeds < 2:
+            raise SmileError(f"--max-seeds={max_seeds} must be >= 2")
+        return None, max_seeds or AUTO_MAX_SEEDS
+    if max_seeds is not None:
+        raise SmileError("--max-seeds only goes with --seeds auto")
+    if seeds is None:
+        return None, None
+    try:
+        return int(seeds), None
+    except ValueError:
+        raise SmileError(f"--seeds={seeds!r}: expected a number of seeds or auto") from None
+
+
 @cli.command()
 @click.option("--definitions", type=click.Path(dir_okay=False, path_type=Path), default=Path("ablations/smile.yaml"),
               show_default=True, help="Ablation definitions (base config, seeds, components and their overrides), "
@@ -170,7 +190,10 @@ def tune(space_file, num_samples, output, address, tracking_uri, experiment, res
 @click.option("--drop", "drops", multiple=True, metavar="COMPONENT[+COMPONENT]",
               help="One arm without this component (repeatable; a+b drops both in one arm).")
 @click.option("--all", "all_components", is_flag=True, help="Leave-one-component-out over every defined component.")
-@click.option("--seeds", type=int, help="Seeds per arm, 0..K-1, shared by every arm [the file's seeds].")
+@click.option("--seeds", metavar="K|auto",
+              help="Seeds per arm, 0..K-1, shared by every arm [the file's seeds]; auto: rounds of the file's seeds, "
+              "adding seeds to the arms whose 95 % interval still contains zero, up to --max-seeds.")
+@click.option("--max-seeds", type=int, help="With --seeds auto: the most seeds any arm runs [20].")
 @click.option("--base", "base_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Base config file (e.g. a tune study's best.json) instead of the definitions' base.")
 @set_option("the base, to every run (samples_per_class replaces the file's grid)")
@@ -183,14 +206,15 @@ def tune(space_file, num_samples, output, address, tracking_uri, experiment, res
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Source-model cache.")
 @click.option("--resume", is_flag=True,
               help="Continue the interrupted ablation in --output with its saved settings; finished runs are kept.")
-def ablate(definitions, drops, all_components, seeds, base_file, overrides, tune_budget, output, address,
+def ablate(definitions, drops, all_components, seeds, max_seeds, base_file, overrides, tune_budget, output, address,
            tracking_uri, experiment, cache_dir, resume) -> None:
     """Compare the full method with arms that drop components, over shared seeds.
 
     Writes OUTPUT/ablation.parquet (a row per arm x seed), OUTPUT/ablation.md (mean ± std
     test accuracy, paired difference to the full method with a bootstrap CI, probability
     of improvement, paired t-test p-value, minimum detectable effect) and
-    OUTPUT/ablation.png; prints the table.
+    OUTPUT/ablation.png; prints the table. With --seeds auto the table also says which
+    arms resolved (interval excluding zero) and at how many seeds.
     """
     from smile_ray.orchestration.ablate import run_ablation
 
@@ -198,13 +222,16 @@ def ablate(definitions, drops, all_components, seeds, base_file, overrides, tune
         if output is None:
             raise SmileError("--resume needs --output DIR (the ablation to continue)")
         given = [flag for flag, value in (("--drop", drops), ("--all", all_components), ("--seeds", seeds),
+                                          ("--max-seeds", max_seeds),
                                           ("--base", base_file), ("--set", overrides), ("--tune-budget", tune_budget))
                  if value]
         if given:
             raise SmileError(f"--resume continues the ablation with its saved settings; drop {', '.join(given)}")
+    seeds, max_seeds = parse_seeds(seeds, max_seeds)
     if output is None:
         output = Path("runs") / f"ablate-{time.strftime('%Y%m%d-%H%M%S')}"
     table = run_ablation(definitions, output, drops=list(drops), all_components=all_components, seeds=seeds,
+                         max_seeds=max_seeds,
                          base_file=base_file, overrides=parse_overrides(overrides), tune_budget=tune_budget,
                          address=address, tracking_uri=tracking_uri, experiment=experiment, cache_dir=cache_dir,
                          resume=resume)

@@ -105,6 +105,11 @@ def test_tune_budget_searches_each_arm_over_what_it_still_uses(ray_local, tmp_pa
         (["--drop", "source_label"], {"components": {"x": "off"}}, "components.x must be a mapping"),
         (["--drop", "source_label"], {"oops": 1}, "unknown key 'oops'"),
         (["--drop", "source_label", "--set", "ema_decay=2"], {}, "ema_decay=2.0 is out of range"),
+        (["--drop", "source_label", "--seeds", "many"], {}, "--seeds='many': expected a number of seeds or auto"),
+        (["--drop", "source_label", "--max-seeds", "8"], {}, "--max-seeds only goes with --seeds auto"),
+        (["--drop", "source_label", "--seeds", "auto", "--max-seeds", "1"], {}, "--max-seeds=1 must be >= 2"),
+        (["--drop", "source_label", "--seeds", "auto", "--max-seeds", "3"], {"seeds": 5},
+         "--max-seeds=3 must be at least the first round's seeds (5)"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, capfd, monkeypatch, argv, changes, expect):
@@ -225,3 +230,77 @@ def test_a_samples_per_class_override_replaces_the_grid_and_seed_is_refused(tmp_
     assert load_definitions(defs, overrides={"samples_per_class": 4}).samples == (4,)
     with pytest.raises(Exception, match="--set seed"):
         load_definitions(defs, overrides={"seed": 3})
+
+
+def _rows(diffs_by_arm, seeds, spc=5, base=80.0):
+    """Ablation rows whose arm - full differences are the given per-seed points."""
+    rows = [{"arm": "full", "seed": k, "samples_per_class": spc, "test_acc": (base + k) / 100} for k in seeds]
+    for arm, diffs in diffs_by_arm.items():
+        rows += [{"arm": arm, "seed": k, "samples_per_class": spc, "test_acc": (base + k + d) / 100}
+                 for k, d in zip(seeds, diffs)]
+    return rows
+
+
+def test_adaptive_seeds_add_rounds_only_to_unresolved_arms():
+    from smile_ray.orchestration.ablate import next_round, resolution
+
+    # -a: +2, +3, +2.5 points on seeds 0-2: t-interval 2.5 +- 4.303 * 0.5 / sqrt 3 = [1.26, 3.74], excludes 0;
+    # -b: +1, -1, +0.5: contains 0
+    rows = _rows({"-a": [2.0, 3.0, 2.5], "-b": [1.0, -1.0, 0.5]}, range(3))
+    res = resolution(rows, ["full", "-a", "-b"])
+    assert res[5, "-a"]["resolved"] and not res[5, "-b"]["resolved"]
+    assert res[5, "-a"]["ci"] == pytest.approx([2.5 - 4.302652729911275 * 0.5 / 3 ** 0.5,
+                                                2.5 + 4.302652729911275 * 0.5 / 3 ** 0.5])
+    # the next round: full and -b only, three more seeds; capped at max_seeds; nothing once all are done
+    assert next_round(rows, ["full", "-a", "-b"], {5: 3}, 3, 20) == {5: (["full", "-b"], range(3, 6))}
+    assert next_round(rows, ["full", "-a", "-b"], {5: 3}, 3, 4) == {5: (["full", "-b"], range(3, 4))}
+    assert next_round(rows, ["full", "-a", "-b"], {5: 3}, 3, 3) == {}
+    assert next_round(_rows({"-a": [2.0, 3.0, 2.5]}, range(3)), ["full", "-a"], {5: 3}, 3, 20) == {}
+
+
+def test_the_table_pairs_each_arm_over_the_seeds_it_shares_with_full():
+    from smile_ray.reports.tables import ablation_table
+
+    # full ran seeds 0-5; -a resolved after seeds 0-2 and stopped, -b ran all six
+    rows = _rows({"-b": [1.0, -1.0, 0.5, 0.0, 1.0, -0.5]}, range(6)) + _rows({"-a": [2.0, 3.0, 2.5]}, range(3))[3:]
+    table = ablation_table(rows, ["full", "-a", "-b"], "full")
+    line = {r.split("|")[2].strip(): r for r in table.splitlines() if r.startswith("| 5 |")}
+    assert "(n=3)" in line["-a"] and "(n=6)" in line["-b"] and "(n=6)" in line["full"]
+    assert "| +2.50 | [+1.26, +3.74] |" in line["-a"]  # the t-interval over seeds 0-2 only
+    assert f"| {np.mean([1.0, -1.0, 0.5, 0.0, 1.0, -0.5]):+.2f} |" in line["-b"]
+
+
+def test_seeds_auto_runs_rounds_until_resolved_or_max(ray_local, tmp_path, cache_dir, monkeypatch):
+    """--seeds auto --max-seeds 4 from 2 seeds: after round 1 every unresolved arm (and
+    full) gets seeds 2-3 in a second Tune experiment; a resolved arm gets none; no run is
+    repeated, and the table says which arms resolved."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "abl"
+    code = main(["ablate", "--definitions", str(write_defs(tmp_path / "defs.yaml")), "--output", str(out),
+                 "--drop", "source_label", "--drop", "feature_mixup+label_mixup", "--seeds", "auto", "--max-seeds", "4"])
+    assert code == 0
+    rows = pq.read_table(out / "ablation.parquet").to_pylist()
+    keys = [(r["arm"], r["seed"]) for r in rows]
+    assert len(keys) == len(set(keys))  # nothing ran twice
+    seeds = {a: sorted(s for aa, s in keys if aa == a) for a in ("full", "-source_label", "-feature_mixup+label_mixup")}
+    from smile_ray.orchestration.ablate import resolution
+    first = resolution([r for r in rows if r["seed"] < 2], list(seeds))
+    for arm in ("-source_label", "-feature_mixup+label_mixup"):
+        assert seeds[arm] == ([0, 1] if first[3, arm]["resolved"] else [0, 1, 2, 3])
+    assert seeds["full"] == ([0, 1] if all(r["resolved"] for r in first.values()) else [0, 1, 2, 3])
+    assert (out / "tune-round2").is_dir() == (seeds["full"] == [0, 1, 2, 3])
+    state = json.loads((out / "ablation.json").read_text())
+    assert state["max_seeds"] == 4 and sum(len(r) for r in state["rounds"]) == len(rows) == len(state["runs"])
+    md = (out / "ablation.md").read_text()
+    assert "adaptive seeds (2 per round, at most 4" in md and "Adaptive seeds:" in md
+    final = resolution(rows, list(seeds))
+    for arm in ("-source_label", "-feature_mixup+label_mixup"):
+        n = len(seeds[arm])
+        said = f"resolved at {n} seeds" if final[3, arm]["resolved"] else "not resolved at 4 seeds"
+        assert f"3/class, {arm}: {said}" in md
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = client.get_run(state["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.params["seeds"] == "auto"
+    kids = client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(kids) == len(rows) and all(k.info.status == "FINISHED" for k in kids)

@@ -25,8 +25,8 @@ EXPERIMENT_DIR = "tune"
 NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"
 
 
-def can_resume(out: Path) -> bool:
-    return tune.Tuner.can_restore(str(out / EXPERIMENT_DIR))
+def can_resume(out: Path, experiment_dir: str = EXPERIMENT_DIR) -> bool:
+    return tune.Tuner.can_restore(str(out / experiment_dir))
 
 
 def run_trials(
@@ -37,10 +37,11 @@ def run_trials(
     *,
     tune_config: tune.TuneConfig | None = None,
     resume: bool = False,
+    experiment_dir: str = EXPERIMENT_DIR,
     expected: int,
     table: TrialTable | None = None,
 ):
-    """Fit (or restore and finish) the experiment; returns Tune's ResultGrid once every
+    """Fit (or restore and finish) the experiment ``out/experiment_dir``; returns Tune's ResultGrid once every
     one of its ``expected`` trials has ended. An interrupted fit raises KeyboardInterrupt.
     Ray Tune's own console table is off; ``table`` prints a row per ended trial instead."""
     client, parent_id = logger.client, logger.parent_run_id
@@ -51,14 +52,14 @@ def run_trials(
     os.environ[NEW_OUTPUT_ENV] = "0"
     try:
         if resume:
-            tuner = tune.Tuner.restore(str(out / EXPERIMENT_DIR), fn, resume_errored=True, param_space=param_space)
+            tuner = tune.Tuner.restore(str(out / experiment_dir), fn, resume_errored=True, param_space=param_space)
         else:
             tuner = tune.Tuner(
                 fn,
                 param_space=param_space,
                 tune_config=tune_config,
                 run_config=tune.RunConfig(
-                    name=EXPERIMENT_DIR, storage_path=str(out), callbacks=[logger] + ([table] if table else []), verbose=0,
+                    name=experiment_dir, storage_path=str(out), callbacks=[logger] + ([table] if table else []), verbose=0,
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                     failure_config=tune.FailureConfig(max_failures=1),
                 ),

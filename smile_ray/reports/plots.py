@@ -82,18 +82,21 @@ def plot_ablation(rows: list[dict[str, Any]], arms: list[str], path: Path, title
         seeds = sorted({s for a, s in acc if a == ref})
         ax.axhline(0.0, color="0.4", lw=1, zorder=1)
         for i, arm in enumerate(others):
-            diffs = [acc[(arm, s)] - acc[(ref, s)] for s in seeds if (arm, s) in acc]
+            shared = [s for s in seeds if (arm, s) in acc]  # adaptive seeds: an arm may stop early
+            diffs = [acc[(arm, s)] - acc[(ref, s)] for s in shared]
             jitter = np.linspace(-0.12, 0.12, len(diffs)) if len(diffs) > 1 else [0.0]
             ax.scatter(i - 0.1 + np.asarray(jitter), diffs, s=16, color="tab:blue", alpha=0.8, zorder=2,
                        label="one seed: arm - " + ref if i == 0 else None)
-            st = paired_stats([acc[(ref, s)] for s in seeds], [acc[(arm, s)] for s in seeds])
+            st = paired_stats([acc[(ref, s)] for s in shared], [acc[(arm, s)] for s in shared])
             ax.errorbar([i + 0.18], [st["diff"]], yerr=[[st["diff"] - st["ci_low"]], [st["ci_high"] - st["diff"]]],
                         fmt="o", color="black", capsize=3, zorder=3,
                         label=f"mean, 95 % CI ({interval_method(len(seeds))})" if i == 0 else None)
         ax.set_xticks(range(len(others)), others, rotation=20, ha="right")
         ax.set_xlim(-0.6, len(others) - 0.4)
         ax.set_ylabel(f"test acc. vs {ref} (points)")
-        ax.set_title(f"{spc} samples/class, {len(seeds)} paired seeds")
+        counts = sorted({sum((a, s) in acc for s in seeds) for a in others})
+        ax.set_title(f"{spc} samples/class, {counts[0] if len(counts) == 1 else f'{counts[0]}-{counts[-1]}'} "
+                     "paired seeds per arm")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)

@@ -39,16 +39,19 @@ def _iqm_note(smallest: int) -> str:
 
 
 def ablation_table(rows: list[dict[str, Any]], arms: list[str], reference: str) -> str:
-    """Per samples_per_class and arm: mean ± std test accuracy and statistics against
-    ``reference`` over the shared seeds, with the minimum detectable effect of the paired
-    test and, from :data:`~smile_ray.stats.IQM_MIN_RUNS` runs per cell, the IQM."""
-    n = len({r["seed"] for r in rows})
+    """Per samples_per_class and arm: mean ± std test accuracy (with each cell's run
+    count where they differ) and statistics against ``reference`` over the seeds both
+    ran, with the minimum detectable effect of the paired test and, from
+    :data:`~smile_ray.stats.IQM_MIN_RUNS` runs per cell, the IQM."""
     sizes = sorted({r["samples_per_class"] for r in rows})
     cells = {(spc, a): {r["seed"]: 100 * r["test_acc"] for r in rows if r["arm"] == a and r["samples_per_class"] == spc}
              for spc in sizes for a in arms}
+    paired = {len(set(v) & set(cells[spc, reference])) for (spc, a), v in cells.items() if a != reference and v}
+    ci_kind = "/".join(sorted({interval_method(n) for n in paired})) or interval_method(0)
     smallest = min((len(v) for v in cells.values() if v), default=0)
     with_iqm = any(len(v) >= IQM_MIN_RUNS for v in cells.values())
-    head = (f"| samples/class | arm | test acc (mean ± std) | diff vs ref | 95 % CI ({interval_method(n)}) | P(>ref) | p "
+    uneven = len({len(v) for v in cells.values() if v}) > 1
+    head = (f"| samples/class | arm | test acc (mean ± std) | diff vs ref | 95 % CI ({ci_kind}) | P(>ref) | p "
             "| MDE (80 %) |")
     lines = [head + (" IQM [95 % CI] |" if with_iqm else ""), "|---" * (8 + with_iqm) + "|"]
     for spc in sizes:
@@ -56,15 +59,16 @@ def ablation_table(rows: list[dict[str, Any]], arms: list[str], reference: str) 
         for arm in arms:
             acc = cells[spc, arm]
             vals = np.array([acc[s] for s in sorted(acc)])
-            cell = f"{vals.mean():.2f} ± {vals.std(ddof=1):.2f}"
+            cell = f"{vals.mean():.2f} ± {vals.std(ddof=1):.2f}" + (f" (n={len(vals)})" if uneven else "")
             extra = ""
             if with_iqm:
                 extra = f" {iqm_cell({arm: vals})} |" if len(vals) >= IQM_MIN_RUNS else " |"
             if arm == reference:
                 lines.append(f"| {spc} | {arm} | {cell} | | | | | |" + extra)
                 continue
-            s = paired_stats([ref[k] for k in sorted(ref)], [acc[k] for k in sorted(ref)])
-            mde = min_detectable_effect([acc[k] - ref[k] for k in sorted(ref)])
+            shared = sorted(set(ref) & set(acc))  # adaptive seeds: an arm that resolved stopped early
+            s = paired_stats([ref[k] for k in shared], [acc[k] for k in shared])
+            mde = min_detectable_effect([acc[k] - ref[k] for k in shared])
             lines.append(f"| {spc} | {arm} | {cell} | {s['diff']:+.2f} | [{s['ci_low']:+.2f}, {s['ci_high']:+.2f}] "
                          f"| {s['p_improve']:.2f} | {s['p_value']:.3f} | {_fmt(mde)} |" + extra)
     table = "\n".join(lines) + "\n"
