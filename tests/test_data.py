@@ -57,3 +57,29 @@ def test_batches_are_a_function_of_step_and_shards_partition_them():
 def test_samples_per_class_larger_than_the_pool():
     with pytest.raises(SmileError, match="samples_per_class=500 is larger than the digits training pool"):
         build_task(make_config({"samples_per_class": 500}))
+
+
+def _gather_shift(x, pad, oy, ox):
+    """The first version's shift: one 4-D advanced-indexing gather from the padded batch."""
+    b, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    rows_ = (oy[:, None] + torch.arange(h))[:, None, :, None]
+    cols = (ox[:, None] + torch.arange(w))[:, None, None, :]
+    return padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows_, cols]
+
+
+@pytest.mark.parametrize("size,pad", [(8, 1), (32, 2), (224, 14)])
+def test_the_sliced_shift_is_bit_identical_to_the_gather(size, pad):
+    from smile_ray.data import apply_shift, random_shift, shift_offsets
+
+    x = torch.randn(6, 3, size, size)
+    oy, ox = shift_offsets(6, pad, torch.Generator().manual_seed(3))
+    out = apply_shift(x, pad, oy, ox)
+    assert torch.equal(out, _gather_shift(x, pad, oy, ox))
+    # by hand: offset (pad, pad) is the image itself; offset (0, 0) moves it down-right by pad, zeros above
+    still = apply_shift(x[:1], pad, torch.tensor([pad]), torch.tensor([pad]))
+    assert torch.equal(still, x[:1])
+    moved = apply_shift(x[:1], pad, torch.tensor([0]), torch.tensor([0]))
+    assert torch.equal(moved[0, :, pad:, pad:], x[0, :, :-pad, :-pad]) and not moved[0, :, :pad].any()
+    assert torch.equal(random_shift(x, pad, torch.Generator().manual_seed(3)), out)
+    assert apply_shift(x[:0], pad, oy[:0], ox[:0]).shape == (0, 3, size, size)
