@@ -11,6 +11,8 @@ interpolation loss of its Eq. 1 (:func:`interpolation_loss`, :func:`interpolatio
 """
 from __future__ import annotations
 
+import re
+
 import time
 from typing import Any, Callable, Iterable, Sequence
 
@@ -29,6 +31,8 @@ EVAL_METRICS = {"val_acc": "max", "val_ece": "min", "train_loss": "min"}
 FINAL_METRICS = ("val_acc", "val_ece", "test_acc", "test_ece", "test_nll", *IL_METRICS, "seconds")
 #: the numbers a run reports to whatever orchestrates it (metrics plus bookkeeping)
 REPORTED = tuple(dict.fromkeys(("step", "lr", *EVAL_METRICS, *FINAL_METRICS)))
+#: a replicated tune trial's spread (``val_acc_std``) or one seed's value (``val_acc_r0``) of a metric
+REPLICATE_KEY = re.compile(r"(.+)_(?:std|r\d+)")
 
 #: equal-width confidence bins of the ECE and the reliability diagram
 CALIBRATION_BINS = 15

@@ -309,6 +309,14 @@ def test_replicated_trials_report_the_mean_of_their_seeds(ray_local, tmp_path, c
         assert sorted(m.step for m in history) == [10, 20]  # one mean per evaluation, not one per seed
         assert {"val_acc_std", "val_acc_r2", "test_acc_r0"} <= set(kid.data.metrics)
 
+    # the report says the trials are means over seeds and gives their spread, not a column per seed
+    from smile_ray.reports.report import build_report
+    md = build_report([out], tmp_path / "report.md").read_text()
+    assert f"Each trial ran 3 seeds ({s0}, {s0 + 1}, {s0 + 2})" in md
+    header = next(ln for ln in md.splitlines() if ln.startswith("| trial |"))
+    assert "mixup_alpha" in header and "_r0" not in header and "_std" not in header
+    assert sum(" ± " in ln for ln in md.splitlines() if ln.startswith("| ") and "TERMINATED" in ln) == 2
+
     # replicate 0 of the winner is `train --config best.json`, in this process
     from smile_ray.config import make_config
     from smile_ray.recipe import train

@@ -24,9 +24,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from smile_ray.errors import SmileError
-from smile_ray.metrics import REPORTED
-
-REPLICATE_KEY = re.compile(r"(.+)_(?:std|r\d+)")  # a replicated trial's spread / per-seed value of a key
+from smile_ray.metrics import REPLICATE_KEY, REPORTED
 
 PARENT_TAG = "mlflow.parentRunId"
 

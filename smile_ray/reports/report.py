@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from smile_ray.checkpoint import atomic_write
 from smile_ray.errors import SmileError
-from smile_ray.metrics import IL_METRICS
+from smile_ray.metrics import IL_METRICS, REPLICATE_KEY
 from smile_ray.reports import plots
 from smile_ray.reports.tables import (ABLATION_LEGEND, COMPARE_LEGEND, ablation_table, compare_table, il_table)
 
@@ -253,7 +253,8 @@ def _study(report: Report, src: Source) -> None:
     best, rows = src.best, src.rows
     metric, config = best["metric"], best["config"]
     searched = [k for k in rows[0] if k not in ("trial_id", "status", metric, "val_acc", "val_ece", "test_acc",
-                                                 "test_ece", "steps", "seconds")]
+                                                 "test_ece", "steps", "seconds") and not REPLICATE_KEY.fullmatch(k)]
+    replicated = f"{metric}_std" in rows[0]  # a replicates: K study: the metrics are means over K seeds
     done = [r for r in rows if r["status"] == "TERMINATED" and r.get(metric) is not None]
     reverse = best.get("mode", "max") == "max"
     title = plots.run_title(config)
@@ -263,13 +264,24 @@ def _study(report: Report, src: Source) -> None:
                f"{_pct(best.get('test_acc'))} % with "
                + ", ".join(f"`{k}={_num(config.get(k)) if isinstance(config.get(k), float) else config.get(k)}`"
                            for k in searched) + ".", "")
+    if replicated:
+        rep = best.get("replicates", {})
+        per_seed = rep.get(metric, {}).get("per_seed", [])
+        report.add(f"Each trial ran {len(per_seed)} seeds ({', '.join(map(str, rep.get('seeds', [])))}) and "
+                   f"reported their mean: the {metric} and test accuracy below are means ± std over the seeds. "
+                   f"The best trial's seeds: {metric} " + ", ".join(_num(v) for v in per_seed) + "; test accuracy "
+                   + ", ".join(_pct(v) for v in rep.get("test_acc", {}).get("per_seed", [])) + " %.", "")
+
+    def spread(r: dict[str, Any], key: str, fmt) -> str:
+        return fmt(r.get(key)) + (f" ± {fmt(r.get(f'{key}_std'))}" if replicated and r.get(f"{key}_std") is not None
+                                  else "")
     ordered = sorted(done, key=lambda r: r[metric], reverse=reverse) + [r for r in rows if r not in done]
     report.add("| trial | " + " | ".join(searched) + f" | {metric} | test acc (%) | status |",
                "|---" * (len(searched) + 4) + "|")
     for r in ordered[:MAX_TRIAL_ROWS]:
         report.add(f"| {r['trial_id']} | " + " | ".join(_num(r.get(k)) if isinstance(r.get(k), float) else str(r.get(k))
                                                      for k in searched)
-                   + f" | {_num(r.get(metric))} | {_pct(r.get('test_acc'))} | {r['status']} |")
+                   + f" | {spread(r, metric, _num)} | {spread(r, 'test_acc', _pct)} | {r['status']} |")
     if len(ordered) > MAX_TRIAL_ROWS:
         more = len(ordered) - MAX_TRIAL_ROWS
         report.add(f"| ... {more} more trials in trials.parquet | |" + " |" * (len(searched) + 2))
