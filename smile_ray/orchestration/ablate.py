@@ -21,7 +21,8 @@ more seeds (capped at M) to the full method and to the unresolved arms of that s
 only; finished runs are never re-run. Each round is its own Tune experiment
 (``tune``, ``tune-round2``, ...), so ``--resume`` continues inside the round that was
 interrupted. The table pairs each arm with the full method over the seeds both ran and
-says which arms resolved, at how many seeds.
+says which arms resolved, at how many seeds. This is sequential testing and the
+intervals are not corrected for the repeated looks (``docs/method.md``, Statistics).
 
 Statistics: :mod:`smile_ray.stats`; tables and plots: :mod:`smile_ray.reports`.
 """
@@ -278,5 +279,7 @@ def resolution_text(rows: list[dict[str, Any]], arms: list[str], max_seeds: int)
         else:
             lines.append(f"- {spc}/class, {arm}: not resolved at {r['seeds']} seeds (the maximum, {max_seeds}; "
                          f"95 % CI [{r['ci'][0]:+.2f}, {r['ci'][1]:+.2f}])")
-    return "Adaptive seeds: each arm ran until its interval excluded zero or it reached --max-seeds.\n\n" + \
+    return ("Adaptive seeds: each arm ran until its interval excluded zero or it reached --max-seeds. The "
+            "intervals are not corrected for the repeated looks (a null arm 'resolves' more often than 5 %): "
+            "confirm a resolved arm on fresh seeds.\n\n") + \
         "\n".join(lines) + "\n"
