@@ -234,8 +234,7 @@ def run_ablation(
                        for run in make_runs(arm_configs, [(spc, a) for a in arms_], seeds_)]
                 rounds.append(list(range(len(runs), len(runs) + len(new))))
                 runs += new
-                write_json({**json.loads((out / STATE_FILE).read_text()), "rounds": rounds, "runs": runs},
-                           out / STATE_FILE)
+                write_json({**state, "rounds": rounds, "runs": runs}, out / STATE_FILE)
 
     rows.sort(key=lambda r: (r["samples_per_class"], arm_names.index(r["arm"]), r["seed"]))
     pq.write_table(pa.Table.from_pylist(rows), out / "ablation.parquet")
