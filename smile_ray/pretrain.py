@@ -111,7 +111,7 @@ def load_source(config: Config, cache_dir: str | Path | None = None, log=print,
         path = source_weights_path(config, Path(cache_dir or default_cache_dir()))
         if not path.is_file():
             log(f"pre-training {config.backbone} on the {config.dataset} source task (cached at {path})")
-            model, info = pretrain_source(spec.source(config), config.backbone, progress=progress)
+            model, info = pretrain_source(spec.build_source(config, cache_dir), config.backbone, progress=progress)
             save_weights(model, path, info)
             log(f"source model: {info['source_val_acc']:.1%} held-out source accuracy, {info['seconds']:.1f} s")
         return load_source_model(config.backbone, path), str(path)

@@ -99,7 +99,7 @@ def setup(
     if config.batch_size % world_size:
         raise SmileError(f"batch_size={config.batch_size} does not split evenly over {world_size} workers")
     device = device or resolve_device(config.device)
-    task = task or build_task(config)
+    task = task or build_task(config, cache_dir)
     source, source_weights = load_source(config, cache_dir, log=log, progress=progress)
     if source.in_channels == 1 and task.in_channels != 1:
         raise SmileError(f"backbone {config.backbone!r} takes 1-channel images; dataset {config.dataset!r} has {task.in_channels}")

@@ -1,10 +1,11 @@
 """The embedded digits task: fixed splits, seeded subsets, deterministic batches."""
+import numpy as np
 import pytest
 import torch
 
 from smile_ray.config import make_config
 from smile_ray.data import build_task
-from smile_ray.data.digits import digits_source
+from smile_ray.data.digits import digits_arrays, digits_cache_path, digits_source
 from smile_ray.errors import SmileError
 
 
@@ -32,6 +33,26 @@ def test_training_subset_depends_on_seed_only():
     b = build_task(make_config({"seed": 2}))
     assert torch.equal(a.splits["train"][0], again.splits["train"][0])
     assert rows(a.splits["train"][0]) != rows(b.splits["train"][0])
+
+
+def test_digits_are_cached_beside_the_source_models_and_read_back_identically(tmp_path):
+    from sklearn.datasets import load_digits
+
+    reference = load_digits()
+    path = digits_cache_path(tmp_path)
+    assert not path.exists()
+    first = build_task(make_config({"seed": 3}), cache_dir=tmp_path)  # reads scikit-learn, writes the cache
+    assert path.is_file()
+    images, labels = digits_arrays(tmp_path)
+    assert images.dtype == np.uint8 and np.array_equal(images, reference.images)  # exact: the values are 0..16
+    assert np.array_equal(labels, reference.target)
+    again = build_task(make_config({"seed": 3}), cache_dir=tmp_path)  # from the cache
+    for split in ("train", "val", "test"):
+        assert torch.equal(first.splits[split][0], again.splits[split][0])
+        assert torch.equal(first.splits[split][1], again.splits[split][1])
+    path.write_bytes(b"not an npz")  # a damaged cache is rebuilt, not trusted
+    assert np.array_equal(digits_arrays(tmp_path)[0], reference.images)
+    assert np.load(path)["images"].shape == (1797, 8, 8)
 
 
 def test_source_task_holds_other_digits_than_the_target():

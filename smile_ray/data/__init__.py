@@ -148,11 +148,21 @@ def random_shift(x: Tensor, pad: int, generator: torch.Generator) -> Tensor:
 class DatasetSpec:
     """``target(config)`` builds the target task; ``source(config)`` the task a source
     model is pre-trained on for ``weights=source`` (None if the dataset has none; it may
-    read only ``image_size`` and ``data_root``, the keys of the source-model cache)."""
+    read only ``image_size`` and ``data_root``, the keys of the source-model cache).
+    ``cached``: both also take ``cache_dir=`` (the source-model cache directory, or None
+    for the default), where they may keep files derived from the dataset."""
 
-    target: Callable[[Config], "TensorTask | ImageTask"]
-    source: Callable[[Config], TensorTask] | None = None
+    target: Callable[..., "TensorTask | ImageTask"]
+    source: Callable[..., TensorTask] | None = None
+    cached: bool = False
+
+    def build_target(self, config: Config, cache_dir=None) -> "TensorTask | ImageTask":
+        return self.target(config, cache_dir=cache_dir) if self.cached else self.target(config)
+
+    def build_source(self, config: Config, cache_dir=None) -> TensorTask:
+        return self.source(config, cache_dir=cache_dir) if self.cached else self.source(config)
 
 
-def build_task(config: Config) -> "TensorTask | ImageTask":
-    return DATASETS.get(config.dataset).target(config)
+def build_task(config: Config, cache_dir=None) -> "TensorTask | ImageTask":
+    """The target task of ``config``; ``cache_dir`` as for the source models."""
+    return DATASETS.get(config.dataset).build_target(config, cache_dir)
