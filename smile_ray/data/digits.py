@@ -17,7 +17,6 @@ version>.npz`` (116 KB) in the cache directory beside the source models: importi
 """
 from __future__ import annotations
 
-import os
 from importlib import metadata
 from pathlib import Path
 
