@@ -70,7 +70,9 @@ def cli() -> None:
 @click.option(
     "--workers", type=click.IntRange(min=1),
     help="Run data-parallel on N Ray Train workers (DDP; gloo on CPU, nccl with --gpu). "
-    "batch_size is the global batch. Without it the core runs in this process.",
+    "batch_size is the global batch. Without it the core runs in this process, which is the "
+    "better choice on a single CPU machine: Ray Train adds about 15 s of fixed start-up "
+    "(benchmarks/ray_overhead.py) and N CPU workers share the same cores.",
 )
 @click.option("--gpu", is_flag=True, help="One GPU per Ray Train worker.")
 @click.option("--address", help="Ray cluster to join ('auto', host:port or ray://host:port) [start a local Ray].")
