@@ -68,6 +68,38 @@ class Run:
         )
 
 
+class Prefetcher:
+    """The training batches of an in-memory task, built one step ahead on a background
+    thread and, with ``pin``, copied to pinned memory there, so that building batch k+1
+    overlaps step k and its host-to-device copy is truly asynchronous
+    (``non_blocking=True`` from pageable memory is a synchronous copy). Used on CUDA; the
+    batches are the task's keyed ones, so results do not change. Asking for a step other
+    than the next one (a resumed run) restarts the pipeline there."""
+
+    def __init__(self, task: TensorTask, batch_size: int, rank: int = 0, world_size: int = 1, pin: bool = False):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.task, self.batch_size, self.rank, self.world_size, self.pin = task, batch_size, rank, world_size, pin
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="smile-ray-batches")
+        self._step, self._future = -1, None
+
+    def _build(self, step: int) -> tuple[Tensor, Tensor]:
+        x, y = self.task.train_batch(step, self.batch_size, self.rank, self.world_size)
+        return (x.pin_memory(), y.pin_memory()) if self.pin else (x, y)
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor]:
+        if self._future is None or self._step != step:
+            if self._future is not None:
+                self._future.cancel()
+            self._future = self._pool.submit(self._build, step)
+        x, y = self._future.result()
+        self._step, self._future = step + 1, self._pool.submit(self._build, step + 1)
+        return x, y
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -245,10 +277,17 @@ def train(
         bar = tqdm(total=config.steps, initial=step, desc=f"{config.method} {config.dataset}", unit="step",
                    file=sys.stderr, dynamic_ncols=True)
     loss_sum, loss_n = torch.zeros((), device=run.device), 0
+    # on CUDA the in-memory tasks' batches are built ahead and pinned (the image-file
+    # tasks' DataLoader already prefetches and pins); on CPU a builder thread would only
+    # take cores from the step
+    prefetch = (Prefetcher(run.task, config.batch_size, rank, world_size, pin=True)
+                if run.device.type == "cuda" and isinstance(run.task, TensorTask) else None)
+    next_batch = prefetch.batch if prefetch is not None else \
+        (lambda s: run.task.train_batch(s, config.batch_size, rank, world_size))
     started = time.perf_counter()
     try:
         while step < config.steps:
-            x, y = run.to_device(*run.task.train_batch(step, config.batch_size, rank, world_size))
+            x, y = run.to_device(*next_batch(step))
             loss_sum += train_step(run, step, x, y)
             loss_n += 1
             step += 1
@@ -275,6 +314,8 @@ def train(
     finally:  # an interrupted run leaves its bar where it stopped, before the error line
         if bar is not None:
             bar.close()
+        if prefetch is not None:
+            prefetch.close()
     seconds += time.perf_counter() - started
     consistent = ranks_consistent(run) if world_size > 1 else None
 

@@ -104,3 +104,17 @@ def test_the_sliced_shift_is_bit_identical_to_the_gather(size, pad):
     assert torch.equal(moved[0, :, pad:, pad:], x[0, :, :-pad, :-pad]) and not moved[0, :, :pad].any()
     assert torch.equal(random_shift(x, pad, torch.Generator().manual_seed(3)), out)
     assert apply_shift(x[:0], pad, oy[:0], ox[:0]).shape == (0, 3, size, size)
+
+
+def test_prefetched_batches_are_the_tasks_keyed_batches_in_any_order():
+    from smile_ray.recipe import Prefetcher
+
+    task = build_task(make_config({"samples_per_class": 4}))
+    pre = Prefetcher(task, 12, rank=1, world_size=2)
+    try:
+        for step in [0, 1, 2, 7, 8, 3]:  # consecutive steps come from the pipeline; a jump restarts it
+            x, y = pre.batch(step)
+            ex, ey = task.train_batch(step, 12, 1, 2)
+            assert torch.equal(x, ex) and torch.equal(y, ey)
+    finally:
+        pre.close()
