@@ -8,6 +8,7 @@ to set once its outputs are written, KILLED on an interrupt, FAILED on an error.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -23,6 +24,10 @@ from smile_ray.orchestration.trainable import trainable
 
 EXPERIMENT_DIR = "tune"
 NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"
+#: a finished trial's process runs the next trial that asks for the same resources, so
+#: only the first trial of each concurrent slot pays the fresh process and its imports
+#: (torch, torch._dynamo, the core: 3-5 s here; ``benchmarks/tune_overhead.py``)
+REUSE_ACTORS = True
 
 
 def can_resume(out: Path, experiment_dir: str = EXPERIMENT_DIR) -> bool:
@@ -50,6 +55,7 @@ def run_trials(
     # verbose=0; the older engine at verbose=0 prints nothing, leaving stdout to the
     # results and stderr to ``table``.
     os.environ[NEW_OUTPUT_ENV] = "0"
+    tune_config = dataclasses.replace(tune_config or tune.TuneConfig(), reuse_actors=REUSE_ACTORS)
     try:
         if resume:
             tuner = tune.Tuner.restore(str(out / experiment_dir), fn, resume_errored=True, param_space=param_space)
