@@ -50,6 +50,11 @@ def check_study(out, client, num_trials):
     winner = next(r for r in rows if r["trial_id"] == best["trial_id"])
     assert best["config"]["mixup_alpha"] == winner["mixup_alpha"] and best["test_acc"] == winner["test_acc"]
     assert (out / "val_acc_vs_params.png").stat().st_size > 1000
+    # each trial's run directory is its own (trial processes are reused: one that wrote
+    # into its first trial's directory would leave the others empty)
+    for r in rows:
+        (run,) = (out / "tune").glob(f"*{r['trial_id']}*/run/metrics.json")
+        assert json.loads(run.read_text())["config"]["mixup_alpha"] == r["mixup_alpha"]
 
     parent_id = json.loads((out / "study.json").read_text())["parent_run_id"]
     parent = client.get_run(parent_id)
@@ -228,7 +233,8 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path, c
     assert set(header[3:6]) == {"mixup_alpha", "feature_weight", "label_mixup"}, err
     assert header[6:] == ["val_acc", "best", "s/run"], err
     rows = [ln for ln in err.splitlines() if re.match(r"\s*\d/4\s+\d+m\d\ds\s+\w{8,}\s", ln)]
-    assert len(rows) >= 2 and all(len(ln) <= 120 for ln in rows), err
+    # (the second trial's row may not be printed yet: its files are written before Tune hears of its end)
+    assert len(rows) >= 1 and all(len(ln) <= 120 for ln in rows), err
 
     resume = [sys.executable, "-m", "smile_ray", "tune", "--output", str(out), "--resume"]
     resumed = subprocess.run(resume, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)

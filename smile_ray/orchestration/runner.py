@@ -50,7 +50,7 @@ def run_trials(
     one of its ``expected`` trials has ended. An interrupted fit raises KeyboardInterrupt.
     Ray Tune's own console table is off; ``table`` prints a row per ended trial instead."""
     client, parent_id = logger.client, logger.parent_run_id
-    fn = trainable(setup)
+    fn = trainable({**setup, "experiment_path": str(out / experiment_dir)})
     # Tune's newer console output prints its experiment box and paths on stdout even at
     # verbose=0; the older engine at verbose=0 prints nothing, leaving stdout to the
     # results and stderr to ``table``.

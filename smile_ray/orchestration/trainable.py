@@ -46,7 +46,10 @@ def run_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
     """The Tune function trainable."""
     config = make_config(trial_config(params, setup))
     res: Resources = setup["resources"]
-    out = Path(tune.get_context().get_trial_dir()) / RUN_DIR
+    # The trial's directory in the experiment's storage, written directly: get_trial_dir()
+    # is a local working directory that Ray copies to storage only for a fresh actor on
+    # the driver's node (a reused actor's, or another node's, would be lost).
+    out = Path(setup["experiment_path"]) / Path(tune.get_context().get_trial_dir()).name / RUN_DIR
     if setup.get("replicates", 1) > 1:
         run_replicates(config.to_dict(), setup["replicates"], out, res, setup["cache_dir"])
         return
