@@ -13,6 +13,14 @@ torchvision (no Ray, no MLflow), so it runs on a bare GPU box too.
         --variants plain,l2,smile --steps 5 --rounds 5 --warmup 3
     python benchmarks/step_time.py --variants l2,mixup,smile,l2sp,delta,bss,cotuning,rifle,stochnorm,lwf,regsl
 
+On a GPU, the issue's two ResNet-50 figures (synthetic batches, then the real file
+pipeline: 500x375 JPEGs decoded and augmented by DataLoader workers, pinned, copied):
+
+    python benchmarks/step_time.py --backbone resnet50 --image-size 224 --batch-size 48 --device cuda \
+        --precision bf16 --channels-last --variants l2,smile --synthetic
+    python benchmarks/step_time.py --backbone resnet50 --image-size 224 --batch-size 48 --device cuda \
+        --precision bf16 --channels-last --variants l2,smile --files generate --data-workers 8
+
 ``plain`` is the floor: the bare backbone and a linear head, ``F.cross_entropy`` and
 ``torch.optim.SGD``, written here without any smile-ray code.
 """
@@ -75,6 +83,12 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--synthetic", action="store_true", help="random batches (required for backbones other than digits_cnn)")
+    ap.add_argument("--files", metavar="DIR",
+                    help="time every step through the real file pipeline (decode, augment, DataLoader workers, "
+                         "pinned copy) instead of pre-built batches: an image_folder tree at DIR, or 'generate' "
+                         "for --file-images generated 500x375 JPEGs (random init weights; speed only)")
+    ap.add_argument("--file-images", type=int, default=960)
+    ap.add_argument("--data-workers", type=int, default=-1, help="DataLoader workers for --files [-1: automatic]")
     ap.add_argument("--steps", type=int, default=30, help="timed steps per variant and round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=10)
@@ -86,6 +100,18 @@ def main() -> None:
     args = ap.parse_args()
 
     device = resolve_device(args.device)
+    files_root = None
+    if args.files == "generate":
+        import tempfile
+
+        from input_pipeline import write_tree  # benchmarks/input_pipeline.py
+
+        files_root = Path(tempfile.mkdtemp(prefix="smile-ray-step-files-"))
+        t = time.perf_counter()
+        write_tree(files_root, args.file_images, 10, 500, 375)
+        print(f"wrote {args.file_images} 500x375 JPEGs in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    elif args.files:
+        files_root = Path(args.files)
     cache = args.cache_dir or default_cache_dir()
     results: dict = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(), "args": vars(args) | {"json": None}}
 
@@ -103,8 +129,10 @@ def main() -> None:
         "backbone": args.backbone, "image_size": args.image_size, "batch_size": args.batch_size,
         "precision": args.precision, "channels_last": args.channels_last, "device": str(device),
         "steps": 10**7,  # every timed step is in the regularised phase, before the lr drop
-        "weights": "none" if args.synthetic else "source",
+        "weights": "none" if args.synthetic or files_root else "source",
     }
+    if files_root:
+        base.update(dataset="image_folder", data_root=str(files_root), sample_rate=1.0, data_workers=args.data_workers)
     names = [v.strip() for v in args.variants.split(",")]
     for name in names:  # any registered method is a variant of its own name (the baselines)
         if name not in VARIANTS:
@@ -117,7 +145,7 @@ def main() -> None:
         if args.synthetic:
             task = SyntheticTask(args.batch_size, 3 if args.backbone != "digits_cnn" else 1, args.image_size, 10, device)
         runs[name] = setup(cfg, cache, device=device, task=task, log=lambda m: print(m, file=sys.stderr))
-        if batches is None:
+        if batches is None and not files_root:
             n = args.warmup + args.steps
             batches = [runs[name].to_device(*runs[name].task.train_batch(s, args.batch_size)) for s in range(n)]
 
@@ -145,7 +173,8 @@ def main() -> None:
         sync(device)
         t = time.perf_counter()
         for i, s in enumerate(steps):
-            x, y = batches[s]
+            # --files: each step's batch comes through the run's own pipeline, as in training
+            x, y = run.to_device(*run.task.train_batch(offset + i, args.batch_size)) if files_root else batches[s]
             if name == "plain":
                 plain(x, y)
             else:
@@ -163,7 +192,8 @@ def main() -> None:
 
     ref = statistics.median(per_round["l2"]) if "l2" in per_round else None
     print(f"\n{args.backbone} {args.image_size}px batch {args.batch_size} on {device} ({args.precision}"
-          f"{', channels_last' if args.channels_last else ''}), median of {args.rounds} rounds x {args.steps} steps")
+          f"{', channels_last' if args.channels_last else ''}), median of {args.rounds} rounds x {args.steps} steps"
+          f"{', batches through the file pipeline' if files_root else ''}")
     print(f"{'variant':<22} {'ms/step':>9} {'img/s':>9} {'vs l2':>7}")
     results["variants"] = {}
     for name in names:
@@ -182,6 +212,12 @@ def main() -> None:
               f"{results['train_seconds']:.1f} s wall, test_acc {m['test_acc']:.3f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+    for run in runs.values():
+        getattr(run.task, "close", lambda: None)()  # the file pipeline's DataLoader workers
+    if args.files == "generate":
+        import shutil
+
+        shutil.rmtree(files_root, ignore_errors=True)
 
 
 if __name__ == "__main__":
