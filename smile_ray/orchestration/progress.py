@@ -98,7 +98,8 @@ class TrialTable(tune.Callback):
         self._trial_row(trial, trials, "" if "test_acc" in result else "stopped early")
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        self._trial_row(trial, trials, f"FAILED: see {trial.local_path or trial.path}")
+        # trial.path: the trial's directory in the experiment's storage (local_path is Ray's staging copy)
+        self._trial_row(trial, trials, f"FAILED: see {trial.path}")
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "stream": None}  # Tune pickles its callbacks with the experiment
