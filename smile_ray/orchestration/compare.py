@@ -172,7 +172,8 @@ def run_compare(
               f"{f', each method tuned with {tune_budget} trials per column' if tune_budget else ', reference settings'}. "
               f"Reference: {reference}. {COMPARE_LEGEND}\n\n")
     (out / "table.md").write_text(header + table + "".join(f"\n{line}" for line in failed))
-    plot = plot_compare(rows, methods, list(settings.columns), out / "table.png", f"Test accuracy on {what}")
+    plot = plot_compare(rows, methods, list(settings.columns), out / "table.png",
+                        f"Test accuracy on {what[:-1]}, {settings.seeds} seeds)")
     finish(logger, [out / "results.parquet", out / "table.md", plot, Path(settings.path)])
     return table
 

@@ -117,7 +117,10 @@ def plot_compare(rows: list[dict[str, Any]], methods: list[str], columns: list[s
     for ax, column in zip(axes[0], columns):
         for i, m in enumerate(methods):
             vals = np.array([100 * r["test_acc"] for r in rows if r["method"] == m and r["setting"] == column])
-            if not len(vals):
+            if not len(vals):  # every run of it failed: say so where its dots would be
+                if any(r["setting"] == column for r in rows):
+                    ax.text(i, 0.5, "no finished run", transform=ax.get_xaxis_transform(), rotation=90,
+                            ha="center", va="center", fontsize=8, color="0.4")
                 continue
             jitter = np.linspace(-0.12, 0.12, len(vals)) if len(vals) > 1 else np.zeros(1)
             ax.scatter(i - 0.1 + jitter, vals, s=14, color="tab:blue", alpha=0.7, zorder=2,
