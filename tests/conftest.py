@@ -69,3 +69,30 @@ def command_line(pid: int) -> str:
 def own_processes_named(word: str) -> list[int]:
     """Processes this test process started (directly or not) whose command line holds ``word``."""
     return [p for p in descendants(os.getpid()) if word in command_line(p)]
+
+
+def interrupt_after_rows(proc, row_pattern: str, rows: int, timeout: float = 240.0) -> tuple[str, list[Path]]:
+    """Read ``proc``'s stderr as it comes; once ``rows`` lines of the live table match
+    ``row_pattern`` (a row is printed when Tune has recorded that trial's end), note the
+    run directories' metrics.json files, send SIGINT and return (all of stderr, those
+    files). Waiting for the rows, not for the files, matters: a run writes metrics.json a
+    moment before Tune hears of its end, and a run Tune has not seen end is resumed."""
+    import re
+    import signal
+    import threading
+    import time
+
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)
+    reader.start()
+    deadline = time.time() + timeout
+    while (sum(bool(re.match(row_pattern, ln)) for ln in list(lines)) < rows and proc.poll() is None
+           and time.time() < deadline):
+        time.sleep(0.2)
+    assert proc.poll() is None, "".join(lines)
+    assert sum(bool(re.match(row_pattern, ln)) for ln in list(lines)) >= rows, "".join(lines)
+    finished = sorted(Path(proc.args[proc.args.index("--output") + 1]).glob("tune/*/run/metrics.json"))
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    reader.join(timeout=10)
+    return "".join(lines), finished

@@ -7,6 +7,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from conftest import interrupt_after_rows
 from smile_ray.orchestration.ablate import run_ablation
 from smile_ray.stats import paired_stats
 from smile_ray.cli import main
@@ -168,17 +169,11 @@ def test_runs_take_the_definitions_resources(ray_local, tmp_path, cache_dir, mon
     assert sorted(r["test_acc"] for r in rows) == sorted(m["test_acc"] for m in runs)
 
 
-def finished_runs(out):
-    return sorted((out / "tune").glob("*/run/metrics.json"))
-
-
 def test_an_interrupted_ablation_resumes_without_rerunning_finished_runs(tmp_path, cache_dir):
     import os
     import re
-    import signal
     import subprocess
     import sys
-    import time
 
     defs = write_defs(tmp_path / "defs.yaml", base={"method": "smile", "steps": 60, "eval_every": 20},
                       max_concurrent=1)
@@ -187,20 +182,16 @@ def test_an_interrupted_ablation_resumes_without_rerunning_finished_runs(tmp_pat
     cmd = [sys.executable, "-m", "smile_ray", "ablate", "--definitions", str(defs), "--output", str(out)]
     proc = subprocess.Popen(cmd + ["--drop", "source_label"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while len(finished_runs(out)) < 2 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.5)
-    assert len(finished_runs(out)) >= 2 and proc.poll() is None
-    proc.send_signal(signal.SIGINT)
-    err = proc.communicate(timeout=120)[1]
+    err, finished = interrupt_after_rows(proc, r"\s*\d/4\s", 2)
     assert proc.returncode != 0 and "add --resume" in err.strip().splitlines()[-1]
+    assert len(finished) >= 2
     # the live table names each run by its arm, data size and seed
     assert [ln.split() for ln in err.splitlines() if ln.split()[:2] == ["done", "elapsed"]] == [
         ["done", "elapsed", "arm", "samples_per_class", "seed", "val_acc", "test_acc", "s/run"]], err
     rows = [ln.split() for ln in err.splitlines() if re.match(r"\s*\d/4\s", ln)]
     assert len(rows) >= 2 and all(r[2] in ("full", "-source_label") and r[3] == "3" and r[4] in ("0", "1")
                                   for r in rows), err
-    before = {p: p.stat().st_mtime_ns for p in finished_runs(out)}
+    before = {p: p.stat().st_mtime_ns for p in finished}
     assert not (out / "ablation.parquet").exists()
 
     refused = subprocess.run(cmd + ["--resume", "--seeds", "3"], cwd=tmp_path, env=env, capture_output=True, text=True)

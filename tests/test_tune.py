@@ -2,7 +2,6 @@
 import json
 import os
 import re
-import signal
 import statistics
 import socket
 import subprocess
@@ -14,6 +13,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from conftest import interrupt_after_rows
 from smile_ray.cli import main
 from smile_ray.orchestration.tune import run_study
 
@@ -207,11 +207,6 @@ def test_bad_command_lines(tmp_path, capfd, monkeypatch):
     assert [e.name for e in client.search_experiments()] in ([], ["Default"])
 
 
-def finished_trials(out):
-    """The trials whose run wrote its metrics.json (written once, when the run ends)."""
-    return sorted((out / "tune").glob("*/run/metrics.json"))
-
-
 def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path, cache_dir):
     space = write_space(tmp_path / "space.yaml", num_samples=4, max_concurrent=1,
                         base={"method": "smile", "steps": 60, "eval_every": 20, "samples_per_class": 3})
@@ -219,22 +214,17 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path, c
     env = {**os.environ, "SMILE_RAY_CACHE": str(cache_dir)}
     cmd = [sys.executable, "-m", "smile_ray", "tune", "--space", str(space), "--output", str(out)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while len(finished_trials(out)) < 2 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.5)
-    assert len(finished_trials(out)) >= 2 and proc.poll() is None
-    proc.send_signal(signal.SIGINT)
-    err = proc.communicate(timeout=120)[1]
+    err, finished = interrupt_after_rows(proc, r"\s*\d/4\s+\d+m\d\ds\s+\w{8,}\s", 2)
     assert proc.returncode != 0 and "--resume" in err.strip().splitlines()[-1]
-    before = {p: p.stat().st_mtime_ns for p in finished_trials(out)}
+    assert len(finished) >= 2
+    before = {p: p.stat().st_mtime_ns for p in finished}
     assert not (out / "trials.parquet").exists()
     # the live table: a header once, then a row per finished trial, on an 80-120 column terminal
     (header,) = [ln.split() for ln in err.splitlines() if ln.split()[:3] == ["done", "elapsed", "trial"]]
     assert set(header[3:6]) == {"mixup_alpha", "feature_weight", "label_mixup"}, err
     assert header[6:] == ["val_acc", "best", "s/run"], err
     rows = [ln for ln in err.splitlines() if re.match(r"\s*\d/4\s+\d+m\d\ds\s+\w{8,}\s", ln)]
-    # (the second trial's row may not be printed yet: its files are written before Tune hears of its end)
-    assert len(rows) >= 1 and all(len(ln) <= 120 for ln in rows), err
+    assert len(rows) >= 2 and all(len(ln) <= 120 for ln in rows), err
 
     resume = [sys.executable, "-m", "smile_ray", "tune", "--output", str(out), "--resume"]
     resumed = subprocess.run(resume, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
