@@ -13,6 +13,7 @@ gradient norm over the first --steps steps (stopping at a non-finite loss).
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -43,19 +44,19 @@ def main() -> None:
         method, c = run.method, run.config
         if n == 0:  # the penalty before any step (the same for every weight)
             x, y = run.to_device(*run.task.train_batch(0, c.batch_size))
+            before = copy.deepcopy(run.model.state_dict())
             with torch.no_grad():
                 with recording(method._student_layers) as fm:
-                    run.model(x)  # train mode, as in training (this forward's BN statistics update is harmless here)
+                    run.model(x)  # train mode, as in training
                 with recording(method._teacher_layers) as ref:
                     method.teacher(x)
+            run.model.load_state_dict(before)  # undo the forward's BatchNorm statistics update
             parts = [float(delta_penalty([a], [b], None if method.weights is None else [wt]))
                      for a, b, wt in zip(fm, ref, method.weights or [None] * len(fm))]
             print(f"step-0 penalty on {c.dataset}, {c.backbone}, batch {c.batch_size}, {c.delta_variant} variant: "
                   f"{sum(parts):.3g} in all")
             for layer, v in zip(method.layers, parts):
                 print(f"  {layer:<28} {v:10.3g}  ({v / max(sum(parts), 1e-30):.0%})")
-            run = setup(make_config({**values, "delta_weight": w}), log=lambda m: None)  # fresh BN statistics
-            method = run.method
         print(f"\ndelta_weight {w:g} (lr {c.lr:g}):")
         print(f"{'step':>5} {'cls':>8} {'delta':>10} {'grad norm':>10}")
         for step in range(args.steps):

@@ -165,7 +165,8 @@ def run_compare(
     reference = REFERENCE if REFERENCE in methods else methods[0]
     table = compare_table(rows, methods, list(settings.columns), reference)
     b = settings.base
-    what = f"{b.dataset} ({b.backbone}, weights={b.weights}, {b.steps} steps)"
+    run_desc = f"{b.backbone}, weights={b.weights}, {b.steps} steps"
+    what = f"{b.dataset} ({run_desc})"
     header = (f"# Methods compared on {what}\n\n"
               f"{settings.seeds} seeds per cell, {len(runs)} runs ({len(failed)} failed), "
               f"{time.perf_counter() - started:.0f} s"
@@ -173,7 +174,7 @@ def run_compare(
               f"Reference: {reference}. {COMPARE_LEGEND}\n\n")
     (out / "table.md").write_text(header + table + "".join(f"\n{line}" for line in failed))
     plot = plot_compare(rows, methods, list(settings.columns), out / "table.png",
-                        f"Test accuracy on {what[:-1]}, {settings.seeds} seeds)")
+                        f"Test accuracy on {b.dataset} ({run_desc}, {settings.seeds} seeds)")
     finish(logger, [out / "results.parquet", out / "table.md", plot, Path(settings.path)])
     return table
 
