@@ -20,6 +20,8 @@ pipeline: 500x375 JPEGs decoded and augmented by DataLoader workers, pinned, cop
         --precision bf16 --channels-last --variants l2,smile --synthetic
     python benchmarks/step_time.py --backbone resnet50 --image-size 224 --batch-size 48 --device cuda \
         --precision bf16 --channels-last --variants l2,smile --files generate --data-workers 8
+    python benchmarks/step_time.py --backbone resnet50 --image-size 224 --batch-size 48 --device cuda \
+        --variants l2,smile --synthetic --compile     # the CUDA defaults (bf16, channels_last) + torch.compile
 
 ``plain`` is the floor: the bare backbone and a linear head, ``F.cross_entropy`` and
 ``torch.optim.SGD``, written here without any smile-ray code.
@@ -40,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from smile_ray.config import make_config  # noqa: E402
 from smile_ray.pretrain import default_cache_dir  # noqa: E402
 from smile_ray.models import build_source_model  # noqa: E402
-from smile_ray.recipe import resolve_device, setup, train, train_step  # noqa: E402
+from smile_ray.recipe import resolve_device, setup, train, train_step, uses_bf16, uses_channels_last  # noqa: E402
 from smile_ray.registry import METHODS  # noqa: E402
 
 VARIANTS = {
@@ -80,8 +82,12 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=48)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="the config key's values [auto: bf16 autocast on CUDA, fp32 on CPU]")
+    ap.add_argument("--channels-last", default="auto", nargs="?", const="true", choices=["auto", "true", "false"],
+                    help="the config key's values; the bare flag means true [auto: on for CUDA]")
+    ap.add_argument("--compile", action="store_true", help="compile=true: torch.compile the student and the teacher "
+                    "(the compile happens in the warm-up steps)")
     ap.add_argument("--synthetic", action="store_true", help="random batches (required for backbones other than digits_cnn)")
     ap.add_argument("--files", metavar="DIR",
                     help="time every step through the real file pipeline (decode, augment, DataLoader workers, "
@@ -128,6 +134,7 @@ def main() -> None:
     base = {
         "backbone": args.backbone, "image_size": args.image_size, "batch_size": args.batch_size,
         "precision": args.precision, "channels_last": args.channels_last, "device": str(device),
+        "compile": args.compile,
         "steps": 10**7,  # every timed step is in the regularised phase, before the lr drop
         "weights": "none" if args.synthetic or files_root else "source",
     }
@@ -155,14 +162,15 @@ def main() -> None:
         source = build_source_model(args.backbone, 10).to(device).train()
         head = torch.nn.Linear(source.fc.in_features, 10).to(device)
         net = torch.nn.Sequential(source.body, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), head)
-        if args.channels_last:
+        if uses_channels_last(runs["plain"].config, device):
             net = net.to(memory_format=torch.channels_last)
         opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
 
         def plain_step(x, y):
             if x.shape[1] == 1 and args.backbone != "digits_cnn":
                 x = x.expand(-1, 3, -1, -1)
-            loss = torch.nn.functional.cross_entropy(net(x), y)
+            with runs["plain"].autocast():  # the precision the library's steps run at
+                loss = torch.nn.functional.cross_entropy(net(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -191,8 +199,10 @@ def main() -> None:
             per_round[name].append(time_steps(runs[name], timed, args.warmup + r * args.steps, name))
 
     ref = statistics.median(per_round["l2"]) if "l2" in per_round else None
-    print(f"\n{args.backbone} {args.image_size}px batch {args.batch_size} on {device} ({args.precision}"
-          f"{', channels_last' if args.channels_last else ''}), median of {args.rounds} rounds x {args.steps} steps"
+    first = runs[names[0]]
+    print(f"\n{args.backbone} {args.image_size}px batch {args.batch_size} on {device} "
+          f"({'bf16' if uses_bf16(first.config, device) else 'fp32'}"
+          f"{', channels_last' if uses_channels_last(first.config, device) else ''}), median of {args.rounds} rounds x {args.steps} steps"
           f"{', batches through the file pipeline' if files_root else ''}")
     print(f"{'variant':<22} {'ms/step':>9} {'img/s':>9} {'vs l2':>7}")
     results["variants"] = {}

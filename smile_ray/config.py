@@ -157,8 +157,14 @@ class Config:
         0, "torch CPU threads; 0: torch's default (one per core). On a machine shared with other jobs, "
         "1 or 2 avoids oversubscription (several times faster there)",
     )
-    precision: str = _key("fp32", "fp32 or bf16 (autocast)")
-    channels_last: bool = _key(False, "use the channels_last memory format")
+    precision: str = _key("auto", "auto (bf16 autocast on CUDA, fp32 elsewhere), fp32 or bf16")
+    channels_last: str = _key(
+        "auto", "channels_last memory format: auto (on for CUDA, off on CPU, where it is slower), true or false"
+    )
+    compile: bool = _key(
+        False, "torch.compile the student's forward (and SMILE's teacher's): faster CUDA steps after a one-off "
+        "compile of tens of seconds per run; needs a C compiler on CPU"
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -185,6 +191,9 @@ class Config:
 
 KEYS: dict[str, dataclasses.Field] = {f.name: f for f in fields(Config)}
 
+#: string keys that take auto, true or false (YAML and --set booleans accepted)
+TRISTATE = ("channels_last",)
+
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -204,6 +213,13 @@ def _coerce(name: str, value: Any, kind: type, where: str) -> Any:
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
         raise bad()
+    if name in TRISTATE:  # auto, or a boolean in any of its spellings
+        if isinstance(value, str) and value.lower() == "auto":
+            return "auto"
+        try:
+            return "true" if _coerce(name, value, bool, where) else "false"
+        except SmileError:
+            raise SmileError(f"{where}: {name}={value!r} is not auto, true or false") from None
     if isinstance(value, bool):
         raise bad()
     if kind is int:
@@ -289,7 +305,7 @@ def _check_ranges(c: Config, where: str) -> None:
     need(c.eval_every >= 1, "eval_every", "must be >= 1")
     need(c.threads >= 0, "threads", "0 (torch's default) or a count >= 1")
     need(bool(_DEVICE.match(c.device)), "device", "auto, cpu, cuda or cuda:N")
-    need(c.precision in ("fp32", "bf16"), "precision", "fp32 or bf16")
+    need(c.precision in ("auto", "fp32", "bf16"), "precision", "auto, fp32 or bf16")
     need(c.weights != "", "weights", "source, imagenet, none or a file path")
 
 

@@ -22,6 +22,14 @@ def test_overrides_are_typed_from_yaml_spelling():
     assert c.mixup_alpha == 0.4 and c.feature_mixup is False and c.head_l2_weight == 1e-3 and c.steps == 20
 
 
+def test_gpu_speed_keys_default_to_auto_and_take_booleans_in_any_spelling():
+    c = make_config()
+    assert (c.precision, c.channels_last, c.compile) == ("auto", "auto", False)
+    for value, want in ((True, "true"), (False, "false"), ("on", "true"), ("0", "false"), ("AUTO", "auto")):
+        assert make_config({"channels_last": value}).channels_last == want
+    assert make_config(parse_overrides(["channels_last=false", "compile=true"])).channels_last == "false"
+
+
 @pytest.mark.parametrize(
     "values, fragment",
     [
@@ -43,6 +51,9 @@ def test_overrides_are_typed_from_yaml_spelling():
         ({"backbone": "vgg"}, "unknown backbone 'vgg'"),
         ({"precision": "fp16"}, "precision='fp16' is out of range"),
         ({"device": "tpu"}, "device='tpu'"),
+        ({"channels_last": "sometimes"}, "channels_last='sometimes' is not auto, true or false"),
+        ({"channels_last": 0.5}, "channels_last=0.5 is not auto, true or false"),
+        ({"compile": "fast"}, "compile='fast' is not a valid bool"),
     ],
 )
 def test_bad_values_name_the_key(values, fragment):

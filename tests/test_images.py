@@ -101,6 +101,25 @@ def test_batches_are_a_pure_function_of_seed_step_and_rank(folder):
     assert not a.pin_memory  # CPU run
 
 
+@pytest.mark.parametrize("backbone", ["resnet18", "efficientnet_lite0"])
+def test_uint8_batches_normalised_after_the_copy_are_the_float_batches(folder, backbone):
+    # what a CUDA run does: the workers hand over pixels, Run.to_device normalises them
+    t = folder_task(folder, backbone=backbone, data_workers=1)
+    floats = [t.train_batch(s, 8) for s in range(3)] + [next(t.eval_batches("val"))]
+    t.uint8_batches = True
+    raw = [t.train_batch(s, 8) for s in range(3)] + [next(t.eval_batches("val"))]
+    for (xf, yf), (xr, yr) in zip(floats, raw):
+        assert xr.dtype == torch.uint8 and xr.shape == xf.shape
+        assert torch.equal(t.normalize(xr), xf) and torch.equal(yr, yf)  # bit for bit
+    t.uint8_batches = False
+    assert torch.equal(t.train_batch(1, 8)[0], floats[1][0])
+    from smile_ray.recipe import Run
+
+    run = Run(make_config({"channels_last": True}), torch.device("cpu"), t, None, None, None, "")
+    x, y = run.to_device(*raw[0])
+    assert torch.equal(x, floats[0][0]) and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_the_global_torch_generator_is_not_touched(folder):
     t = folder_task(folder, data_workers=1)
     torch.manual_seed(0)

@@ -1,5 +1,6 @@
 """The training recipe: determinism, checkpoints and resume."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -7,7 +8,9 @@ import torch
 from smile_ray.config import make_config
 from smile_ray.errors import SmileError
 from smile_ray.metrics import expected_calibration_error
-from smile_ray.recipe import train
+from smile_ray.checkpoint import read_checkpoint
+from smile_ray.recipe import (CheckpointWriter, checkpoint_state, host_copy, setup, train, train_step, uses_bf16,
+                              uses_channels_last)
 
 SHORT = {"steps": 30, "eval_every": 10, "samples_per_class": 3}
 
@@ -142,3 +145,66 @@ def test_threads_are_set_and_recorded(tmp_path, cache_dir):
         assert m["threads"] == 1 == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def same(a, b):
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(map(same, a, b))
+    return a == b
+
+
+def test_a_background_checkpoint_holds_its_steps_state_while_training_goes_on(tmp_path, cache_dir):
+    run = setup(make_config({**SHORT, "method": "smile", "ema_every": 1}), cache_dir, log=lambda m: None)
+    train_step(run, 0, *run.task.train_batch(0, 48))
+    before = host_copy(checkpoint_state(run, 1, [{"step": 1}], 2.0, []))
+    writer = CheckpointWriter(background=True)
+    writer.save(run, tmp_path / "state.pt", 1, [{"step": 1}], 2.0, [])
+    train_step(run, 1, *run.task.train_batch(1, 48))  # weights, momentum and teacher move on at once
+    writer.close()
+    saved = read_checkpoint(tmp_path / "state.pt")
+    for part in ("model", "method", "optimizer", "torch_rng", "history", "step", "config"):
+        assert same(saved[part], before[part]), part
+    now = run.model.state_dict()
+    assert not all(torch.equal(now[k], saved["model"][k]) for k in now)  # so the copy was needed
+
+
+def test_runs_with_and_without_hooks_write_the_same_checkpoint(tmp_path, cache_dir):
+    # without hooks the checkpoints are written in the background; with them, at once
+    cfg = make_config({**SHORT, "method": "smile"})
+    train(cfg, tmp_path / "background", cache_dir=cache_dir)
+    train(cfg, tmp_path / "at_once", cache_dir=cache_dir, on_eval=lambda r, d: None)
+    a = read_checkpoint(tmp_path / "background" / "checkpoint" / "state.pt")
+    b = read_checkpoint(tmp_path / "at_once" / "checkpoint" / "state.pt")
+    assert a["step"] == b["step"] == 30
+    # (torch_rng is the process's global generator, which the runs' keyed draws never use)
+    for part in ("model", "method", "optimizer", "history"):
+        assert same(a[part], b[part]), part
+    assert not list((tmp_path / "background" / "checkpoint").glob(".*.tmp"))
+
+
+def test_bf16_and_channels_last_are_on_for_cuda_only_under_auto():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    auto = make_config()
+    assert uses_bf16(auto, cuda) and uses_channels_last(auto, cuda)
+    assert not uses_bf16(auto, cpu) and not uses_channels_last(auto, cpu)
+    forced = make_config({"precision": "bf16", "channels_last": True})
+    assert uses_bf16(forced, cpu) and uses_channels_last(forced, cpu)
+    off = make_config({"precision": "fp32", "channels_last": False})
+    assert not uses_bf16(off, cuda) and not uses_channels_last(off, cuda)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_run_matches_the_eager_one(tmp_path, cache_dir):
+    cfg = make_config({**SHORT, "method": "smile", "steps": 4, "eval_every": 2, "ema_every": 1})
+    eager = train(cfg, tmp_path / "eager", cache_dir=cache_dir)
+    compiled = train(cfg.replace(compile=True), tmp_path / "compiled", cache_dir=cache_dir)
+    for a, b in zip(eager["history"], compiled["history"]):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+    assert compiled["val_acc"] == pytest.approx(eager["val_acc"], abs=0.01)
+    # compiled in place: the checkpoint's names are the eager model's, so either resumes the other
+    we, wc = weights(tmp_path / "eager" / "model.pt"), weights(tmp_path / "compiled" / "model.pt")
+    assert we.keys() == wc.keys()

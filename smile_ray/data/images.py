@@ -31,7 +31,11 @@ than twice ``R`` are first decoded at a reduced DCT scale that keeps both sides 
 (PIL's ``draft``), which changes pixels slightly and makes small ``image_size`` cheap.
 Then ``x / 255`` and the backbone's input normalisation
 (:attr:`smile_ray.models.BackboneSpec.input_norm`: ImageNet mean/std for ResNets;
-nothing for EfficientNet-Lite, which normalises inside the model).
+nothing for EfficientNet-Lite, which normalises inside the model). With
+``uint8_batches`` on (the recipe turns it on when training on CUDA) the workers hand
+over the uint8 pixels instead, a quarter of the bytes to collate, pin and copy, and
+:meth:`ImageTask.normalize` does the same arithmetic on the device after the copy
+(bit-identical to the workers' on the CPU; tested).
 
 Workers: ``data_workers`` DataLoader processes (-1: ``min(4, CPUs of this process)``;
 0: decode in the training process), memory pinned when training on CUDA (the recipe's
@@ -121,11 +125,22 @@ def find_bad_images(source: ImageSource, indices: Sequence[int]) -> list[tuple[i
     return [(i, why) for i, why in zip(indices, reasons) if why is not None]
 
 
-def to_tensor(im, mean: Tensor | None, std: Tensor | None) -> Tensor:
-    x = torch.from_numpy(np.array(im, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div_(255.0)
+def to_uint8(im) -> Tensor:
+    """A PIL RGB image as a ``3 x H x W`` uint8 tensor."""
+    return torch.from_numpy(np.array(im, dtype=np.uint8, copy=True)).permute(2, 0, 1)
+
+
+def normalize(x: Tensor, mean: Tensor | None, std: Tensor | None) -> Tensor:
+    """uint8 pixels (one image or a batch, on any device) to the float input: ``x / 255``
+    then the backbone's normalisation."""
+    x = x.float().div_(255.0)
     if mean is not None:
-        x = x.sub_(mean).div_(std)
+        x = x.sub_(mean.to(x.device)).div_(std.to(x.device))
     return x
+
+
+def to_tensor(im, mean: Tensor | None, std: Tensor | None) -> Tensor:
+    return normalize(to_uint8(im), mean, std)
 
 
 def transform(im, image_size: int, top: int, left: int, flip: bool):
@@ -151,13 +166,14 @@ class _Bad:
 
 
 class _Decoded(torch.utils.data.Dataset):
-    """Items ``(i, top, left, flip)`` -> ``(normalised image, label)``: the part that runs
-    in the DataLoader's worker processes (everything random was drawn before)."""
+    """Items ``(i, top, left, flip)`` -> ``(normalised image, label)`` (``raw``: the uint8
+    image): the part that runs in the DataLoader's worker processes (everything random was
+    drawn before)."""
 
     def __init__(self, source: ImageSource, labels: Tensor, image_size: int, mean: Tensor | None,
-                 std: Tensor | None, dataset: str):
+                 std: Tensor | None, dataset: str, raw: bool = False):
         self.source, self.labels, self.image_size = source, labels, image_size
-        self.mean, self.std, self.dataset = mean, std, dataset
+        self.mean, self.std, self.dataset, self.raw = mean, std, dataset, raw
 
     def __len__(self) -> int:
         return len(self.source)
@@ -168,7 +184,7 @@ class _Decoded(torch.utils.data.Dataset):
             im = transform(decode(self.source, i, resize_side(self.image_size)), self.image_size, top, left, flip)
         except Exception as e:  # the file changed since it was checked
             return _Bad(f"{self.dataset}: cannot read image {self.source.name(i)} ({_one_line(e)})")
-        return to_tensor(im, self.mean, self.std), int(self.labels[i])
+        return (to_uint8(im) if self.raw else to_tensor(im, self.mean, self.std)), int(self.labels[i])
 
 
 def _collate(samples: list) -> Any:
@@ -226,6 +242,23 @@ class ImageTask(StepOrder):
         self._train_iter: Iterator | None = None
         self._train_key: tuple[int, int, int] | None = None
         self._next_step = -1
+        self._uint8 = False
+
+    @property
+    def uint8_batches(self) -> bool:
+        """Whether batches come as uint8 pixels, for :meth:`normalize` after the copy to
+        the device (off by default: batches are the float input)."""
+        return self._uint8
+
+    @uint8_batches.setter
+    def uint8_batches(self, on: bool) -> None:
+        if bool(on) != self._uint8:
+            self._uint8 = bool(on)
+            self.close()  # the running workers produce the other kind
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """A uint8 batch (on any device) to the float input the workers would have made."""
+        return normalize(x, self.mean, self.std)
 
     def __len__(self) -> int:
         return len(self.sources["train"][1])
@@ -256,7 +289,7 @@ class ImageTask(StepOrder):
     def _loader(self, split: str, batch_sampler) -> torch.utils.data.DataLoader:
         source, labels = self.sources[split]
         return torch.utils.data.DataLoader(
-            _Decoded(source, labels, self.image_size, self.mean, self.std, self.dataset),
+            _Decoded(source, labels, self.image_size, self.mean, self.std, self.dataset, raw=self._uint8),
             batch_sampler=batch_sampler, num_workers=self.workers, collate_fn=_collate,
             pin_memory=self.pin_memory, worker_init_fn=_worker_init if self.workers else None,
             generator=torch.Generator(),  # not the global generator: a run's torch RNG state is its own

@@ -83,6 +83,11 @@ class Method:
         """Called after the optimiser step ``step`` (with the optimiser, whose state a method
         may reset)."""
 
+    def compiled_modules(self) -> tuple[nn.Module, ...]:
+        """The method's own networks that ``compile=true`` compiles beside the student (a
+        teacher whose forward runs every step). Default: none."""
+        return ()
+
     def info(self) -> dict[str, Any]:
         """What the run's ``metrics.json`` records about the method (``method_info``): the
         cost of its preparations, its schedule, its counts. JSON-serialisable."""

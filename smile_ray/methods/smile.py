@@ -97,6 +97,9 @@ class Smile(Method):
         self._teacher_params = list(self.teacher.body.parameters())
         self._student_params = list(unwrap(model).body.parameters())
 
+    def compiled_modules(self):
+        return (self.teacher,) if self.teacher is not None else ()
+
     def loss(self, model, x, y, step):
         c = self.config
         if self.in_plain_tail(step) or not self.mixes:
