@@ -72,6 +72,13 @@ def check_same_config(state: dict[str, Any], config: Config, path: Path) -> None
     workers may change). A key the checkpoint lacks (it predates the key) counts as its
     default, which is what the older code did."""
     saved = {**Config().to_dict(), **state["config"]}
+    if isinstance(saved.get("channels_last"), bool):
+        # made before precision and channels_last took "auto": its fp32 / contiguous
+        # defaults are what auto chose on the CPU, and what it now may choose on CUDA
+        if saved["precision"] == "fp32" and config.precision == "auto":
+            saved["precision"] = "auto"
+        saved["channels_last"] = "auto" if config.channels_last == "auto" and not saved["channels_last"] \
+            else str(saved["channels_last"]).lower()
     changed = [k for k in config_diff(saved, config.to_dict()) if k not in RESUME_MAY_CHANGE]
     if changed:
         k = changed[0]

@@ -143,5 +143,11 @@ def test_a_checkpoint_older_than_the_new_keys_still_resumes(tmp_path):
     state = {"config": {k: v for k, v in make_config().to_dict().items() if k not in new}}
     check_same_config(state, make_config(), tmp_path / "state.pt")  # missing keys count as their defaults
     check_same_config(state, make_config({"data_workers": 3}), tmp_path / "state.pt")  # changes no batch
+    # a checkpoint from before precision/channels_last took "auto" resumes under the new defaults
+    legacy = {**state, "config": {**state["config"], "precision": "fp32", "channels_last": False}}
+    check_same_config(legacy, make_config(), tmp_path / "state.pt")
+    check_same_config(legacy, make_config({"precision": "fp32", "channels_last": False}), tmp_path / "state.pt")
+    with pytest.raises(SmileError, match="precision='fp32', not 'bf16'"):
+        check_same_config(legacy, make_config({"precision": "bf16"}), tmp_path / "state.pt")
     with pytest.raises(SmileError, match=r"was made with class_fraction=1.0, not 0.5"):
         check_same_config(state, make_config({"class_fraction": 0.5}), tmp_path / "state.pt")
