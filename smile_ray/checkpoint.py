@@ -16,6 +16,17 @@ from smile_ray.config import Config, config_diff
 from smile_ray.errors import SmileError
 
 CHECKPOINT_FILE = "state.pt"
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# read once, at import: os.umask can only be read by setting it, which is not safe once
+# other threads (the background checkpoint writer) may be creating files
+_FILE_MODE = 0o666 & ~_read_umask()
 REQUIRED = ("step", "config", "model", "optimizer")
 
 
@@ -27,6 +38,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _FILE_MODE)  # what open() would have made, not mkstemp's owner-only 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

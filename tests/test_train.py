@@ -208,3 +208,17 @@ def test_compiled_run_matches_the_eager_one(tmp_path, cache_dir):
     # compiled in place: the checkpoint's names are the eager model's, so either resumes the other
     we, wc = weights(tmp_path / "eager" / "model.pt"), weights(tmp_path / "compiled" / "model.pt")
     assert we.keys() == wc.keys()
+
+
+def test_files_are_written_with_the_users_umask_not_owner_only(tmp_path):
+    import os
+    import stat
+
+    from smile_ray.checkpoint import save_torch, write_json
+
+    mask = os.umask(0)
+    os.umask(mask)
+    write_json({"a": 1}, tmp_path / "metrics.json")
+    save_torch({"b": torch.zeros(1)}, tmp_path / "model.pt")
+    for f in ("metrics.json", "model.pt"):  # readable by others as open() would make them (mkstemp: 0600)
+        assert stat.S_IMODE((tmp_path / f).stat().st_mode) == 0o666 & ~mask
