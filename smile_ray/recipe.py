@@ -391,6 +391,11 @@ def train(
                 if on_eval is not None:
                     writer.wait()  # the orchestrator reads the checkpoint directory at once
                     on_eval(dict(record), ckpt_dir)
+    except Exception as e:
+        if config.compile and type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            raise SmileError(f"compile=true: torch.compile failed ({first}); set compile=false") from None
+        raise
     finally:  # an interrupted run leaves its bar where it stopped, before the error line
         if bar is not None:
             bar.close()

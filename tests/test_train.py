@@ -222,3 +222,16 @@ def test_files_are_written_with_the_users_umask_not_owner_only(tmp_path):
     save_torch({"b": torch.zeros(1)}, tmp_path / "model.pt")
     for f in ("metrics.json", "model.pt"):  # readable by others as open() would make them (mkstemp: 0600)
         assert stat.S_IMODE((tmp_path / f).stat().st_mode) == 0o666 & ~mask
+
+
+def test_a_failing_compile_is_one_line_naming_the_key(tmp_path, cache_dir, monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/g++",))
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # compile for real, not from an earlier run's cache
+    cfg = make_config({**SHORT, "method": "l2", "steps": 2, "eval_every": 1, "compile": True})
+    with pytest.raises(SmileError) as e:
+        train(cfg, tmp_path / "run", cache_dir=cache_dir)
+    msg = str(e.value)
+    assert msg.startswith("compile=true: torch.compile failed (") and "compile=false" in msg and "\n" not in msg
+    assert not (tmp_path / "run" / "metrics.json").exists()
