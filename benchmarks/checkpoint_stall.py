@@ -78,7 +78,7 @@ def main() -> None:
     writer.close()
     mb = (folder / "sync.pt").stat().st_size / 2**20
     a, b = read_checkpoint(folder / "sync.pt"), read_checkpoint(folder / "background.pt")
-    equal = same_tensors({k: v for k, v in a.items()}, {k: v for k, v in b.items()})
+    equal = same_tensors(a, b)
 
     med = statistics.median
     print(f"{args.method} {args.backbone} checkpoint on {device}: {mb:.0f} MB, median of {args.repeats}, "

@@ -84,13 +84,13 @@ def check_same_config(state: dict[str, Any], config: Config, path: Path) -> None
     workers may change). A key the checkpoint lacks (it predates the key) counts as its
     default, which is what the older code did."""
     saved = {**Config().to_dict(), **state["config"]}
-    if isinstance(saved.get("channels_last"), bool):
-        # made before precision and channels_last took "auto": its fp32 / contiguous
-        # defaults are what auto chose on the CPU, and what it now may choose on CUDA
-        if saved["precision"] == "fp32" and config.precision == "auto":
-            saved["precision"] = "auto"
-        saved["channels_last"] = "auto" if config.channels_last == "auto" and not saved["channels_last"] \
-            else str(saved["channels_last"]).lower()
+    if isinstance(saved["channels_last"], bool):
+        # made before precision and channels_last took "auto": its defaults (fp32, false)
+        # are what auto chooses on the CPU, so they resume under auto
+        saved["channels_last"] = str(saved["channels_last"]).lower()
+        for key, old_default in (("precision", "fp32"), ("channels_last", "false")):
+            if saved[key] == old_default and getattr(config, key) == "auto":
+                saved[key] = "auto"
     changed = [k for k in config_diff(saved, config.to_dict()) if k not in RESUME_MAY_CHANGE]
     if changed:
         k = changed[0]

@@ -252,10 +252,10 @@ class CheckpointWriter:
     milliseconds for ResNet-50's 300 MB, where serialising and writing it takes seconds)
     and writes it on a background thread through the same atomic rename as every file,
     so a reader sees the previous checkpoint or the new one. ``wait`` blocks until the
-    write is on disk and re-raises its error; it is called before the next save, before
-    an orchestrator is handed the checkpoint directory (Ray copies it at once) and at the
-    end of the run, so no checkpoint is ever lost or half-written. With ``background``
-    off every save writes at once (the same bytes)."""
+    write is on disk and re-raises its error; it is called before the next save and at
+    the end of the run, so no checkpoint is ever lost or half-written. With
+    ``background`` off every save writes at once (the same bytes): what a run with an
+    orchestrator needs, since Ray copies the checkpoint directory inside ``on_eval``."""
 
     def __init__(self, background: bool = True):
         self._pool = None
@@ -362,7 +362,7 @@ def train(
                 if run.device.type == "cuda" and isinstance(run.task, TensorTask) else None)
     next_batch = prefetch.batch if prefetch is not None else \
         (lambda s: run.task.train_batch(s, config.batch_size, rank, world_size))
-    writer = CheckpointWriter(background=on_eval is None)
+    writer = CheckpointWriter(background=on_eval is None)  # on_eval hands the directory on at once
     started = time.perf_counter()
     try:
         while step < config.steps:
@@ -389,7 +389,6 @@ def train(
                         writer.save(run, ckpt_dir / CHECKPOINT_FILE, step, history, elapsed, resumed_from)
                 loss_sum, loss_n = torch.zeros((), device=run.device), 0
                 if on_eval is not None:
-                    writer.wait()  # the orchestrator reads the checkpoint directory at once
                     on_eval(dict(record), ckpt_dir)
     except Exception as e:
         if config.compile and type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):

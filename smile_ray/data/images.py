@@ -243,6 +243,7 @@ class ImageTask(StepOrder):
         self._train_key: tuple[int, int, int] | None = None
         self._next_step = -1
         self._uint8 = False
+        self._norm_on: dict[torch.device, tuple[Tensor, Tensor]] = {}  # mean, std per device
 
     @property
     def uint8_batches(self) -> bool:
@@ -257,8 +258,14 @@ class ImageTask(StepOrder):
             self.close()  # the running workers produce the other kind
 
     def normalize(self, x: Tensor) -> Tensor:
-        """A uint8 batch (on any device) to the float input the workers would have made."""
-        return normalize(x, self.mean, self.std)
+        """A uint8 batch (on any device) to the float input the workers would have made.
+        The mean and std are copied to the device once, not at every step (a copy from
+        pageable memory would synchronise the stream)."""
+        if self.mean is None:
+            return normalize(x, None, None)
+        if x.device not in self._norm_on:
+            self._norm_on[x.device] = (self.mean.to(x.device), self.std.to(x.device))
+        return normalize(x, *self._norm_on[x.device])
 
     def __len__(self) -> int:
         return len(self.sources["train"][1])
