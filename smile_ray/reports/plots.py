@@ -54,13 +54,15 @@ def plot_study(rows: list[dict[str, Any]], study: Any, path: Path) -> Path:
     spare = list(axes.flat)[len(params):]
     for ax in spare:
         ax.axis("off")
+    legend_room = 0.0
     if spare:
         spare[0].legend(handles, names, loc="center", fontsize=9)
-    else:
+    else:  # below the panels, in a strip kept free of their axis labels
         fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=8)
+        legend_room = 0.35 / fig.get_figheight()
     b = study.base
     fig.suptitle(f"{b.method} on {b.dataset} ({b.backbone}, {b.steps} steps): {study.metric} of {len(done)} trials")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, legend_room, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
