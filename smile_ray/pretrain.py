@@ -26,6 +26,7 @@ from smile_ray.config import Config
 from smile_ray.data import TensorTask
 from smile_ray.errors import SmileError
 from smile_ray.models import SourceModel, build_source_model, imagenet_weights_path, load_source_model
+from smile_ray.optim import build_sgd
 from smile_ray.registry import BACKBONES, DATASETS
 
 # Bump when pre-training code changes what it produces: old cache entries are then unused.
@@ -70,7 +71,7 @@ def pretrain_source(task: TensorTask, backbone: str, log=print, progress: bool =
         model = build_source_model(backbone, task.num_classes)
     if task.in_channels != model.in_channels:
         raise SmileError(f"backbone {backbone!r} takes {model.in_channels}-channel images, the source task has {task.in_channels}")
-    opt = torch.optim.SGD(model.parameters(), lr=r["lr"], momentum=r["momentum"], nesterov=True, weight_decay=r["weight_decay"])
+    opt = build_sgd(model.parameters(), lr=r["lr"], momentum=r["momentum"], weight_decay=r["weight_decay"], nesterov=True)
     start = time.perf_counter()
     model.train()
     bar = None

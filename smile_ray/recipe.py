@@ -37,6 +37,7 @@ from smile_ray.errors import SmileError
 from smile_ray.methods import Method, build_method, unwrap
 from smile_ray.metrics import classification_metrics, interpolation_losses, reliability_bins
 from smile_ray.models import TransferNet
+from smile_ray.optim import SGD, build_sgd, load_optimizer_state
 from smile_ray.pretrain import load_source
 
 OnEval = Callable[[dict[str, Any], "Path | None"], None]
@@ -52,7 +53,7 @@ class Run:
     task: TensorTask
     model: nn.Module  # the TransferNet, possibly wrapped for data parallelism
     method: Method
-    optimizer: torch.optim.Optimizer
+    optimizer: SGD | torch.optim.Optimizer  # build_sgd's: fused torch SGD on CUDA, smile_ray.optim.SGD elsewhere
     source_weights: str
 
     def autocast(self):
@@ -169,10 +170,8 @@ def setup(
         task.uint8_batches = True  # after the methods' preparations, which read float batches
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0,
-        weight_decay=config.weight_decay, fused=True if device.type == "cuda" else None,  # one kernel per step
-    )
+    optimizer = build_sgd(model.parameters(), lr=config.lr, momentum=config.momentum,
+                          weight_decay=config.weight_decay, nesterov=config.momentum > 0)
     return Run(config, device, task, model, method, optimizer, source_weights)
 
 
@@ -291,7 +290,7 @@ def restore(run: Run, state: dict[str, Any], path: Path) -> None:
     try:
         unwrap(run.model).load_state_dict(state["model"])
         run.method.load_state_dict(state["method"])
-        run.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(run.optimizer, state["optimizer"])
     except (RuntimeError, KeyError, ValueError) as e:
         raise SmileError(f"checkpoint {path} does not fit this model ({e.__class__.__name__})") from None
     torch.set_rng_state(state["torch_rng"])

@@ -79,7 +79,7 @@ class Method:
         """The training loss for batch ``(x, y)`` at ``step`` and its named parts."""
         raise NotImplementedError
 
-    def after_step(self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+    def after_step(self, model: nn.Module, step: int, optimizer: Any = None) -> None:
         """Called after the optimiser step ``step`` (with the optimiser, whose state a method
         may reset)."""
 

@@ -46,6 +46,7 @@ from smile_ray import rng
 from smile_ray.losses import all_reduce_sum, delta_penalty
 from smile_ray.methods.base import Method, evaluating, last_convs, unwrap
 from smile_ray.models import TransferNet, _adapt_channels
+from smile_ray.optim import build_sgd
 
 #: the published attention recipe: epochs and batch size of the attention network's
 #: fine-tuning, measurement batches (at most one pass), the softmax's temperature
@@ -143,8 +144,8 @@ class Delta(Method):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(rng.derive_seed(c.seed, rng.INIT))
             net = TransferNet(source, num_classes, source_head=False).to(device).train()
-        opt = torch.optim.SGD(net.parameters(), lr=c.lr, momentum=c.momentum, nesterov=c.momentum > 0,
-                              weight_decay=c.weight_decay)
+        opt = build_sgd(net.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
+                        nesterov=c.momentum > 0)
         train_steps = math.ceil(ATTENTION_EPOCHS * len(task) / ATTENTION_BATCH)
         for step in range(train_steps):
             x, y = (t.to(device) for t in task.train_batch(step, ATTENTION_BATCH))

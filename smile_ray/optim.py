@@ -1,0 +1,138 @@
+"""The optimiser every training loop uses: SGD, as ``torch.optim.SGD`` computes it.
+
+On CUDA :func:`build_sgd` returns ``torch.optim.SGD(fused=True)`` (one kernel per
+step). Elsewhere it returns :class:`SGD`, the same algorithm written out here, because
+constructing or stepping any ``torch.optim`` optimiser imports ``torch._dynamo``
+(torch 2.x wraps ``add_param_group``, ``zero_grad`` and ``step`` in dynamo guards), which
+costs 1.1-1.4 s of every fresh CPU process (each CLI call, trial process, test) and is
+never used there. :class:`SGD` is ``torch.optim.SGD``'s single-tensor path (the one it
+takes on CPU) operation for operation, so its updates are bit-identical (tested against
+``torch.optim.SGD``), and its ``state_dict`` is ``torch.optim.SGD``'s format, so a
+checkpoint written by either loads into the other.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor, nn
+
+# torch.optim.SGD's param-group keys, with the values a plain CPU SGD has; a state dict
+# carries them, so both classes read and write the same dictionaries.
+_GROUP_DEFAULTS = {"dampening": 0, "maximize": False, "foreach": None, "differentiable": False, "fused": None}
+_IMPLEMENTATION_KEYS = ("foreach", "differentiable", "fused")
+
+
+class SGD:
+    """SGD with (optionally Nesterov) momentum and L2 weight decay; one parameter group.
+
+    Per parameter with a gradient, as ``torch.optim.SGD`` (dampening 0, not maximising):
+    ``g = grad + wd * p``; ``buf = g`` on the first step, else ``buf = momentum * buf + g``;
+    ``g = g + momentum * buf`` (Nesterov) or ``g = buf``; ``p -= lr * g``. Parameters
+    without a gradient are skipped and get no momentum buffer. ``param_groups[0]["lr"]``
+    may be set between steps (the recipe's schedule does). ``state[p]`` holds
+    ``"momentum_buffer"``; popping it restarts that parameter's momentum (RIFLE does).
+    """
+
+    def __init__(self, params: Iterable[nn.Parameter], lr: float, momentum: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False) -> None:
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and momentum <= 0:
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        params = list(params)
+        if not params:
+            raise ValueError("optimizer got an empty parameter list")
+        self.defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "nesterov": nesterov,
+                         **_GROUP_DEFAULTS}
+        self.param_groups: list[dict[str, Any]] = [{"params": params, **self.defaults}]
+        self.state: defaultdict[Tensor, dict[str, Tensor]] = defaultdict(dict)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    if p.grad.grad_fn is not None:
+                        p.grad.detach_()
+                    else:
+                        p.grad.requires_grad_(False)
+                    p.grad.zero_()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+            nesterov, dampening = group["nesterov"], group["dampening"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if wd != 0:
+                    grad = grad.add(p, alpha=wd)
+                if momentum != 0:
+                    state = self.state[p]
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = grad.detach().clone()
+                        state["momentum_buffer"] = buf
+                    else:
+                        buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+                    grad = grad.add(buf, alpha=momentum) if nesterov else buf
+                p.add_(grad, alpha=-lr)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim.SGD.state_dict()``'s format: parameters by index; the tensors are
+        the live buffers, not copies."""
+        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[id(p)] for p in g["params"]]}
+                  for g in self.param_groups]
+        return {"state": {index[id(p)]: dict(s) for p, s in self.state.items()}, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads this class's or ``torch.optim.SGD``'s state dict (buffers cast to each
+        parameter's dtype and device, as torch does); a dict for other parameters raises
+        ValueError."""
+        saved = state_dict["param_groups"]
+        if len(saved) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        if any(len(g["params"]) != len(s["params"]) for g, s in zip(self.param_groups, saved)):
+            raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
+        by_index = {i: p for g, s in zip(self.param_groups, saved) for i, p in zip(s["params"], g["params"])}
+        state: defaultdict[Tensor, dict[str, Tensor]] = defaultdict(dict)
+        for i, values in state_dict["state"].items():
+            p = by_index[i]
+            state[p] = {k: v.to(dtype=p.dtype, device=p.device) if torch.is_tensor(v) else v for k, v in values.items()}
+        self.state = state
+        self.param_groups = [{**s, **{k: g[k] for k in _IMPLEMENTATION_KEYS}, "params": g["params"]}
+                             for g, s in zip(self.param_groups, saved)]
+
+
+
+def build_sgd(params: Iterable[nn.Parameter], lr: float, momentum: float, weight_decay: float,
+              nesterov: bool) -> "SGD | torch.optim.Optimizer":
+    """``torch.optim.SGD(fused=True)`` when the parameters are on CUDA, :class:`SGD`
+    (no ``torch._dynamo`` import) elsewhere; the same updates either way."""
+    params = list(params)
+    if params and params[0].device.type == "cuda":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                               fused=True)
+    return SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+
+
+def load_optimizer_state(optimizer: "SGD | torch.optim.Optimizer", state_dict: dict[str, Any]) -> None:
+    """``optimizer.load_state_dict`` keeping the optimiser's own implementation flags
+    (``fused``, ``foreach``): torch would take them from the dict, so a checkpoint written
+    on CPU would turn the fused CUDA update off on resume."""
+    flags = [{k: g.get(k) for k in _IMPLEMENTATION_KEYS} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state_dict)
+    for group, own in zip(optimizer.param_groups, flags):
+        group.update(own)
