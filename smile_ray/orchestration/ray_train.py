@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -51,6 +52,13 @@ from smile_ray.methods import method_class
 from smile_ray.orchestration.cluster import cluster_cpus, connect, user_error
 from smile_ray.pretrain import load_source
 from smile_ray.recipe import train
+
+# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by
+# default), and it sees a worker's last report, the end of its loop and the group's
+# shutdown only at a poll: 2 s costs about 5 s of every run's end (benchmarks/
+# ray_overhead.py). A poll is one small call per worker, so 0.25 s stays cheap on a large
+# cluster; a value in the environment wins. (The driver's value reaches the controller.)
+POLL_INTERVAL_ENV, POLL_INTERVAL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
 
 
 def scalars(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -169,6 +177,7 @@ def train_distributed(
         from ray.tune.integration.ray_train import TuneReportCallback
 
         callbacks.append(TuneReportCallback())
+    os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)
     started = time.perf_counter()
     trainer = ray.train.torch.TorchTrainer(
         worker_loop,
