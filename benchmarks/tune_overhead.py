@@ -13,6 +13,11 @@ For each it prints the wall time, the trials' own loop time (``seconds`` in each
 trial's metrics.json: steps and evaluations), and the overhead per trial in
 slot-seconds: ``(wall x concurrent trials - sum of loop times) / N``, i.e. how long each
 trial held a CPU slot without training. Ray's start is paid once, before all three.
+The overhead is split into the part inside each trial (Tune's ``time_total_s`` of the
+trial's last report minus its loop time: the run's set-up, its final evaluation and
+files, the reports) and the part around the trials (slot-seconds in no trial: trial
+processes starting, the study's own set-up and end, slots idle at the tail), both per
+trial. The sequential run's whole overhead counts as inside its runs.
 
     python benchmarks/tune_overhead.py [--trials 8] [--steps 300] [--concurrent 2]
 """
@@ -67,17 +72,23 @@ def main() -> None:
         wall = time.perf_counter() - t
         loops = [json.loads(f.read_text())["seconds"] for f in out.glob("tune/*/run/metrics.json")]
         configs = [json.loads(f.read_text())["config"] for f in out.glob("tune/*/run/metrics.json")]
-        rows.append((name, wall, sum(loops), args.concurrent))
+        in_trials = sum(json.loads(f.read_text().strip().splitlines()[-1])["time_total_s"]
+                        for f in out.glob("tune/*/result.json"))
+        rows.append((name, wall, sum(loops), args.concurrent, in_trials))
 
     t = time.perf_counter()
     loops = [train(make_config(c), None, log=lambda m: None)["seconds"] for c in configs]
-    rows.insert(0, ("sequential", time.perf_counter() - t, sum(loops), 1))
+    seq_wall = time.perf_counter() - t
+    rows.insert(0, ("sequential", seq_wall, sum(loops), 1, seq_wall))
 
     print(f"\n{args.trials} SMILE trials on digits, {args.steps} steps, 1 thread each; ray.init {ray_start:.1f} s")
-    print(f"{'run':<22} {'wall s':>8} {'loops s':>8} {'vs sequential':>14} {'overhead s/trial':>17}")
+    print(f"{'run':<22} {'wall s':>8} {'loops s':>8} {'vs sequential':>14} {'overhead s/trial':>17} "
+          f"{'in trial':>9} {'around':>7}")
     seq = rows[0][1]
-    for name, wall, loops, slots in rows:
-        print(f"{name:<22} {wall:>8.1f} {loops:>8.1f} {wall / seq:>14.2f} {(wall * slots - loops) / args.trials:>17.2f}")
+    for name, wall, loops, slots, in_trials in rows:
+        n = args.trials
+        print(f"{name:<22} {wall:>8.1f} {loops:>8.1f} {wall / seq:>14.2f} {(wall * slots - loops) / n:>17.2f} "
+              f"{(in_trials - loops) / n:>9.2f} {(wall * slots - in_trials) / n:>7.2f}")
 
 
 if __name__ == "__main__":
