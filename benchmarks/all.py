@@ -4,10 +4,10 @@ Runs, each in its own process and in this order: the per-step time of l2, mixup 
 SMILE and SMILE minus each component (``step_time.py``), the batch building at 32, 64
 and 224 px (``batch_building.py``), the start-up broken down and against ``--before``
 (``startup.py``), a Tune study's overhead per trial against sequential runs
-(``tune_overhead.py``) and Ray Train's fixed cost (``ray_overhead.py``). Each script's
-output goes to the terminal and, after a header (date, commit, CPUs, torch and Ray
-versions), to ``--output``; read the ratios, not the milliseconds, when the machine is
-shared. About 15-20 minutes on 2 cores.
+(``tune_overhead.py``) and Ray Train's fixed cost (``ray_overhead.py``). Everything goes
+to the terminal; each script's stdout (its figures) also goes, after a header (date,
+commit, CPUs, torch and Ray versions), to ``--output``. Read the ratios, not the
+milliseconds, when the machine is shared. About 15-20 minutes on 2 cores.
 
     python benchmarks/all.py [--output benchmarks-cpu.txt] [--before 9212290] [--quick]
 
@@ -77,12 +77,11 @@ def main() -> None:
         for argv in scripts(args.before, args.quick):
             emit(f"\n$ python benchmarks/{shlex.join(argv)}\n")
             t = time.perf_counter()
+            # stdout (the figures) to both; stderr (progress bars, Ray's shutdown chatter) to
+            # the terminal only
             proc = subprocess.Popen([sys.executable, str(HERE / argv[0]), *argv[1:]], cwd=ROOT, text=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                    stdout=subprocess.PIPE)
             for line in proc.stdout:
-                if "\r" in line or "step/s]" in line:  # progress bars: the terminal only
-                    sys.stdout.write(line)
-                    continue
                 emit(line)
             if proc.wait() != 0:
                 emit(f"{argv[0]} failed (exit {proc.returncode})\n")
