@@ -71,7 +71,7 @@ def cli() -> None:
     "--workers", type=click.IntRange(min=1),
     help="Run data-parallel on N Ray Train workers (DDP; gloo on CPU, nccl with --gpu). "
     "batch_size is the global batch. Without it the core runs in this process, which is the "
-    "better choice on a single CPU machine: Ray Train adds about 11 s of fixed start-up "
+    "better choice on a single CPU machine: Ray Train adds about 12 s of fixed start-up "
     "(benchmarks/ray_overhead.py) and N CPU workers share the same cores.",
 )
 @click.option("--gpu", is_flag=True, help="One GPU per Ray Train worker.")
