@@ -48,9 +48,9 @@ class SGD:
         params = list(params)
         if not params:
             raise ValueError("optimizer got an empty parameter list")
-        self.defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "nesterov": nesterov,
-                         **_GROUP_DEFAULTS}
-        self.param_groups: list[dict[str, Any]] = [{"params": params, **self.defaults}]
+        self.param_groups: list[dict[str, Any]] = [{"params": params, "lr": lr, "momentum": momentum,
+                                                    "weight_decay": weight_decay, "nesterov": nesterov,
+                                                    **_GROUP_DEFAULTS}]
         self.state: defaultdict[Tensor, dict[str, Tensor]] = defaultdict(dict)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -99,8 +99,8 @@ class SGD:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads this class's or ``torch.optim.SGD``'s state dict (buffers cast to each
-        parameter's dtype and device, as torch does); a dict for other parameters raises
-        ValueError."""
+        parameter's dtype and device, and the group's settings taken from the dict, as
+        torch does); a dict for other parameters raises ValueError."""
         saved = state_dict["param_groups"]
         if len(saved) != len(self.param_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
@@ -112,9 +112,7 @@ class SGD:
             p = by_index[i]
             state[p] = {k: v.to(dtype=p.dtype, device=p.device) if torch.is_tensor(v) else v for k, v in values.items()}
         self.state = state
-        self.param_groups = [{**s, **{k: g[k] for k in _IMPLEMENTATION_KEYS}, "params": g["params"]}
-                             for g, s in zip(self.param_groups, saved)]
-
+        self.param_groups = [{**s, "params": g["params"]} for g, s in zip(self.param_groups, saved)]
 
 
 def build_sgd(params: Iterable[nn.Parameter], lr: float, momentum: float, weight_decay: float,
