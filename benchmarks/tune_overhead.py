@@ -19,6 +19,13 @@ files, the reports) and the part around the trials (slot-seconds in no trial: tr
 processes starting, the study's own set-up and end, slots idle at the tail), both per
 trial. The sequential run's whole overhead counts as inside its runs.
 
+A second table splits the wall time along the runs' clocks (``started_at`` and
+``finished_at`` of each metrics.json): how long after the call the first run starts (the
+study's set-up, Tune's, the first processes and their imports: paid once per study), how
+long a slot freed by a finished run waits for the next one (paid per trial), and how
+long the call lasts after the last run ends. The per-trial overhead of a study of N
+trials is about ``in trial + gap + slots x (first + end) / N``.
+
     python benchmarks/tune_overhead.py [--trials 8] [--steps 300] [--concurrent 2]
 """
 from __future__ import annotations
@@ -28,6 +35,7 @@ import json
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import yaml
@@ -63,23 +71,25 @@ def main() -> None:
     ray_start = time.perf_counter() - t
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
 
-    rows = []
+    rows, clocks = [], {}
     for name, reuse in (("tune, fresh actors", False), ("tune, reused actors", True)):
         runner.REUSE_ACTORS = reuse
         out = tmp / name.replace(" ", "").replace(",", "-")
-        t = time.perf_counter()
+        t0, t = time.time(), time.perf_counter()
         run_study(space_file, out, tracking_uri=uri, experiment="overhead", verbose=0)
         wall = time.perf_counter() - t
-        loops = [json.loads(f.read_text())["seconds"] for f in out.glob("tune/*/run/metrics.json")]
-        configs = [json.loads(f.read_text())["config"] for f in out.glob("tune/*/run/metrics.json")]
+        runs = [json.loads(f.read_text()) for f in out.glob("tune/*/run/metrics.json")]
+        configs = [m["config"] for m in runs]
         in_trials = sum(json.loads(f.read_text().strip().splitlines()[-1])["time_total_s"]
                         for f in out.glob("tune/*/result.json"))
-        rows.append((name, wall, sum(loops), args.concurrent, in_trials))
+        rows.append((name, wall, sum(m["seconds"] for m in runs), args.concurrent, in_trials))
+        clocks[name] = timeline(runs, t0, t0 + wall, args.concurrent)
 
-    t = time.perf_counter()
-    loops = [train(make_config(c), None, log=lambda m: None)["seconds"] for c in configs]
+    t0, t = time.time(), time.perf_counter()
+    runs = [train(make_config(c), None, log=lambda m: None) for c in configs]
     seq_wall = time.perf_counter() - t
-    rows.insert(0, ("sequential", seq_wall, sum(loops), 1, seq_wall))
+    rows.insert(0, ("sequential", seq_wall, sum(m["seconds"] for m in runs), 1, seq_wall))
+    clocks["sequential"] = timeline(runs, t0, t0 + seq_wall, 1)
 
     print(f"\n{args.trials} SMILE trials on digits, {args.steps} steps, 1 thread each; ray.init {ray_start:.1f} s")
     print(f"{'run':<22} {'wall s':>8} {'loops s':>8} {'vs sequential':>14} {'overhead s/trial':>17} "
@@ -89,7 +99,26 @@ def main() -> None:
         n = args.trials
         print(f"{name:<22} {wall:>8.1f} {loops:>8.1f} {wall / seq:>14.2f} {(wall * slots - loops) / n:>17.2f} "
               f"{(in_trials - loops) / n:>9.2f} {(wall * slots - in_trials) / n:>7.2f}")
+    print(f"\n{'run':<22} {'first run starts s':>19} {'slot waits s/trial':>19} {'after the last s':>17}")
+    for name in ("sequential", "tune, fresh actors", "tune, reused actors"):
+        first, gap, end = clocks[name]
+        print(f"{name:<22} {first:>19.2f} {gap:>19.2f} {end:>17.2f}")
 
+
+def timeline(runs: list[dict], t0: float, t1: float, slots: int) -> tuple[float, float, float]:
+    """(first run's start after ``t0``, mean wait of a freed slot for its next run, ``t1``
+    after the last run's end) from the runs' ``started_at``/``finished_at``: each run
+    after the first ``slots`` takes the slot freed longest ago, by a run that ended before
+    it started."""
+    spans = sorted((datetime.fromisoformat(m["started_at"]).timestamp(),
+                    datetime.fromisoformat(m["finished_at"]).timestamp()) for m in runs)
+    freed, taken, waits = sorted(e for _, e in spans), set(), []
+    for start, _ in spans[slots:]:
+        slot = next((i for i, e in enumerate(freed) if e <= start and i not in taken), None)
+        if slot is not None:
+            taken.add(slot)
+            waits.append(start - freed[slot])
+    return spans[0][0] - t0, sum(waits) / max(len(waits), 1), t1 - freed[-1]
 
 if __name__ == "__main__":
     main()

@@ -88,7 +88,8 @@ def train(method, dataset, config_file, overrides, output, overwrite, cache_dir,
 
     metrics.json holds the method, the full config, validation and test accuracy, test
     ECE and NLL, the interpolation losses (Label-IL, Feature-IL on train and test images),
-    the test split's reliability bins, steps, seconds and the per-evaluation history;
+    the test split's reliability bins, steps, seconds, when it started and finished
+    (started_at, finished_at: UTC) and the per-evaluation history;
     reliability.png its reliability diagram; model.pt the student's weights;
     checkpoint/state.pt the state to resume from.
     """

@@ -22,6 +22,7 @@ import math
 import sys
 import time
 from contextlib import nullcontext
+from datetime import datetime, timezone
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -327,6 +328,7 @@ def train(
     steps; the test split is scored once, at the end.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
+    started_at = now_utc()
     lead = rank == 0
     out = Path(output_dir) if output_dir is not None else None
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out / "checkpoint" if out is not None else None
@@ -421,6 +423,8 @@ def train(
             "reliability": test["reliability"],
             "steps": step,
             "seconds": seconds,
+            "started_at": started_at,
+            "finished_at": now_utc(),
             "workers": world_size,
             "threads": torch.get_num_threads(),
             "resumed_from": resumed_from,
@@ -440,6 +444,13 @@ def train(
     if on_end is not None:
         on_end(metrics)
     return metrics
+
+
+def now_utc() -> str:
+    """The wall-clock time as ISO 8601 in UTC to the millisecond (``started_at`` and
+    ``finished_at`` of metrics.json: this process's call, so a resumed run's start is its
+    resumption; ``seconds`` is the loop's time summed over every part of the run)."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def ranks_consistent(run: Run) -> bool:

@@ -1,6 +1,7 @@
 """The training recipe: determinism, checkpoints and resume."""
 import json
 import shutil
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import torch
@@ -115,9 +116,16 @@ def test_corrupt_checkpoint_is_refused(tmp_path, cache_dir):
 
 def test_metrics_json_is_complete(tmp_path, cache_dir):
     cfg = make_config({**SHORT, "method": "mixup"})
+    before = datetime.now(timezone.utc)
     train(cfg, tmp_path, cache_dir=cache_dir)
+    after = datetime.now(timezone.utc)
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["method"] == "mixup" and m["config"] == cfg.to_dict() and m["steps"] == 30
+    # when the run started and finished: UTC, in order, around the call, and at least the loop apart
+    started, finished = datetime.fromisoformat(m["started_at"]), datetime.fromisoformat(m["finished_at"])
+    assert started.utcoffset() == finished.utcoffset() == timedelta(0)
+    assert before - timedelta(milliseconds=1) <= started <= finished <= after
+    assert (finished - started).total_seconds() >= m["seconds"] - 0.002
     assert 0 <= m["val_acc"] <= 1 and 0 <= m["test_acc"] <= 1 and 0 <= m["test_ece"] <= 1
     assert [h["step"] for h in m["history"]] == [10, 20, 30] and m["seconds"] > 0
     # the paper's interpolation losses and the test split's reliability bins
