@@ -6,7 +6,9 @@ inherit the tracking URI (ray-project/ray#36257), and Ray's ``MLflowLoggerCallba
 makes top-level runs with no parent. Nesting uses MLflow's ``mlflow.parentRunId`` tag.
 Any run that ends in error is marked FAILED, never left RUNNING. A trial's final report
 carries its test split's reliability bins; the driver draws the reliability diagram and
-logs it as the child run's artifact ``reliability.png``.
+logs it as the child run's artifact ``reliability.png``, on a thread of its own: Tune's
+controller starts no trial while a callback runs, and a diagram is about half a second
+of matplotlib.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import logging
 import os
 import re
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -140,11 +143,14 @@ class StudyLogger(tune.Callback):
         self._logged: set[tuple[str, str, int]] = set()  # (trial, metric, step) already logged
         self._drawn: set[str] = set()  # trials whose reliability diagram is logged
         self._client: MlflowClient | None = None
+        self._drawer: ThreadPoolExecutor | None = None  # draws and logs the diagrams
+        self._drawing: list[tuple[str, Future]] = []  # (trial, its diagram) not yet waited for
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks with the experiment; a restored logger must read the
         # child runs from MLflow as they are then, not as they were at the last snapshot.
-        return {**self.__dict__, "_client": None, "runs": {}, "_logged": set(), "_drawn": set()}
+        return {**self.__dict__, "_client": None, "runs": {}, "_logged": set(), "_drawn": set(),
+                "_drawer": None, "_drawing": []}
 
     def children(self) -> list:
         return self.client.search_runs([self.experiment], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'",
@@ -209,16 +215,34 @@ class StudyLogger(tune.Callback):
             self._log_reliability(run_id, trial, json.loads(result["reliability"]))
 
     def _log_reliability(self, run_id: str, trial, reliability: dict[str, Any]) -> None:
+        if self._drawer is None:
+            self._drawer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smile-ray-reliability")
+        config = self._config_of(trial)[0]
+        self._drawing.append((trial.trial_id, self._drawer.submit(self._draw, run_id, config, reliability)))
+
+    def _draw(self, run_id: str, config: dict[str, Any], reliability: dict[str, Any]) -> None:
         from smile_ray.reports.plots import plot_run_reliability
 
         with tempfile.TemporaryDirectory() as tmp:
-            try:
-                path = plot_run_reliability({"reliability": reliability, "config": self._config_of(trial)[0]},
-                                            Path(tmp) / "reliability.png")
-            except Exception as e:  # a diagram that fails to draw must not stop the study
-                logging.getLogger(__name__).warning("no reliability diagram for trial %s: %s", trial.trial_id, e)
-                return
+            path = plot_run_reliability({"reliability": reliability, "config": config}, Path(tmp) / "reliability.png")
             self.client.log_artifact(run_id, str(path))
+
+    def drain(self) -> None:
+        """Wait until every reliability diagram handed to the drawing thread is logged (at
+        the experiment's end, before the study's own plots and its final state). A
+        diagram that fails to draw or log must not stop the study: it is a warning."""
+        drawing, self._drawing = self._drawing, []
+        for trial_id, future in drawing:
+            try:
+                future.result()
+            except Exception as e:
+                logging.getLogger(__name__).warning("no reliability diagram for trial %s: %s", trial_id, e)
+        if self._drawer is not None:
+            self._drawer.shutdown()
+            self._drawer = None
+
+    def on_experiment_end(self, trials, **info):
+        self.drain()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.client.set_terminated(self._run_for(trial), status="FINISHED")
@@ -229,6 +253,7 @@ class StudyLogger(tune.Callback):
     def close_open_runs(self, status: str) -> None:
         """Mark the child runs of trials that never finished (interrupt, driver error),
         whichever logger instance made them."""
+        self.drain()
         for run in self.children():
             if run.info.status == "RUNNING":
                 self.client.set_terminated(run.info.run_id, status=status)
