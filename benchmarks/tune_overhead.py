@@ -118,7 +118,7 @@ def timeline(runs: list[dict], t0: float, t1: float, slots: int) -> tuple[float,
         if slot is not None:
             taken.add(slot)
             waits.append(start - freed[slot])
-    return spans[0][0] - t0, sum(waits) / max(len(waits), 1), t1 - freed[-1]
+    return max(spans[0][0] - t0, 0.0), sum(waits) / max(len(waits), 1), t1 - freed[-1]
 
 if __name__ == "__main__":
     main()
