@@ -123,22 +123,6 @@ def il_pairs(n: int, seed: int, split: str, pairs: int = IL_PAIRS) -> tuple[np.n
     return i, (i + g.integers(1, n, pairs)) % n
 
 
-def _images_at(task: Any, split: str, wanted: np.ndarray) -> Tensor:
-    """The un-augmented images of ``split`` at the indices ``wanted`` (in that order), read
-    through ``task.eval_batches`` and stopping after the last one needed."""
-    need = sorted(set(int(i) for i in wanted))
-    found: dict[int, Tensor] = {}
-    start, pos = 0, 0
-    for x, _ in task.eval_batches(split):
-        while pos < len(need) and need[pos] < start + len(x):
-            found[need[pos]] = x[need[pos] - start]
-            pos += 1
-        start += len(x)
-        if pos == len(need):
-            break
-    return torch.stack([found[int(i)] for i in wanted])
-
-
 @torch.inference_mode()
 def interpolation_losses(
     model: nn.Module,
@@ -176,7 +160,9 @@ def interpolation_losses(
             if n < 2:
                 continue
             i, j = il_pairs(n, seed, split, pairs)
-            x1, x2 = _images_at(task, split, i), _images_at(task, split, j)
+            # only the pairs' images are read, each once (an image-file task decodes those alone)
+            both = task.images_at(split, np.concatenate([i, j]))
+            x1, x2 = both[:pairs], both[pairs:]
             sums = {"label": 0.0, "feature": 0.0}
             for lo in range(0, pairs, batch_size):
                 a, _ = to_device(x1[lo:lo + batch_size], torch.zeros(0))

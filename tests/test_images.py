@@ -60,6 +60,22 @@ def test_eval_is_resize_then_centre_crop_with_imagenet_normalisation(folder):
         torch.testing.assert_close(x[i], reference(t, "test", i, -1, -1, False))
 
 
+def test_images_at_are_the_eval_images_and_decode_only_those(folder, monkeypatch):
+    """What the interpolation losses read: the un-augmented images at some indices, in
+    their order with repeats, equal to eval_batches' images, each file decoded once."""
+    from smile_ray.data import images
+
+    t = folder_task(folder)
+    every = torch.cat([x for x, _ in t.eval_batches("train")])
+    opened = []
+    decode = images.decode
+    monkeypatch.setattr(images, "decode", lambda source, i, side: (opened.append(i), decode(source, i, side))[1])
+    wanted = [5, 1, 5, 0, 7]
+    got = t.images_at("train", wanted)
+    assert torch.equal(got, every[wanted])
+    assert sorted(opened) == [0, 1, 5, 7]  # of the split's len(every) images
+
+
 def test_train_batches_crop_and_flip_as_drawn(folder):
     t = folder_task(folder)
     flips, offsets = set(), set()

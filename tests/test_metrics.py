@@ -90,6 +90,7 @@ def test_interpolation_losses_match_the_pure_function_on_the_chosen_pairs():
     expected = interpolation_loss(lambda z: model(z).logits, x[i], x[j], IL_LAMBDAS).item()
     got = interpolation_losses(model, task, 5, identity, splits=("test",), pairs=20)
     assert got["label_il_test"] == pytest.approx(expected, rel=1e-9) and "label_il_train" not in got
+    assert torch.equal(task.images_at("test", [3, 0, 3]), x[[3, 0, 3]])
 
 
 def test_reliability_bins_by_hand_and_their_ece():

@@ -15,7 +15,7 @@ shards of the same global batch, so the union over ranks is the single-process b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -103,6 +103,10 @@ class TensorTask(StepOrder):
         x, y = self.splits[split]
         for i in range(0, len(y), batch_size):
             yield x[i:i + batch_size], y[i:i + batch_size]
+
+    def images_at(self, split: str, indices: Sequence[int]) -> Tensor:
+        """The un-augmented images of ``split`` at ``indices``, in that order."""
+        return self.splits[split][0][torch.as_tensor(list(indices), dtype=torch.long)]
 
     def split_sizes(self) -> dict[str, int]:
         return {k: len(v[1]) for k, v in self.splits.items()}

@@ -327,6 +327,18 @@ class ImageTask(StepOrder):
         for batch in self._loader(split, batches):
             yield self._checked(batch)
 
+    def images_at(self, split: str, indices: Sequence[int]) -> Tensor:
+        """The un-augmented images of ``split`` at ``indices`` (in that order, repeats
+        allowed), as :meth:`eval_batches` gives them, decoding only those files, each
+        once."""
+        wanted = sorted({int(i) for i in indices})
+        batches = [[(i, -1, -1, False) for i in wanted[lo:lo + EVAL_BATCH]] for lo in range(0, len(wanted), EVAL_BATCH)]
+        found: dict[int, Tensor] = {}
+        for ids, batch in zip(batches, self._loader(split, batches)):
+            x, _ = self._checked(batch)
+            found.update((i, img) for (i, *_), img in zip(ids, x))
+        return torch.stack([found[int(i)] for i in indices])
+
     def close(self) -> None:
         """Stop the training DataLoader's workers (they also stop when the task is freed)."""
         self._train_iter = None
