@@ -4,7 +4,8 @@ Runs, each in its own process and in this order: the per-step time of l2, mixup 
 SMILE and SMILE minus each component (``step_time.py``), the batch building at 32, 64
 and 224 px (``batch_building.py``), the start-up broken down and against ``--before``
 (``startup.py``), a Tune study's overhead per trial against sequential runs
-(``tune_overhead.py``) and Ray Train's fixed cost (``ray_overhead.py``). Everything goes
+(``tune_overhead.py``), Ray Train's fixed cost (``ray_overhead.py``) and the end-of-run
+interpolation losses on an image-file dataset (``interpolation_cost.py``). Everything goes
 to the terminal; each script's stdout (its figures) also goes, after a header (date,
 commit, CPUs, torch and Ray versions), to ``--output``. Read the ratios, not the
 milliseconds, when the machine is shared. About 15-20 minutes on 2 cores.
@@ -41,6 +42,7 @@ def scripts(before: str | None, quick: bool) -> list[list[str]]:
         ["startup.py", "--repeats", "1" if q else "5", *(["--before", before] if before else [])],
         ["tune_overhead.py", "--trials", "2" if q else "8", "--steps", "30" if q else "300"],
         ["ray_overhead.py", "--steps", "30" if q else "300"],
+        ["interpolation_cost.py", "--images", "300" if q else "6000", "--repeats", "1" if q else "2"],
     ]
 
 
