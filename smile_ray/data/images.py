@@ -320,24 +320,25 @@ class ImageTask(StepOrder):
         self._next_step = step + 1
         return self._checked(batch)
 
-    def eval_batches(self, split: str, batch_size: int = EVAL_BATCH) -> Iterator[tuple[Tensor, Tensor]]:
-        """Un-augmented (resized, centre-cropped) images of ``split`` in order."""
-        n = len(self.sources[split][1])
-        batches = [[(i, -1, -1, False) for i in range(lo, min(lo + batch_size, n))] for lo in range(0, n, batch_size)]
+    def _unaugmented(self, split: str, ids: Sequence[int],
+                     batch_size: int = EVAL_BATCH) -> Iterator[tuple[Tensor, Tensor]]:
+        """Resized, centre-cropped images of ``split`` at ``ids``, in that order, batch by batch."""
+        batches = [[(i, -1, -1, False) for i in ids[lo:lo + batch_size]] for lo in range(0, len(ids), batch_size)]
         for batch in self._loader(split, batches):
             yield self._checked(batch)
+
+    def eval_batches(self, split: str, batch_size: int = EVAL_BATCH) -> Iterator[tuple[Tensor, Tensor]]:
+        """Un-augmented (resized, centre-cropped) images of ``split`` in order."""
+        yield from self._unaugmented(split, range(len(self.sources[split][1])), batch_size)
 
     def images_at(self, split: str, indices: Sequence[int]) -> Tensor:
         """The un-augmented images of ``split`` at ``indices`` (in that order, repeats
         allowed), as :meth:`eval_batches` gives them, decoding only those files, each
         once."""
         wanted = sorted({int(i) for i in indices})
-        batches = [[(i, -1, -1, False) for i in wanted[lo:lo + EVAL_BATCH]] for lo in range(0, len(wanted), EVAL_BATCH)]
-        found: dict[int, Tensor] = {}
-        for ids, batch in zip(batches, self._loader(split, batches)):
-            x, _ = self._checked(batch)
-            found.update((i, img) for (i, *_), img in zip(ids, x))
-        return torch.stack([found[int(i)] for i in indices])
+        decoded = torch.cat([x for x, _ in self._unaugmented(split, wanted)])
+        row = {i: k for k, i in enumerate(wanted)}
+        return decoded[[row[int(i)] for i in indices]]
 
     def close(self) -> None:
         """Stop the training DataLoader's workers (they also stop when the task is freed)."""
