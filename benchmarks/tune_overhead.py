@@ -26,7 +26,18 @@ long a slot freed by a finished run waits for the next one (paid per trial), and
 long the call lasts after the last run ends. The per-trial overhead of a study of N
 trials is about ``in trial + gap + slots x (first + end) / N``.
 
-    python benchmarks/tune_overhead.py [--trials 8] [--steps 300] [--concurrent 2]
+With several study sizes (``--trials 4,8,16``) the overhead is also split by a least-
+squares line through the studies' slot-seconds outside the loops, ``O(N) = a + b N``: the
+slope ``b`` is what one more trial costs (its process's reuse, its reports and files, the
+slot's wait for it, its run's own set-up and end), the intercept ``a`` what a study costs
+once however many trials it has (the study's and Tune's set-up, the first processes and
+their imports, the outputs at the end). The sequential runs' own overhead per run (set-up,
+final evaluation, interpolation losses, files: work a run does wherever it runs) is
+printed beside the slope, so that ``b`` minus it is what Tune adds per trial. The MLflow
+store is made before any timing, so that no study pays for its schema.
+
+    python benchmarks/tune_overhead.py [--trials 8] [--steps 300] [--concurrent 2] [--no-fresh]
+    python benchmarks/tune_overhead.py --trials 4,8,16 --no-fresh
 """
 from __future__ import annotations
 
@@ -43,7 +54,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from smile_ray.config import make_config  # noqa: E402
-from smile_ray.orchestration import runner  # noqa: E402
+from smile_ray.orchestration import runner, tracking  # noqa: E402
 from smile_ray.orchestration.cluster import connect  # noqa: E402
 from smile_ray.orchestration.tune import run_study  # noqa: E402
 from smile_ray.pretrain import load_source  # noqa: E402
@@ -52,57 +63,84 @@ from smile_ray.recipe import train  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--trials", type=int, default=8)
+    ap.add_argument("--trials", default="8", help="trials per study; a comma list (4,8,16) runs one study per size")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--concurrent", type=int, default=2)
+    ap.add_argument("--no-fresh", action="store_true", help="skip the studies with fresh actors (the first version)")
     args = ap.parse_args()
+    sizes = sorted({int(n) for n in args.trials.split(",")})
     tmp = Path(tempfile.mkdtemp(prefix="smile-ray-tune-overhead-"))
     base = {"method": "smile", "dataset": "digits", "steps": args.steps, "eval_every": args.steps // 3,
             "threads": 1}
-    space = {"base": base, "metric": "val_acc", "mode": "max", "num_samples": args.trials, "search": "random",
-             "scheduler": "none", "max_concurrent": args.concurrent, "seed": 0,
-             "resources": {"cpus": 1, "gpus": 0, "workers": 1},
-             "space": {"mixup_alpha": {"loguniform": [0.05, 2.0]}, "feature_weight": {"loguniform": [0.001, 1.0]}}}
-    space_file = tmp / "space.yaml"
-    space_file.write_text(yaml.safe_dump(space))
     load_source(make_config(base))  # the cached source model, outside every timing
     t = time.perf_counter()
     connect()
     ray_start = time.perf_counter() - t
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    tracking.connect(uri)  # the store's schema, outside every timing
 
-    rows, clocks = [], {}
-    for name, reuse in (("tune, fresh actors", False), ("tune, reused actors", True)):
-        runner.REUSE_ACTORS = reuse
-        out = tmp / name.replace(" ", "").replace(",", "-")
-        t0, t = time.time(), time.perf_counter()
-        run_study(space_file, out, tracking_uri=uri, experiment="overhead", verbose=0)
-        wall = time.perf_counter() - t
-        runs = [json.loads(f.read_text()) for f in out.glob("tune/*/run/metrics.json")]
-        configs = [m["config"] for m in runs]
-        in_trials = sum(json.loads(f.read_text().strip().splitlines()[-1])["time_total_s"]
-                        for f in out.glob("tune/*/result.json"))
-        rows.append((name, wall, sum(m["seconds"] for m in runs), args.concurrent, in_trials))
-        clocks[name] = timeline(runs, t0, t0 + wall, args.concurrent)
+    modes = ([] if args.no_fresh else [("tune, fresh actors", False)]) + [("tune, reused actors", True)]
+    rows, clocks, configs = [], {}, []
+    for n in sizes:
+        space = {"base": base, "metric": "val_acc", "mode": "max", "num_samples": n, "search": "random",
+                 "scheduler": "none", "max_concurrent": args.concurrent, "seed": 0,
+                 "resources": {"cpus": 1, "gpus": 0, "workers": 1},
+                 "space": {"mixup_alpha": {"loguniform": [0.05, 2.0]},
+                           "feature_weight": {"loguniform": [0.001, 1.0]}}}
+        space_file = tmp / f"space-{n}.yaml"
+        space_file.write_text(yaml.safe_dump(space))
+        for name, reuse in modes:
+            runner.REUSE_ACTORS = reuse
+            label = name if len(sizes) == 1 else f"{name}, N={n}"
+            out = tmp / f"{name.replace(' ', '').replace(',', '-')}-{n}"
+            t0, t = time.time(), time.perf_counter()
+            run_study(space_file, out, tracking_uri=uri, experiment="overhead", verbose=0)
+            wall = time.perf_counter() - t
+            runs = [json.loads(f.read_text()) for f in out.glob("tune/*/run/metrics.json")]
+            configs = [m["config"] for m in runs] if n == sizes[-1] else configs
+            in_trials = sum(json.loads(f.read_text().strip().splitlines()[-1])["time_total_s"]
+                            for f in out.glob("tune/*/result.json"))
+            rows.append((label, n, reuse, wall, sum(m["seconds"] for m in runs), args.concurrent, in_trials))
+            clocks[label] = timeline(runs, t0, t0 + wall, args.concurrent)
 
     t0, t = time.time(), time.perf_counter()
     runs = [train(make_config(c), None, log=lambda m: None) for c in configs]
     seq_wall = time.perf_counter() - t
-    rows.insert(0, ("sequential", seq_wall, sum(m["seconds"] for m in runs), 1, seq_wall))
+    rows.insert(0, ("sequential", len(configs), None, seq_wall, sum(m["seconds"] for m in runs), 1, seq_wall))
     clocks["sequential"] = timeline(runs, t0, t0 + seq_wall, 1)
 
-    print(f"\n{args.trials} SMILE trials on digits, {args.steps} steps, 1 thread each; ray.init {ray_start:.1f} s")
-    print(f"{'run':<22} {'wall s':>8} {'loops s':>8} {'vs sequential':>14} {'overhead s/trial':>17} "
+    print(f"\nSMILE trials on digits, {args.steps} steps, 1 thread each, {args.concurrent} at a time; "
+          f"ray.init {ray_start:.1f} s")
+    print(f"{'run':<28} {'wall s':>8} {'loops s':>8} {'vs sequential':>14} {'overhead s/trial':>17} "
           f"{'in trial':>9} {'around':>7}")
-    seq = rows[0][1]
-    for name, wall, loops, slots, in_trials in rows:
-        n = args.trials
-        print(f"{name:<22} {wall:>8.1f} {loops:>8.1f} {wall / seq:>14.2f} {(wall * slots - loops) / n:>17.2f} "
-              f"{(in_trials - loops) / n:>9.2f} {(wall * slots - in_trials) / n:>7.2f}")
-    print(f"\n{'run':<22} {'first run starts s':>19} {'slot waits s/trial':>19} {'after the last s':>17}")
-    for name in ("sequential", "tune, fresh actors", "tune, reused actors"):
+    seq_per_run = rows[0][3] / rows[0][1]
+    for name, n, _, wall, loops, slots, in_trials in rows:
+        print(f"{name:<28} {wall:>8.1f} {loops:>8.1f} {wall / (seq_per_run * n):>14.2f} "
+              f"{(wall * slots - loops) / n:>17.2f} {(in_trials - loops) / n:>9.2f} {(wall * slots - in_trials) / n:>7.2f}")
+    print(f"\n{'run':<28} {'first run starts s':>19} {'slot waits s/trial':>19} {'after the last s':>17}")
+    for name, *_ in rows:
         first, gap, end = clocks[name]
-        print(f"{name:<22} {first:>19.2f} {gap:>19.2f} {end:>17.2f}")
+        print(f"{name:<28} {first:>19.2f} {gap:>19.2f} {end:>17.2f}")
+
+    seq_overhead = (rows[0][3] - rows[0][4]) / rows[0][1]
+    for name, reuse in modes:
+        points = [(n, wall * slots - loops) for _, n, r, wall, loops, slots, _ in rows[1:] if r == reuse]
+        if len({n for n, _ in points}) < 2:
+            continue
+        a, b, worst = fit_line(points)
+        print(f"\n{name}: slot-seconds outside the loops = {a:.1f} s per study + {b:.2f} s per trial "
+              f"(least squares over N = {', '.join(str(n) for n, _ in points)}; largest residual {worst:.1f} s)")
+        print(f"  a run's own overhead in-process (set-up, final evaluation, interpolation losses, files): "
+              f"{seq_overhead:.2f} s; Tune's own cost per trial beyond it: {b - seq_overhead:.2f} s")
+
+
+def fit_line(points: list[tuple[int, float]]) -> tuple[float, float, float]:
+    """Least-squares ``y = a + b x`` through ``points``: (a, b, largest absolute residual)."""
+    xs, ys = [float(x) for x, _ in points], [y for _, y in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    a = my - b * mx
+    return a, b, max(abs(y - a - b * x) for x, y in zip(xs, ys))
 
 
 def timeline(runs: list[dict], t0: float, t1: float, slots: int) -> tuple[float, float, float]:
@@ -119,6 +157,7 @@ def timeline(runs: list[dict], t0: float, t1: float, slots: int) -> tuple[float,
             taken.add(slot)
             waits.append(start - freed[slot])
     return max(spans[0][0] - t0, 0.0), sum(waits) / max(len(waits), 1), t1 - freed[-1]
+
 
 if __name__ == "__main__":
     main()
