@@ -43,11 +43,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
@@ -59,6 +61,21 @@ from smile_ray.orchestration.cluster import connect  # noqa: E402
 from smile_ray.orchestration.tune import run_study  # noqa: E402
 from smile_ray.pretrain import load_source  # noqa: E402
 from smile_ray.recipe import train  # noqa: E402
+
+
+class Row(NamedTuple):
+    name: str
+    trials: int
+    reuse: bool | None  # None: the sequential runs
+    wall: float
+    loops: float  # the trials' loop seconds, summed
+    slots: int
+    in_trials: float  # Tune's time_total_s of the trials, summed (the sequential wall)
+
+    @property
+    def outside(self) -> float:
+        """Slot-seconds outside the training loops."""
+        return self.wall * self.slots - self.loops
 
 
 def main() -> None:
@@ -97,50 +114,44 @@ def main() -> None:
             run_study(space_file, out, tracking_uri=uri, experiment="overhead", verbose=0)
             wall = time.perf_counter() - t
             runs = [json.loads(f.read_text()) for f in out.glob("tune/*/run/metrics.json")]
-            configs = [m["config"] for m in runs] if n == sizes[-1] else configs
+            if n == sizes[-1]:
+                configs = [m["config"] for m in runs]  # the sequential runs train the largest study's
             in_trials = sum(json.loads(f.read_text().strip().splitlines()[-1])["time_total_s"]
                             for f in out.glob("tune/*/result.json"))
-            rows.append((label, n, reuse, wall, sum(m["seconds"] for m in runs), args.concurrent, in_trials))
+            rows.append(Row(label, n, reuse, wall, sum(m["seconds"] for m in runs), args.concurrent, in_trials))
             clocks[label] = timeline(runs, t0, t0 + wall, args.concurrent)
 
     t0, t = time.time(), time.perf_counter()
     runs = [train(make_config(c), None, log=lambda m: None) for c in configs]
     seq_wall = time.perf_counter() - t
-    rows.insert(0, ("sequential", len(configs), None, seq_wall, sum(m["seconds"] for m in runs), 1, seq_wall))
+    seq = Row("sequential", len(configs), None, seq_wall, sum(m["seconds"] for m in runs), 1, seq_wall)
+    rows.insert(0, seq)
     clocks["sequential"] = timeline(runs, t0, t0 + seq_wall, 1)
 
     print(f"\nSMILE trials on digits, {args.steps} steps, 1 thread each, {args.concurrent} at a time; "
           f"ray.init {ray_start:.1f} s")
     print(f"{'run':<28} {'wall s':>8} {'loops s':>8} {'vs sequential':>14} {'overhead s/trial':>17} "
           f"{'in trial':>9} {'around':>7}")
-    seq_per_run = rows[0][3] / rows[0][1]
-    for name, n, _, wall, loops, slots, in_trials in rows:
-        print(f"{name:<28} {wall:>8.1f} {loops:>8.1f} {wall / (seq_per_run * n):>14.2f} "
-              f"{(wall * slots - loops) / n:>17.2f} {(in_trials - loops) / n:>9.2f} {(wall * slots - in_trials) / n:>7.2f}")
+    for r in rows:
+        n = r.trials
+        print(f"{r.name:<28} {r.wall:>8.1f} {r.loops:>8.1f} {r.wall / (seq.wall / seq.trials * n):>14.2f} "
+              f"{r.outside / n:>17.2f} {(r.in_trials - r.loops) / n:>9.2f} {(r.wall * r.slots - r.in_trials) / n:>7.2f}")
     print(f"\n{'run':<28} {'first run starts s':>19} {'slot waits s/trial':>19} {'after the last s':>17}")
-    for name, *_ in rows:
-        first, gap, end = clocks[name]
-        print(f"{name:<28} {first:>19.2f} {gap:>19.2f} {end:>17.2f}")
+    for r in rows:
+        first, gap, end = clocks[r.name]
+        print(f"{r.name:<28} {first:>19.2f} {gap:>19.2f} {end:>17.2f}")
 
-    seq_overhead = (rows[0][3] - rows[0][4]) / rows[0][1]
+    seq_overhead = seq.outside / seq.trials
     for name, reuse in modes:
-        points = [(n, wall * slots - loops) for _, n, r, wall, loops, slots, _ in rows[1:] if r == reuse]
-        if len({n for n, _ in points}) < 2:
+        points = [(r.trials, r.outside) for r in rows[1:] if r.reuse == reuse]
+        if len(points) < 2:
             continue
-        a, b, worst = fit_line(points)
+        b, a = statistics.linear_regression([n for n, _ in points], [o for _, o in points])
+        worst = max(abs(o - a - b * n) for n, o in points)
         print(f"\n{name}: slot-seconds outside the loops = {a:.1f} s per study + {b:.2f} s per trial "
               f"(least squares over N = {', '.join(str(n) for n, _ in points)}; largest residual {worst:.1f} s)")
         print(f"  a run's own overhead in-process (set-up, final evaluation, interpolation losses, files): "
               f"{seq_overhead:.2f} s; Tune's own cost per trial beyond it: {b - seq_overhead:.2f} s")
-
-
-def fit_line(points: list[tuple[int, float]]) -> tuple[float, float, float]:
-    """Least-squares ``y = a + b x`` through ``points``: (a, b, largest absolute residual)."""
-    xs, ys = [float(x) for x, _ in points], [y for _, y in points]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    a = my - b * mx
-    return a, b, max(abs(y - a - b * x) for x, y in zip(xs, ys))
 
 
 def timeline(runs: list[dict], t0: float, t1: float, slots: int) -> tuple[float, float, float]:
