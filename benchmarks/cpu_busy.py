@@ -46,7 +46,7 @@ def main() -> int:
         parser.error("give the command after --")
 
     print(f"load average before the start: {os.getloadavg()[0]:.2f} (1 min), {os.cpu_count()} cores", flush=True)
-    samples: list[tuple[float, float]] = []  # (busy share, iowait share) per interval
+    samples: list[float] = []  # the cores' busy share in each interval
     done = threading.Event()
 
     def sample() -> None:
@@ -55,7 +55,7 @@ def main() -> int:
             now = cpu_times()
             total = now[2] - last[2]
             if total > 0:
-                samples.append(((now[0] - last[0]) / total, (now[1] - last[1]) / total))
+                samples.append((now[0] - last[0]) / total)
             last = now
 
     first = cpu_times()
@@ -76,8 +76,8 @@ def main() -> int:
           f"(busy {busy * (os.cpu_count() or 1):.2f} of {os.cpu_count()} cores)")
     if samples:
         n = len(samples)
-        high = sum(b > 0.9 for b, _ in samples) / n
-        low = sum(b < 0.5 for b, _ in samples) / n
+        high = sum(b > 0.9 for b in samples) / n
+        low = sum(b < 0.5 for b in samples) / n
         print(f"seconds with the cores >90 % busy: {high:.0%}, 50-90 %: {1 - high - low:.0%}, <50 %: {low:.0%} "
               f"({n} samples of {args.interval:g} s)")
     return status
