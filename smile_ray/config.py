@@ -81,8 +81,15 @@ class Config:
         "as the validation split, before any subset is drawn",
     )
     data_workers: int = _key(
-        -1, "image datasets: DataLoader processes decoding and augmenting images; -1: min(4, CPUs of this "
-        "process); 0: in the training process",
+        -1, "image datasets: DataLoader processes decoding and augmenting images; -1: min(4, CPUs this "
+        "process may use: its CPU affinity, capped by OMP_NUM_THREADS, which Ray sets to a task's or "
+        "worker's CPU reservation); 0: in the training process",
+    )
+    decode: str = _key(
+        "auto", "image datasets: where images are decoded and augmented. cpu: PIL in the DataLoader workers; "
+        "device: the workers only read the files' bytes and the training process decodes each batch on "
+        "the run's device (torchvision.io.decode_jpeg, batched, then resize/crop/flip there; pixels close to "
+        "cpu's, not identical); auto: cpu, until a GPU measurement shows device decoding faster",
     )
     skip_bad_images: bool = _key(
         False, "image datasets: leave out unreadable images with a warning (counted in metrics.json) "
@@ -267,6 +274,7 @@ def _check_ranges(c: Config, where: str) -> None:
     need(0 <= c.sample_rate <= 1, "sample_rate", "0 (off) or a fraction in (0, 1]")
     need(0 < c.val_fraction < 1, "val_fraction", "must be in (0, 1)")
     need(c.data_workers >= -1, "data_workers", "-1 (auto), 0 (in process) or a count >= 1")
+    need(c.decode in ("auto", "cpu", "device"), "decode", "auto, cpu or device")
     if c.train_images and c.sample_rate:
         raise SmileError(f"{where}: train_images={c.train_images} and sample_rate={c.sample_rate} are exclusive "
                          "(set one of them; 0 turns a key off)")

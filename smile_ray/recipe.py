@@ -167,6 +167,8 @@ def setup(
             module.compile()
     if prepare_model is not None:
         model = prepare_model(model)
+    if hasattr(task, "device"):  # the image tasks pin for CUDA only, and decode=device decodes there
+        task.device = device
     if device.type == "cuda" and hasattr(task, "uint8_batches"):
         task.uint8_batches = True  # after the methods' preparations, which read float batches
     if device.type == "cuda":

@@ -4,6 +4,7 @@ through the CLI."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -276,3 +277,175 @@ def test_end_to_end_through_the_cli(cub, tmp_path, capsys):
     assert err.count("\n") == 0 and "Bird_0_0001.jpg" in err and err.startswith("error: cub200: cannot read image")
     assert not failed.exists()
     shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+
+
+# ------------------------------------------------------------------ workers, pinning, the evaluation loader
+
+
+def test_worker_count_follows_the_cpus_this_process_may_use():
+    from smile_ray.data.images import worker_count
+
+    assert worker_count(3, 64, "1") == 3 and worker_count(0, 64, None) == 0  # asked for: as asked
+    assert worker_count(-1, 64, None) == 4 and worker_count(-1, 2, None) == 2  # min(4, affinity)
+    assert worker_count(-1, 64, "2") == 2  # a Ray worker that reserved 2 CPUs of a 64-core node
+    assert worker_count(-1, 64, "1") == 1  # Ray's default for an actor without num_cpus
+    assert worker_count(-1, 3, "16") == 3  # the affinity is the tighter limit
+    assert worker_count(-1, 64, "") == 4 and worker_count(-1, 64, "4,2") == 4 and worker_count(-1, 64, "0") == 4
+    assert worker_count(-1, 0, None) == 1
+
+
+def test_batches_are_pinned_only_for_a_cuda_run(folder):
+    t = folder_task(folder)
+    assert t.device == torch.device("cpu") and not t.pin_memory  # whatever GPUs the machine has
+    t.device = torch.device("cuda")  # what the recipe sets for a CUDA run (no GPU needed to say so)
+    assert t.pin_memory
+    t.device = "cpu"
+    assert not t.pin_memory
+    device_decoded = folder_task(folder, decode="device")
+    device_decoded.device = "cuda"
+    assert not device_decoded.pin_memory  # its workers hand over file bytes, read where they are
+
+
+def children() -> set[int]:
+    """The processes this (test) process started that are alive now."""
+    me, out = os.getpid(), set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == me and stat.rsplit(")", 1)[1].split()[0] != "Z":
+                out.add(int(d.name))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_evaluation_workers_live_from_one_evaluation_to_the_next(folder):
+    before = children()
+    t = folder_task(folder, data_workers=2)
+    first = [b for b in t.eval_batches("test", batch_size=4)]
+    workers = children() - before
+    assert len(workers) == 2  # still alive after the evaluation ended
+    second = [b for b in t.eval_batches("test", batch_size=4)]
+    picked = t.images_at("val", [2, 0])
+    assert children() - before == workers  # the same processes served all three
+    inline = folder_task(folder, data_workers=0)
+    expected = list(inline.eval_batches("test", batch_size=4))
+    for got in (first, second):
+        assert len(got) == len(expected) > 1
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, expected))
+    assert torch.equal(picked, inline.images_at("val", [2, 0]))
+    abandoned = t.eval_batches("test", batch_size=2)
+    next(abandoned)
+    again = list(t.eval_batches("val", batch_size=2))  # a new request ends the unfinished one
+    assert len(again) == 2
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(again, inline.eval_batches("val", batch_size=2)))
+    with pytest.raises(RuntimeError, match="newer one started"):
+        next(abandoned)
+    t.close()
+    assert not (children() - before) & workers
+
+
+# ------------------------------------------------------------------ decode: device
+
+
+def write_textured(root: Path, size=(40, 30), classes=3, train=6, test=2, suffix=".jpg") -> Path:
+    """JPEGs with detail at every scale (smooth test images would hide resize differences)."""
+    import numpy as np
+    from PIL import Image
+
+    g = np.random.default_rng(0)
+    for c in range(classes):
+        for k in range(train + test):
+            split = "train" if k < train else "test"
+            noise = g.integers(0, 256, (size[1] // 3, size[0] // 3, 3), dtype=np.uint8)
+            im = Image.fromarray(noise).resize(size, Image.BICUBIC)
+            path = root / split / f"c{c}" / f"{k}{suffix}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            im.save(path, quality=90) if suffix == ".jpg" else im.save(path)
+    return root
+
+
+@pytest.fixture(scope="module")
+def jpegs(tmp_path_factory):
+    # 40 x 30 at SIZE 16: resized to 18 x 18, under twice that, so PIL decodes at full scale too
+    return write_textured(tmp_path_factory.mktemp("jpegs"))
+
+
+def uint8_batches(task, steps=3):
+    task.uint8_batches = True  # compare pixels, before the normalisation
+    return [task.train_batch(s, 8) for s in range(steps)] + list(task.eval_batches("val")) \
+        + list(task.eval_batches("test"))
+
+
+@pytest.mark.parametrize("kind", ["jpeg", "png"])
+def test_device_decoding_on_the_cpu_is_the_pil_pipeline_within_one_level(jpegs, folder, kind):
+    """decode=device, run with device='cpu': the same labels, order, crops and flips as the
+    PIL path, pixels within 1 of 255 (torchvision's antialiased bilinear resize and PIL's
+    round differently; the JPEG decoders agree bit for bit on the CPU)."""
+    root = jpegs if kind == "jpeg" else folder
+    pil = uint8_batches(folder_task(root, data_workers=1))
+    dev = uint8_batches(folder_task(root, data_workers=1, decode="device"))
+    differs = 0
+    for (xp, yp), (xd, yd) in zip(pil, dev):
+        assert xd.dtype == torch.uint8 and xd.shape == xp.shape and torch.equal(yd, yp)
+        diff = (xd.int() - xp.int()).abs()
+        assert diff.max() <= 1
+        differs += int((diff > 0).sum())
+    assert len(dev) == len(pil)
+    if kind == "jpeg":
+        assert differs > 0  # the comparison sees real resizing, not a copy
+
+
+def test_device_decoding_is_reproducible_and_normalised_like_the_pil_path(jpegs):
+    a = folder_task(jpegs, decode="device", seed=3)
+    floats = [a.train_batch(s, 8) for s in range(3)]
+    b = folder_task(jpegs, decode="device", seed=3, data_workers=2)
+    for s in (0, 1, 2):
+        x, y = b.train_batch(s, 8)
+        assert x.dtype == torch.float32 and torch.equal(x, floats[s][0]) and torch.equal(y, floats[s][1])
+    b.uint8_batches = True
+    assert torch.equal(b.normalize(b.train_batch(1, 8)[0]), floats[1][0])
+    assert not torch.equal(floats[0][0], floats[1][0])
+    pil = folder_task(jpegs, seed=3).train_batch(1, 8)[0]
+    assert (pil - floats[1][0]).abs().max() <= 1 / 255 / 0.224 + 1e-6  # one level over ImageNet's smallest std
+
+
+def test_device_decoding_of_in_memory_images(folder):
+    from smile_ray.data.catalog import ArrayImages
+
+    pil = folder_task(folder)
+    arrays = {}
+    for split, (source, labels) in pil.sources.items():
+        pixels = torch.stack([torch.from_numpy(__import__("numpy").array(source.open(i).convert("RGB")))
+                              for i in range(len(source))]).numpy()
+        arrays[split] = (ArrayImages(pixels, [source.name(i) for i in range(len(source))]), labels)
+    tasks = [ImageTask(arrays, pil.classes, pil.seed, SIZE, IMAGENET_NORM, decode=d) for d in ("cpu", "device")]
+    for t in tasks:
+        t.uint8_batches = True
+    for s in range(2):
+        (xc, yc), (xd, yd) = (t.train_batch(s, 6) for t in tasks)
+        assert torch.equal(yc, yd) and (xc.int() - xd.int()).abs().max() <= 1
+
+
+def test_device_decoding_of_bad_images(cub):
+    root, base = cub
+    bad = base / "images" / "002.Bird_1" / "Bird_1_0003.jpg"
+    truncate(bad)
+    with pytest.warns(UserWarning, match=r"left out 1 unreadable"):  # checked as before, by PIL
+        t = cub_task(root, skip_bad_images=True, sample_rate=1.0, decode="device")
+    assert t.skipped_images == [str(bad)] and t.split_sizes()["train"] == 3 * 7 - 1
+    assert t.train_batch(0, 4)[0].shape == (4, 3, SIZE, SIZE)
+    for workers in (0, 1):  # one that breaks after indexing stops the run naming itself
+        t = cub_task(root, data_workers=workers, sample_rate=1.0, skip_bad_images=True, decode="device")
+        victim = t.sources["train"][0].name(int(t.train_indices(0, 4)[1]))
+        saved = Path(victim).read_bytes()
+        truncate(Path(victim))
+        try:
+            with pytest.raises(SmileError) as err:
+                t.train_batch(0, 4)
+        finally:
+            Path(victim).write_bytes(saved)
+        message = str(err.value)
+        assert message.startswith(f"cub200: cannot read image {victim} (") and "\n" not in message

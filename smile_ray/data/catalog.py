@@ -44,6 +44,11 @@ class ImageSource:
         None: the image needs no check (it is already decoded in memory)."""
         return None
 
+    def read_bytes(self, i: int) -> bytes | None:
+        """Image ``i``'s encoded file as it is on disk (for decoding elsewhere, e.g. on a
+        GPU); None: the image is already decoded in memory (``open`` gives its pixels)."""
+        return None
+
     def fingerprint(self) -> bytes:
         """Bytes that identify these images (paths, sizes and times; or the pixels)."""
         raise NotImplementedError
@@ -75,6 +80,10 @@ class FileImages(ImageSource):
         except OSError:
             return (self.paths[i], -1, -1)
         return (self.paths[i], st.st_size, st.st_mtime_ns)
+
+    def read_bytes(self, i: int) -> bytes:
+        with open(self.paths[i], "rb") as f:
+            return f.read()
 
     def fingerprint(self) -> bytes:
         return json.dumps([self.stamp(i) for i in range(len(self))]).encode()

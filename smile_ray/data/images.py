@@ -37,13 +37,37 @@ over the uint8 pixels instead, a quarter of the bytes to collate, pin and copy, 
 :meth:`ImageTask.normalize` does the same arithmetic on the device after the copy
 (bit-identical to the workers' on the CPU; tested).
 
-Workers: ``data_workers`` DataLoader processes (-1: ``min(4, CPUs of this process)``;
-0: decode in the training process), memory pinned when training on CUDA (the recipe's
-copies are non-blocking); each data-parallel rank decodes only its own shard. The next
-steps' batches are prefetched while the current one trains.
+Workers: ``data_workers`` DataLoader processes (-1: ``min(4, CPUs this process may
+use)``, :func:`worker_count`; 0: decode in the training process), memory pinned when the
+run trains on CUDA (the recipe sets :attr:`ImageTask.device`; the recipe's copies are
+non-blocking); each data-parallel rank decodes only its own shard. The next steps'
+batches are prefetched while the current one trains. Evaluation has its own loader,
+kept with its workers alive from one ``evaluate()`` to the next (``persistent_workers``):
+forking ``data_workers`` fresh processes at every evaluation would cost more than a small
+validation split's decoding.
+
+Device decoding (``decode: device``). PIL decodes, resizes and crops about 470 images/s
+per core, so four workers cannot feed a GPU that trains ResNet-50 at 4,500 images/s.
+With ``decode: device`` the workers only read the files' bytes; the training process
+decodes each batch on the run's device with ``torchvision.io.decode_jpeg`` (one batched
+call: nvJPEG on CUDA), then resizes (bilinear, antialiased), crops and flips there with
+the same crop offsets and flips, drawn by the same (seed, step) key, as the PIL path
+(:func:`decode_batch`). Files that are not JPEG (PNG, ...) and in-memory images (CIFAR)
+are decoded by PIL in the workers and resized on the device like the rest; a JPEG the
+device decoder refuses is retried with PIL before it counts as unreadable. Pixels are
+close to the PIL path's, not identical: torchvision's antialiased resize rounds
+differently (at most 1 of 255 on the CPU, tested), nvJPEG's IDCT may differ from
+libjpeg's by a level or two, and JPEGs of more than twice the resize side are decoded
+at full scale instead of PIL's reduced DCT scale (``draft``), which changes pixels more.
+Runs stay reproducible (a pure function of the seed and the step on one device), but
+``decode: device`` and ``decode: cpu`` are two different pipelines. ``decode: auto`` is
+the PIL path everywhere: no GPU measurement has shown device decoding faster yet
+(``benchmarks/gpu.sh`` measures both); on the CPU the device path runs with
+``device="cpu"`` (how the tests cover it) and is no faster than the PIL one.
 """
 from __future__ import annotations
 
+import io
 import os
 import warnings
 import weakref
@@ -73,14 +97,33 @@ def resize_side(image_size: int) -> int:
     return round_half_up(image_size * 256 / 224)
 
 
-def auto_workers(config: Config) -> int:
-    if config.data_workers >= 0:
-        return config.data_workers
+def worker_count(requested: int, affinity: int, omp_num_threads: str | None) -> int:
+    """DataLoader workers for ``data_workers=requested``: itself when >= 0; -1 gives
+    ``min(4, CPUs)`` where CPUs is what this process may use: ``affinity`` (the cores its
+    CPU affinity allows), capped by ``OMP_NUM_THREADS`` when that is a positive integer.
+    Ray sets ``OMP_NUM_THREADS`` in a task or actor to its CPU reservation (``num_cpus``,
+    floored, at least 1; 1 when none was given) while the affinity still spans the whole
+    node, so without the cap every Ray Train worker of a 4-GPU node would start workers
+    for the whole node's cores."""
+    if requested >= 0:
+        return requested
+    cpus = max(1, affinity)
     try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
+        omp = int(omp_num_threads) if omp_num_threads is not None else 0
+    except ValueError:  # e.g. "4,2" (nested levels) or garbage: not a reservation
+        omp = 0
+    if omp >= 1:
+        cpus = min(cpus, omp)
     return min(4, cpus)
+
+
+def auto_workers(config: Config) -> int:
+    """:func:`worker_count` for this process."""
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        affinity = os.cpu_count() or 1
+    return worker_count(config.data_workers, affinity, os.environ.get("OMP_NUM_THREADS"))
 
 
 def _one_line(e: BaseException) -> str:
@@ -158,6 +201,62 @@ def transform(im, image_size: int, top: int, left: int, flip: bool):
     return im
 
 
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def decode_batch(images: Sequence[Tensor], crops: Sequence[tuple[int, int, bool]], image_size: int,
+                 device: torch.device | str, name=lambda k: f"image {k}") -> Tensor:
+    """The device-decoding path (``decode: device``): a ``B x 3 x S x S`` uint8 batch on
+    ``device`` from, per image, either its JPEG file's bytes (a 1-d uint8 tensor) or its
+    already decoded ``3 x H x W`` pixels, and its crop ``(top, left, flip)`` (top < 0:
+    the centre), as :func:`transform` does it: resize to ``R x R`` (bilinear, antialiased:
+    torchvision's tensor resize, PIL's within 1 of 255 on the CPU), crop, flip.
+
+    The JPEGs are decoded in one ``torchvision.io.decode_jpeg`` call (on CUDA one nvJPEG
+    batch). If that call fails, each is decoded alone, and one the device decoder refuses
+    is decoded by PIL (nvJPEG lacks some JPEG flavours PIL reads); one PIL cannot read
+    either raises :class:`SmileError` naming it (``name(k)``)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2 import functional as F
+
+    device = torch.device(device)
+    pixels: list[Tensor | None] = [None if x.dim() == 1 else x.to(device, non_blocking=True) for x in images]
+    jpegs = [k for k, x in enumerate(pixels) if x is None]
+    if jpegs:
+        try:
+            decoded = decode_jpeg([images[k] for k in jpegs], mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            decoded = [_decode_one(images[k], device, name(k)) for k in jpegs]
+        for k, x in zip(jpegs, decoded):
+            pixels[k] = x
+    side = resize_side(image_size)
+    out = []
+    for x, (top, left, flip) in zip(pixels, crops):
+        if x.shape[-2:] != (side, side):
+            x = F.resize(x, [side, side], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
+        if top < 0:  # torchvision's CenterCrop offsets, as in transform()
+            top = left = int(round((side - image_size) / 2.0))
+        x = x[:, top:top + image_size, left:left + image_size]
+        out.append(x.flip(-1) if flip else x)
+    return torch.stack(out)
+
+
+def _decode_one(data: Tensor, device: torch.device, name: str) -> Tensor:
+    from PIL import Image
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError as e:
+        why = e
+    try:
+        with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
+            return to_uint8(im.convert("RGB")).to(device)
+    except Exception:  # PIL raises many types for unreadable images
+        # torchvision's message starts with the function and its C++ source line
+        raise SmileError(f"cannot read image {name} ({why.__class__.__name__}: {str(why).strip().split(', ')[-1]})") from None
+
+
 @dataclass(frozen=True)
 class _Bad:
     """What a worker returns instead of a batch when an image fails to decode."""
@@ -165,33 +264,55 @@ class _Bad:
     message: str
 
 
-class _Decoded(torch.utils.data.Dataset):
-    """Items ``(i, top, left, flip)`` -> ``(normalised image, label)`` (``raw``: the uint8
-    image): the part that runs in the DataLoader's worker processes (everything random was
-    drawn before)."""
+@dataclass
+class _Encoded:
+    """A batch as the workers hand it over for device decoding: per item, its file's bytes
+    (JPEG) or its PIL-decoded pixels (anything else), its crop, its (split, index)."""
 
-    def __init__(self, source: ImageSource, labels: Tensor, image_size: int, mean: Tensor | None,
-                 std: Tensor | None, dataset: str, raw: bool = False):
-        self.source, self.labels, self.image_size = source, labels, image_size
-        self.mean, self.std, self.dataset, self.raw = mean, std, dataset, raw
+    images: list[Tensor]
+    crops: list[tuple[int, int, bool]]
+    items: list[tuple[str, int]]
+    labels: Tensor
+
+
+class _Decoded(torch.utils.data.Dataset):
+    """Items ``(split, i, top, left, flip)`` -> ``(normalised image, label)`` (``out="uint8"``:
+    the uint8 image; ``out="bytes"``: what :func:`decode_batch` takes): the part that runs
+    in the DataLoader's worker processes (everything random was drawn before)."""
+
+    def __init__(self, sources: dict[str, tuple[ImageSource, Tensor]], image_size: int, mean: Tensor | None,
+                 std: Tensor | None, dataset: str, out: str = "float"):
+        self.sources, self.image_size = sources, image_size
+        self.mean, self.std, self.dataset, self.out = mean, std, dataset, out
 
     def __len__(self) -> int:
-        return len(self.source)
+        return len(self.sources["train"][0])
 
-    def __getitem__(self, item: tuple[int, int, int, bool]):
-        i, top, left, flip = item
+    def __getitem__(self, item: tuple[str, int, int, int, bool]):
+        split, i, top, left, flip = item
+        source, labels = self.sources[split]
         try:
-            im = transform(decode(self.source, i, resize_side(self.image_size)), self.image_size, top, left, flip)
+            if self.out == "bytes":
+                data = source.read_bytes(i)
+                if data is not None and data[:3] == _JPEG_MAGIC:
+                    image = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                else:  # PNG, ...; or decoded already (CIFAR): PIL's pixels at full size
+                    image = to_uint8(decode(source, i, 0))
+                return image, (top, left, flip), (split, i), int(labels[i])
+            im = transform(decode(source, i, resize_side(self.image_size)), self.image_size, top, left, flip)
         except Exception as e:  # the file changed since it was checked
-            return _Bad(f"{self.dataset}: cannot read image {self.source.name(i)} ({_one_line(e)})")
-        return (to_uint8(im) if self.raw else to_tensor(im, self.mean, self.std)), int(self.labels[i])
+            return _Bad(f"{self.dataset}: cannot read image {source.name(i)} ({_one_line(e)})")
+        return (to_uint8(im) if self.out == "uint8" else to_tensor(im, self.mean, self.std)), int(labels[i])
 
 
 def _collate(samples: list) -> Any:
     bad = next((s for s in samples if isinstance(s, _Bad)), None)
     if bad is not None:
         return bad
-    return torch.stack([s[0] for s in samples]), torch.tensor([s[1] for s in samples], dtype=torch.long)
+    labels = torch.tensor([s[-1] for s in samples], dtype=torch.long)
+    if len(samples[0]) == 4:  # out="bytes"
+        return _Encoded([s[0] for s in samples], [s[1] for s in samples], [s[2] for s in samples], labels)
+    return torch.stack([s[0] for s in samples]), labels
 
 
 def _worker_init(_worker_id: int) -> None:
@@ -213,8 +334,22 @@ class _Steps:
         while (task := self.task()) is not None:
             items = task.shard_items(step, self.batch_size, self.rank, self.world_size)
             del task  # not held across the yield
-            yield items
+            yield [("train", *item) for item in items]
             step += 1
+
+
+class _Requests:
+    """The batch sampler of the persistent evaluation loader: the batches of the request
+    being served (the loader iterates it afresh at each ``iter``)."""
+
+    def __init__(self):
+        self.batches: list[list[tuple[str, int, int, int, bool]]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 class ImageTask(StepOrder):
@@ -226,7 +361,7 @@ class ImageTask(StepOrder):
 
     def __init__(self, splits: dict[str, tuple[ImageSource, Tensor]], classes: list[str], seed: int,
                  image_size: int, norm: tuple[Sequence[float], Sequence[float]] | None, workers: int = 0,
-                 pin_memory: bool = False, dataset: str = "images", skipped_images: list[str] | None = None):
+                 dataset: str = "images", skipped_images: list[str] | None = None, decode: str = "cpu"):
         super().__init__(seed)
         self.sources = splits
         self.classes = list(classes)
@@ -236,14 +371,42 @@ class ImageTask(StepOrder):
         self.mean = torch.tensor(norm[0]).view(3, 1, 1) if norm else None
         self.std = torch.tensor(norm[1]).view(3, 1, 1) if norm else None
         self.workers = workers
-        self.pin_memory = pin_memory
+        if decode not in ("cpu", "device"):
+            raise ValueError(f"decode={decode!r}: cpu or device")
+        self.decode = decode
         self.dataset = dataset
         self.skipped_images = list(skipped_images or [])
         self._train_iter: Iterator | None = None
         self._train_key: tuple[int, int, int] | None = None
         self._next_step = -1
         self._uint8 = False
+        self._device = torch.device("cpu")
+        self._eval_loader: torch.utils.data.DataLoader | None = None
+        self._eval_requests = _Requests()
+        self._eval_generation = 0
         self._norm_on: dict[torch.device, tuple[Tensor, Tensor]] = {}  # mean, std per device
+
+    @property
+    def device(self) -> torch.device:
+        """The device the run trains on (the recipe sets it; CPU until then): batches are
+        pinned for it when it is CUDA (only then: pinning starts a CUDA context on the
+        current GPU, which a CPU run on a GPU node must not), and ``decode: device``
+        decodes on it."""
+        return self._device
+
+    @device.setter
+    def device(self, device: torch.device | str) -> None:
+        device = torch.device(device)
+        if device != self._device:
+            self._device = device
+            self.close()  # the running loaders pin (or not) for the old device
+
+    @property
+    def pin_memory(self) -> bool:
+        """Whether the DataLoaders pin their batches: for a CUDA run's non-blocking copies,
+        when the workers hand over pixels (with ``decode: device`` they hand over bytes,
+        which the decoder reads where they are)."""
+        return self._device.type == "cuda" and self.decode == "cpu"
 
     @property
     def uint8_batches(self) -> bool:
@@ -293,20 +456,32 @@ class ImageTask(StepOrder):
 
     # ---- the DataLoader
 
-    def _loader(self, split: str, batch_sampler) -> torch.utils.data.DataLoader:
-        source, labels = self.sources[split]
+    def _loader(self, batch_sampler, persistent: bool = False) -> torch.utils.data.DataLoader:
+        out = "bytes" if self.decode == "device" else "uint8" if self._uint8 else "float"
         return torch.utils.data.DataLoader(
-            _Decoded(source, labels, self.image_size, self.mean, self.std, self.dataset, raw=self._uint8),
+            _Decoded(self.sources, self.image_size, self.mean, self.std, self.dataset, out=out),
             batch_sampler=batch_sampler, num_workers=self.workers, collate_fn=_collate,
             pin_memory=self.pin_memory, worker_init_fn=_worker_init if self.workers else None,
+            persistent_workers=persistent and self.workers > 0,
             generator=torch.Generator(),  # not the global generator: a run's torch RNG state is its own
         )
 
-    @staticmethod
-    def _checked(batch: Any) -> tuple[Tensor, Tensor]:
+    def _checked(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """A worker's batch as the step takes it; device decoding happens here."""
         if isinstance(batch, _Bad):
             raise SmileError(batch.message)
-        return batch
+        if not isinstance(batch, _Encoded):
+            return batch
+
+        def name(k: int) -> str:
+            split, i = batch.items[k]
+            return f"{self.sources[split][0].name(i)}"
+
+        try:
+            x = decode_batch(batch.images, batch.crops, self.image_size, self._device, name)
+        except SmileError as e:
+            raise SmileError(f"{self.dataset}: {e}") from None
+        return (x if self._uint8 else self.normalize(x)), batch.labels
 
     def train_batch(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> tuple[Tensor, Tensor]:
         """Rank ``rank``'s shard of the augmented global batch at ``step``. Consecutive
@@ -314,7 +489,7 @@ class ImageTask(StepOrder):
         key = (batch_size, rank, world_size)
         if self._train_iter is None or self._train_key != key or self._next_step != step:
             self._train_iter = None  # shuts the previous workers down
-            self._train_iter = iter(self._loader("train", _Steps(self, step, batch_size, rank, world_size)))
+            self._train_iter = iter(self._loader(_Steps(self, step, batch_size, rank, world_size)))
             self._train_key = key
         batch = next(self._train_iter)
         self._next_step = step + 1
@@ -322,9 +497,28 @@ class ImageTask(StepOrder):
 
     def _unaugmented(self, split: str, ids: Sequence[int],
                      batch_size: int = EVAL_BATCH) -> Iterator[tuple[Tensor, Tensor]]:
-        """Resized, centre-cropped images of ``split`` at ``ids``, in that order, batch by batch."""
-        batches = [[(i, -1, -1, False) for i in ids[lo:lo + batch_size]] for lo in range(0, len(ids), batch_size)]
-        for batch in self._loader(split, batches):
+        """Resized, centre-cropped images of ``split`` at ``ids``, in that order, batch by
+        batch. With workers, every request goes through one evaluation loader whose workers
+        persist; a new request ends the previous one (iterating that one further raises)."""
+        batches = [[(split, i, -1, -1, False) for i in ids[lo:lo + batch_size]]
+                   for lo in range(0, len(ids), batch_size)]
+        if not self.workers:
+            for batch in self._loader(batches):
+                yield self._checked(batch)
+            return
+        if self._eval_loader is None:
+            self._eval_loader = self._loader(self._eval_requests, persistent=True)
+        self._eval_generation += 1
+        mine = self._eval_generation
+        self._eval_requests.batches = batches
+        batches_of = iter(self._eval_loader)  # the same iterator each time, reset: the workers stay
+        while True:
+            if self._eval_generation != mine:
+                raise RuntimeError("an evaluation request was iterated after a newer one started")
+            try:
+                batch = next(batches_of)
+            except StopIteration:
+                return
             yield self._checked(batch)
 
     def eval_batches(self, split: str, batch_size: int = EVAL_BATCH) -> Iterator[tuple[Tensor, Tensor]]:
@@ -341,8 +535,11 @@ class ImageTask(StepOrder):
         return decoded[[row[int(i)] for i in indices]]
 
     def close(self) -> None:
-        """Stop the training DataLoader's workers (they also stop when the task is freed)."""
+        """Stop the DataLoaders' workers, training's and evaluation's (they also stop when
+        the task is freed; the next batch starts new ones)."""
         self._train_iter = None
+        self._eval_loader = None
+        self._eval_generation += 1
 
     # ---- what the recipe and the methods read
 
@@ -412,6 +609,7 @@ def image_task(config: Config, catalog: Catalog) -> ImageTask:
         "val": part(catalog.train, catalog.train_labels, val),
         "test": part(catalog.test, catalog.test_labels, test_idx),
     }
-    pin = config.device != "cpu" and torch.cuda.is_available()
+    # decode=auto is the PIL path until a GPU measurement shows device decoding faster
+    # (benchmarks/gpu.sh); pinning waits for the recipe to say which device the run uses
     return ImageTask(splits, names, config.seed, config.image_size, input_norm(config), workers=auto_workers(config),
-                     pin_memory=pin, dataset=name, skipped_images=skipped)
+                     dataset=name, skipped_images=skipped, decode="device" if config.decode == "device" else "cpu")
