@@ -5,6 +5,15 @@ interleaved rounds (so drift in machine load hits all variants alike); the figur
 variant is the median over rounds of the mean step time. Needs only torch and
 torchvision (no Ray, no MLflow), so it runs on a bare GPU box too.
 
+With ``--files`` or ``--compile`` each variant is timed in one block instead: its
+warm-up (the compile), then ``2 x workers + 2`` untimed steps that drain the batches
+its DataLoader queued while it was not consuming, then ``rounds x steps`` timed steps
+(rounds are consecutive segments of the block), then its workers stop. Interleaved,
+each variant's DataLoader would prefetch while the other was timed and start its round
+with a full queue (issue 30 estimated up to 35 % optimistic); and a block's figure is
+printed (and ``--json`` rewritten) as soon as it ends, so a time limit that stops a
+later variant's compile keeps the earlier figures.
+
     python benchmarks/step_time.py                       # digits_cnn, 32 px, batch 48, CPU
     python benchmarks/step_time.py --full                # + source pre-training and a default train run
     python benchmarks/step_time.py --backbone resnet50 --image-size 224 --batch-size 64 \\
@@ -22,6 +31,10 @@ pipeline: 500x375 JPEGs decoded and augmented by DataLoader workers, pinned, cop
         --precision bf16 --channels-last --variants l2,smile --files generate --data-workers 8
     python benchmarks/step_time.py --backbone resnet50 --image-size 224 --batch-size 48 --device cuda \
         --variants l2,smile --synthetic --compile     # the CUDA defaults (bf16, channels_last) + torch.compile
+    python benchmarks/step_time.py ... --files DIR --decode device           # nvJPEG decoding on the GPU
+    python benchmarks/step_time.py ... --compile --compile-mode reduce-overhead  # CUDA graphs
+
+``benchmarks/gpu.sh`` runs all of these in one call on a lent GPU.
 
 ``plain`` is the floor: the bare backbone and a linear head, ``F.cross_entropy`` and
 ``torch.optim.SGD``, written here without any smile-ray code.
@@ -40,6 +53,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from smile_ray.config import make_config  # noqa: E402
+from smile_ray.data.images import auto_workers  # noqa: E402
 from smile_ray.pretrain import default_cache_dir  # noqa: E402
 from smile_ray.models import build_source_model  # noqa: E402
 from smile_ray.recipe import resolve_device, setup, train, train_step, uses_bf16, uses_channels_last  # noqa: E402
@@ -76,6 +90,17 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def write_json(path: Path, key: str | None, results: dict) -> None:
+    """``results`` to ``path``, or under ``key`` of the JSON object there (made if absent)."""
+    if key:
+        whole = json.loads(path.read_text()) if path.exists() else {}
+        whole[key] = results
+        results = whole
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(path)  # a step killed mid-write leaves the previous file whole
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", default="digits_cnn")
@@ -88,6 +113,12 @@ def main() -> None:
                     help="the config key's values; the bare flag means true [auto: on for CUDA]")
     ap.add_argument("--compile", action="store_true", help="compile=true: torch.compile the student and the teacher "
                     "(the compile happens in the warm-up steps)")
+    ap.add_argument("--compile-mode", choices=["default", "max-autotune-no-cudagraphs", "reduce-overhead"],
+                    default="default", help="with --compile: torch.compile's mode, applied as its Inductor options "
+                    "for the whole process (the library compiles with the default mode)")
+    ap.add_argument("--decode", choices=["auto", "cpu", "device"], default="auto",
+                    help="the config key, for --files: cpu (PIL in the workers) or device (the workers read bytes, "
+                         "torchvision decodes on the run's device)")
     ap.add_argument("--synthetic", action="store_true", help="random batches (required for backbones other than digits_cnn)")
     ap.add_argument("--files", metavar="DIR",
                     help="time every step through the real file pipeline (decode, augment, DataLoader workers, "
@@ -102,10 +133,17 @@ def main() -> None:
                     help="comma-separated subset of: " + ", ".join(VARIANTS) + ", or any method (l2sp, bss, ...)")
     ap.add_argument("--full", action="store_true", help="also time source pre-training and a default `train` run")
     ap.add_argument("--json", type=Path, help="write the figures here as JSON")
+    ap.add_argument("--json-key", help="with --json: keep the file's other keys and put the figures under this one "
+                    "(several runs in one file; benchmarks/gpu.sh)")
     ap.add_argument("--cache-dir", type=Path, default=None, help="source-model cache [smile-ray's default]")
     args = ap.parse_args()
 
     device = resolve_device(args.device)
+    if args.compile and args.compile_mode != "default":
+        import torch._inductor as inductor
+
+        # what torch.compile(mode=...) sets, for every compile of this process
+        inductor.config.patch(inductor.list_mode_options(args.compile_mode)).__enter__()
     files_root = None
     if args.files == "generate":
         import tempfile
@@ -119,6 +157,10 @@ def main() -> None:
     elif args.files:
         files_root = Path(args.files)
     cache = args.cache_dir or default_cache_dir()
+
+    def dump(results: dict) -> None:
+        write_json(args.json, args.json_key, results)
+
     results: dict = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(), "args": vars(args) | {"json": None}}
 
     if args.full:
@@ -139,7 +181,8 @@ def main() -> None:
         "weights": "none" if args.synthetic or files_root else "source",
     }
     if files_root:
-        base.update(dataset="image_folder", data_root=str(files_root), sample_rate=1.0, data_workers=args.data_workers)
+        base.update(dataset="image_folder", data_root=str(files_root), sample_rate=1.0, data_workers=args.data_workers,
+                    decode=args.decode)
     names = [v.strip() for v in args.variants.split(",")]
     for name in names:  # any registered method is a variant of its own name (the baselines)
         if name not in VARIANTS:
@@ -182,7 +225,7 @@ def main() -> None:
         t = time.perf_counter()
         for i, s in enumerate(steps):
             # --files: each step's batch comes through the run's own pipeline, as in training
-            x, y = run.to_device(*run.task.train_batch(offset + i, args.batch_size)) if files_root else batches[s]
+            x, y = run.to_device(*run.task.train_batch(offset + i, args.batch_size)) if files_root else batches[s % len(batches)]
             if name == "plain":
                 plain(x, y)
             else:
@@ -190,27 +233,51 @@ def main() -> None:
         sync(device)
         return (time.perf_counter() - t) / len(steps)
 
-    for name in names:  # warm-up: allocator, kernels, caches
-        time_steps(runs[name], range(args.warmup), 0, name)
-    per_round = {name: [] for name in names}
-    for r in range(args.rounds):
-        for name in names:
-            timed = range(args.warmup, args.warmup + args.steps)
-            per_round[name].append(time_steps(runs[name], timed, args.warmup + r * args.steps, name))
-
-    ref = statistics.median(per_round["l2"]) if "l2" in per_round else None
     first = runs[names[0]]
     print(f"\n{args.backbone} {args.image_size}px batch {args.batch_size} on {device} "
           f"({'bf16' if uses_bf16(first.config, device) else 'fp32'}"
-          f"{', channels_last' if uses_channels_last(first.config, device) else ''}), median of {args.rounds} rounds x {args.steps} steps"
-          f"{', batches through the file pipeline' if files_root else ''}")
-    print(f"{'variant':<22} {'ms/step':>9} {'img/s':>9} {'vs l2':>7}")
+          f"{', channels_last' if uses_channels_last(first.config, device) else ''}"
+          f"{', compile ' + args.compile_mode if args.compile else ''}), median of {args.rounds} rounds x {args.steps} steps"
+          f"{', batches through the file pipeline (decode ' + args.decode + ')' if files_root else ''}"
+          f"{', each variant in one block' if files_root or args.compile else ', interleaved rounds'}")
+    print(f"{'variant':<22} {'ms/step':>9} {'img/s':>9} {'vs l2':>7}", flush=True)
     results["variants"] = {}
-    for name in names:
-        ms = 1000 * statistics.median(per_round[name])
-        ratio = ms / (1000 * ref) if ref else float("nan")
-        results["variants"][name] = {"ms_per_step": ms, "images_per_s": args.batch_size / ms * 1000, "ratio_to_l2": ratio}
-        print(f"{name:<22} {ms:>9.2f} {args.batch_size / ms * 1000:>9.0f} {ratio:>7.3f}")
+
+    def report(name, per_round):
+        ms = 1000 * statistics.median(per_round)
+        ref = results["variants"].get("l2", {}).get("ms_per_step")
+        ratio = 1.0 if name == "l2" else ms / ref if ref else float("nan")
+        results["variants"][name] = {"ms_per_step": ms, "images_per_s": args.batch_size / ms * 1000, "ratio_to_l2": ratio,
+                                     "rounds_ms": [1000 * t for t in per_round]}
+        print(f"{name:<22} {ms:>9.2f} {args.batch_size / ms * 1000:>9.0f} {ratio:>7.3f}", flush=True)
+        if args.json:  # rewritten after each variant: a later one that runs out of time keeps these
+            dump(results)
+
+    if files_root or args.compile:
+        if "l2" in names:  # first, so that the others' ratios have their reference
+            names = ["l2"] + [n for n in names if n != "l2"]
+        workers = auto_workers(first.config)
+        for name in names:
+            run = runs[name]
+            time_steps(run, range(args.warmup), 0, name)  # allocator, kernels, caches, the compile
+            drain = 2 * workers + 2 if files_root else 0  # the DataLoader's queue (prefetch_factor 2 per worker)
+            if drain:
+                time_steps(run, range(args.warmup, args.warmup + drain), args.warmup, name)
+            start = args.warmup + drain
+            per_round = [time_steps(run, range(start + r * args.steps, start + (r + 1) * args.steps),
+                                    start + r * args.steps, name) for r in range(args.rounds)]
+            getattr(run.task, "close", lambda: None)()  # its workers stop competing for the CPUs
+            report(name, per_round)
+    else:
+        for name in names:  # warm-up: allocator, kernels, caches
+            time_steps(runs[name], range(args.warmup), 0, name)
+        per_round = {name: [] for name in names}
+        for r in range(args.rounds):
+            for name in names:
+                timed = range(args.warmup, args.warmup + args.steps)
+                per_round[name].append(time_steps(runs[name], timed, args.warmup + r * args.steps, name))
+        for name in ["l2"] + [n for n in names if n != "l2"] if "l2" in names else names:
+            report(name, per_round[name])
 
     if args.full:
         cfg = make_config({"device": str(device)})
@@ -221,7 +288,7 @@ def main() -> None:
         print(f"\ndefault `train` run (smile, digits, {cfg.steps} steps, source model cached): "
               f"{results['train_seconds']:.1f} s wall, test_acc {m['test_acc']:.3f}")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        dump(results)
     for run in runs.values():
         getattr(run.task, "close", lambda: None)()  # the file pipeline's DataLoader workers
     if args.files == "generate":
