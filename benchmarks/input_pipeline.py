@@ -11,6 +11,8 @@ line per worker count, and a JSON summary with ``--json``.
     python benchmarks/input_pipeline.py                          # 224 px, batch 48, workers 0,1,2
     python benchmarks/input_pipeline.py --workers 0,2,4,8 --images 600 --steps 30
     python benchmarks/input_pipeline.py --image-size 64          # JPEG draft decoding kicks in
+    python benchmarks/input_pipeline.py --decode device          # workers read bytes; torchvision decodes
+                                                                 # in this process (on the CPU here)
 """
 from __future__ import annotations
 
@@ -55,6 +57,8 @@ def main() -> None:
     p.add_argument("--height", type=int, default=375)
     p.add_argument("--steps", type=int, default=20, help="timed batches per worker count")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--decode", default="cpu", choices=["cpu", "device"],
+                   help="the config key: PIL in the workers, or bytes from the workers decoded by torchvision here")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
 
@@ -71,7 +75,7 @@ def main() -> None:
         for workers in [int(w) for w in args.workers.split(",")]:
             cfg = make_config({"dataset": "image_folder", "data_root": str(root), "backbone": "resnet50",
                                "weights": "none", "image_size": args.image_size, "sample_rate": 1.0,
-                               "data_workers": workers, "device": "cpu"})
+                               "data_workers": workers, "device": "cpu", "decode": args.decode})
             started = time.perf_counter()
             task = build_task(cfg)
             index_s = time.perf_counter() - started
@@ -88,7 +92,7 @@ def main() -> None:
             print(f"workers {workers}: {rate:7.1f} images/s  ({1000 * seconds / args.steps:6.1f} ms per batch of "
                   f"{args.batch_size} at {args.image_size} px; indexing and checking took {index_s:.2f} s)")
     if args.json:
-        print(json.dumps({"image_size": args.image_size, "batch_size": args.batch_size,
+        print(json.dumps({"image_size": args.image_size, "batch_size": args.batch_size, "decode": args.decode,
                           "source": f"{args.width}x{args.height} JPEG", "results": results}))
 
 

@@ -62,8 +62,11 @@ at full scale instead of PIL's reduced DCT scale (``draft``), which changes pixe
 Runs stay reproducible (a pure function of the seed and the step on one device), but
 ``decode: device`` and ``decode: cpu`` are two different pipelines. ``decode: auto`` is
 the PIL path everywhere: no GPU measurement has shown device decoding faster yet
-(``benchmarks/gpu.sh`` measures both); on the CPU the device path runs with
-``device="cpu"`` (how the tests cover it) and is no faster than the PIL one.
+(``benchmarks/gpu.sh`` measures both). On the CPU the device path runs with
+``device="cpu"`` (how the tests cover it); with no workers it measured faster than PIL
+on a shared 2-core machine (``benchmarks/input_pipeline.py --workers 0 --decode device``:
+293-359 against 127-165 images/s at 224 px), but it decodes in the training process,
+on one core, where the PIL path spreads over the workers: not a reason to change auto.
 """
 from __future__ import annotations
 
