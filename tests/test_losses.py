@@ -9,6 +9,7 @@ from torch import nn
 from smile_ray.losses import (
     feature_mixup_loss,
     head_l2,
+    l2sp_penalty,
     mix,
     mixup_cross_entropy,
     sample_lambda,
@@ -86,3 +87,35 @@ def test_head_l2_sums_weights_and_biases_of_every_head():
         b.bias.fill_(0.5)
     assert head_l2(a, b).item() == pytest.approx(0.5 * (1 + 4 + 9 + 1 + 0.25))
     assert head_l2(a, None).item() == pytest.approx(0.5 * 14)
+
+
+def per_tensor_l2sp(params, ref_params):
+    """The first version's L2-SP term: autograd through one graph per tensor."""
+    return 0.5 * sum((p - p0.detach()).float().pow(2).sum() for p, p0 in zip(params, ref_params, strict=True))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_l2sp_penalty_equals_the_per_tensor_formula_and_its_gradient_bit_for_bit(channels_last):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None)
+    if channels_last:  # as on CUDA: the references share the parameters' layout
+        model = model.to(memory_format=torch.channels_last)
+    params = list(model.parameters())
+    refs = [(p + 0.01 * torch.randn_like(p)).detach() for p in params]
+    params[3].requires_grad_(False)  # a frozen tensor gets no gradient, the others theirs
+    grads = []
+    for penalty in (l2sp_penalty, per_tensor_l2sp):
+        model.zero_grad(set_to_none=True)
+        value = penalty(params, refs)
+        (0.01 * value).backward()  # the published l2sp_weight as the upstream gradient
+        grads.append([p.grad for p in params])
+        if penalty is l2sp_penalty:
+            new_value = value
+    assert new_value.dtype == torch.float32 and new_value.requires_grad
+    assert new_value.item() == pytest.approx(value.item(), rel=1e-6)
+    exact = 0.5 * sum((p.double() - p0.double()).pow(2).sum() for p, p0 in zip(params, refs)).item()
+    assert abs(new_value.item() - exact) <= abs(value.item() - exact) + 1e-7 * exact  # no less accurate
+    assert grads[0][3] is None and grads[1][3] is None
+    assert all(torch.equal(a, b) and a.stride() == b.stride()
+               for a, b in zip(grads[0], grads[1]) if a is not None)
