@@ -223,3 +223,50 @@ def test_methods_declare_the_keys_they_read():
     assert method_class("smile").unused_keys(cfg.replace(source_label=False)) == {"source_label_weight"} | baseline_keys
     assert method_class("smile").may_skip_parameters(cfg.replace(head_l2=False))
     assert not method_class("smile").may_skip_parameters(cfg) and not method_class("l2").may_skip_parameters(cfg)
+
+
+# ---------------------------------------------------------------- no host syncs in the step
+
+
+def regsl_on(n_images, batch_size, threshold):
+    from smile_ray.data import TensorTask
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n_images, 1, 32, 32, generator=g), torch.randint(0, 5, (n_images,), generator=g)
+    task = TensorTask({"train": (x, y), "val": (x, y), "test": (x, y)}, 5, seed=0)
+    cfg = make_config({"method": "regsl", "batch_size": batch_size, "steps": 40,
+                       "regsl_relabel_threshold": threshold})
+    torch.manual_seed(0)
+    source = build_source_model("digits_cnn", 5)
+    regsl = build_method(cfg)
+    regsl.attach(TransferNet(source, 5, source_head=False), source, task=task)
+    return task, regsl
+
+
+@pytest.mark.parametrize("n_images", [3, 10])  # 3 images, batches of 4: every batch holds an image twice
+def test_regsl_relabelling_equals_the_masked_assignment(n_images):
+    task, regsl = regsl_on(n_images, batch_size=4, threshold=0.5)
+    labels = task.train_labels().clone()  # the first version's stored labels, updated by a boolean mask
+    relabelled = 0
+    g = torch.Generator().manual_seed(1)
+    for step in range(30):
+        logits = 3 * torch.randn(4, 5, generator=g)  # about half the rows confident
+        conf, pred = torch.softmax(logits, dim=1).max(dim=1)
+        idx = task.train_indices(step, 4)
+        change = (conf > 0.5) & (pred != labels[idx])
+        labels[idx[change]] = pred[change]  # CPU: positions written in order, the last one wins
+        relabelled += int(change.sum())
+        regsl.relabel(logits, step)
+        assert torch.equal(regsl.labels, labels), step
+    assert regsl.info()["relabelled"] == relabelled and relabelled > 10
+    assert not torch.equal(labels, task.train_labels())
+
+
+def test_regsl_relabelling_needs_no_values_so_no_host_sync():
+    # On the meta device tensors have shapes but no values: an operator whose output
+    # shape depends on values (a boolean mask's selection, which CUDA answers by waiting
+    # for the step) raises there.
+    _, regsl = regsl_on(10, batch_size=4, threshold=0.5)
+    regsl.labels, regsl.relabelled = regsl.labels.to("meta"), regsl.relabelled.to("meta")
+    regsl.relabel(torch.randn(4, 5, device="meta"), 3)
+    assert regsl.labels.shape == (10,)

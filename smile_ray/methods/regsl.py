@@ -98,13 +98,26 @@ class RegSL(Method):
 
     @torch.no_grad()
     def relabel(self, logits: Tensor, step: int) -> None:
-        """Overwrite the stored labels of confidently re-classified images of the global batch."""
+        """Overwrite the stored labels of confidently re-classified images of the global batch.
+
+        Without a host synchronisation: every position of the batch writes, a changed one
+        its prediction, the others the label they hold (a boolean mask's selection,
+        ``labels[idx[change]] = pred[change]``, has a data-dependent size, which CUDA
+        can only learn by waiting for the step). An image may sit twice in one batch
+        (a batch straddling two epochs); the selection wrote its changed positions in
+        batch order, the last one winning, so each position of an image writes the
+        prediction of that image's last changed position (a ``scatter_reduce`` amax of
+        positions), and duplicates write the same value whatever order the writes take.
+        """
         conf, pred = torch.softmax(logits.float(), dim=1).max(dim=1)
         if self.world_size > 1:
             conf, pred = all_gather_cat(conf), all_gather_cat(pred)
         idx = self.global_batch_indices(step, logits.device)
-        change = (conf > self.config.regsl_relabel_threshold) & (pred != self.labels[idx])
-        self.labels[idx[change]] = pred[change]
+        held = self.labels[idx]
+        change = (conf > self.config.regsl_relabel_threshold) & (pred != held)
+        pos = torch.where(change, torch.arange(len(idx), device=idx.device), -1)
+        last = torch.full_like(self.labels, -1).scatter_reduce_(0, idx, pos, "amax")[idx]
+        self.labels[idx] = torch.where(last >= 0, pred[last.clamp_min(0)], held)
         self.relabelled += change.sum()
 
     def loss(self, model, x, y, step):
