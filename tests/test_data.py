@@ -118,3 +118,47 @@ def test_prefetched_batches_are_the_tasks_keyed_batches_in_any_order():
             assert torch.equal(x, ex) and torch.equal(y, ey)
     finally:
         pre.close()
+
+
+def test_batch_indices_from_two_threads_equal_the_single_threaded_ones():
+    # The prefetch thread builds step k + 1 while the step's methods (RegSL, LwF) look up
+    # step k's indices: both read and refill the cache of epoch permutations.
+    import pickle
+    import sys
+    import threading
+
+    from smile_ray.data import TensorTask
+
+    x, y = torch.zeros(7, 1, 2, 2), torch.arange(7) % 5
+    steps = range(300)  # batches of 16 over 7 images: every step spans 3 epochs and the cache turns over
+
+    def task():
+        return TensorTask({"train": (x, y), "val": (x, y), "test": (x, y)}, 5, seed=3)
+
+    want = [task().train_indices(s, 16) for s in steps]
+    shared, errors, got = task(), [], [[], []]
+
+    def hammer(i):
+        try:
+            for s in steps:
+                got[i].append(shared.train_indices(s, 16))
+        except Exception as e:  # noqa: BLE001 - reported below, the thread must not die silently
+            errors.append(e)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    try:
+        for _ in range(5):
+            got = [[], []]
+            threads = [threading.Thread(target=hammer, args=(i,)) for i in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert not errors, errors[0]
+            assert all(torch.equal(a, b) for a, b in zip(got[0], want)) and len(got[0]) == len(want)
+            assert all(torch.equal(a, b) for a, b in zip(got[1], want)) and len(got[1]) == len(want)
+    finally:
+        sys.setswitchinterval(interval)
+    # the lock does not stop a task from being pickled (spawned DataLoader workers, Ray)
+    assert torch.equal(pickle.loads(pickle.dumps(shared)).train_indices(5, 16), want[5])

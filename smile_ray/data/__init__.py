@@ -14,6 +14,7 @@ shards of the same global batch, so the union over ranks is the single-process b
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
@@ -30,22 +31,39 @@ if TYPE_CHECKING:
 
 class StepOrder:
     """The order training images are visited in: consecutive epochs, each a permutation
-    keyed by (seed, epoch), so the indices of a step's batch need no sampler state."""
+    keyed by (seed, epoch), so the indices of a step's batch need no sampler state.
+
+    Thread-safe: the prefetch thread (:class:`~smile_ray.recipe.Prefetcher`) builds step
+    k + 1's batch while the methods that look up batch indices (RegSL, LwF) ask for step
+    k's, and both read and refill the cache of permutations. A lock makes the
+    check-clear-fill of that cache one step; without it, correctness would rest on
+    which bytecodes CPython's GIL happens to run together (nothing, in a free-threaded
+    build)."""
 
     def __init__(self, seed: int):
         self.seed = seed
         self._orders: dict[int, Tensor] = {}
+        self._orders_lock = threading.Lock()
 
     def __len__(self) -> int:
         raise NotImplementedError
 
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_orders_lock"}  # a lock does not pickle
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._orders_lock = threading.Lock()
+
     def _order(self, epoch: int) -> Tensor:
-        if epoch not in self._orders:
-            if len(self._orders) > 8:
-                self._orders.clear()
-            g = rng.torch_rng(self.seed, rng.ORDER, epoch)
-            self._orders[epoch] = torch.randperm(len(self), generator=g)
-        return self._orders[epoch]
+        with self._orders_lock:
+            order = self._orders.get(epoch)
+            if order is None:
+                if len(self._orders) > 8:
+                    self._orders.clear()
+                g = rng.torch_rng(self.seed, rng.ORDER, epoch)
+                order = self._orders[epoch] = torch.randperm(len(self), generator=g)
+            return order
 
     def train_indices(self, step: int, batch_size: int) -> Tensor:
         """Indices of the global batch at ``step``: consecutive epochs of reshuffled data."""
