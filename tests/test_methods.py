@@ -270,3 +270,48 @@ def test_regsl_relabelling_needs_no_values_so_no_host_sync():
     regsl.labels, regsl.relabelled = regsl.labels.to("meta"), regsl.relabelled.to("meta")
     regsl.relabel(torch.randn(4, 5, device="meta"), 3)
     assert regsl.labels.shape == (10,)
+
+
+def stochnorm_pair(p=0.5):
+    """A stochnorm student and a copy whose layers draw their switches one layer at a
+    time from their own generator (the first version)."""
+    from smile_ray.methods.stochnorm import StochNorm2d
+
+    source, model, method = make(make_config({"method": "stochnorm", "stochnorm_prob": p}))
+    per_layer = copy.deepcopy(model)
+    g = torch.Generator()
+    for m in per_layer.modules():
+        if isinstance(m, StochNorm2d):
+            m.switches, m.generator = None, g
+    return model, method, per_layer, g
+
+
+def test_stochnorm_switches_drawn_once_per_step_are_the_per_layer_draws():
+    from smile_ray import rng
+    from smile_ray.methods.stochnorm import SWITCH_STREAM
+
+    model, method, per_layer, g = stochnorm_pair()
+    x, y = batch()
+    for step in (0, 1, 7):
+        loss, _ = method.loss(model, x, y, step)
+        again = model(x).logits  # a second training forward in the step: the stream's next switches
+        g.manual_seed(rng.derive_seed(method.config.seed, SWITCH_STREAM, step))
+        want = torch.nn.functional.cross_entropy(per_layer(x).logits, y)
+        want = want + method.config.head_l2_weight * 0.5 * sum(p.pow(2).sum() for p in per_layer.classifier.parameters())
+        assert torch.equal(loss, want)
+        assert torch.equal(again, per_layer(x).logits)
+        for a, b in zip(model.state_dict().values(), per_layer.state_dict().values()):
+            assert torch.equal(a, b)  # the running statistics too
+
+
+def test_stochnorm_draws_once_per_step_and_compiles_without_graph_breaks():
+    model, method, _, _ = stochnorm_pair()
+    x, y = batch()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        method.loss(model, x, y, 3)
+    assert sum(e.name == "aten::rand" for e in prof.events()) == 1  # not one per layer (3)
+    import torch._dynamo as dynamo  # the graph capture of torch.compile
+
+    method.switches.draw(x.device)
+    explained = dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
