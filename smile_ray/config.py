@@ -164,7 +164,10 @@ class Config:
         0, "torch CPU threads; 0: torch's default (one per core). On a machine shared with other jobs, "
         "1 or 2 avoids oversubscription (several times faster there)",
     )
-    precision: str = _key("auto", "auto (bf16 autocast on CUDA, fp32 elsewhere), fp32 or bf16")
+    precision: str = _key(
+        "auto", "auto (bf16 autocast on GPUs that have it natively, CUDA compute capability >= 8.0; fp32 on older "
+        "GPUs, which emulate it, and on CPU), fp32 or bf16"
+    )
     channels_last: str = _key(
         "auto", "channels_last memory format: auto (on for CUDA, off on CPU, where it is slower), true or false"
     )

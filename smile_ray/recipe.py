@@ -113,10 +113,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def bf16_autocast(precision: str, device_type: str, capability: tuple[int, int] | None = None) -> bool:
+    """Whether a run autocasts to bf16 (the parameters, the optimiser and the losses stay
+    fp32): ``precision`` bf16 always, fp32 never, auto on CUDA GPUs that compute in bf16
+    natively, compute ``capability`` >= (8, 0) (Ampere: A100, H100, ...). Older GPUs (T4,
+    V100: 7.x) emulate bf16 and step slower with it than in fp32, so auto is fp32 there,
+    as on the CPU."""
+    if precision != "auto":
+        return precision == "bf16"
+    return device_type == "cuda" and capability is not None and tuple(capability) >= (8, 0)
+
+
 def uses_bf16(config: Config, device: torch.device) -> bool:
-    """``precision``: auto is bf16 autocast on CUDA (the parameters, the optimiser and the
-    losses stay fp32), fp32 elsewhere."""
-    return config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+    """:func:`bf16_autocast` for ``device`` (its compute capability read from CUDA)."""
+    if config.precision != "auto" or device.type != "cuda":
+        return bf16_autocast(config.precision, device.type)
+    return bf16_autocast(config.precision, device.type, torch.cuda.get_device_capability(device))
 
 
 def uses_channels_last(config: Config, device: torch.device) -> bool:

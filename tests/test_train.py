@@ -197,12 +197,47 @@ def test_runs_with_and_without_hooks_write_the_same_checkpoint(tmp_path, cache_d
 def test_bf16_and_channels_last_are_on_for_cuda_only_under_auto():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     auto = make_config()
-    assert uses_bf16(auto, cuda) and uses_channels_last(auto, cuda)
+    assert uses_channels_last(auto, cuda)  # uses_bf16(auto, cuda) asks the GPU: see the next test
     assert not uses_bf16(auto, cpu) and not uses_channels_last(auto, cpu)
     forced = make_config({"precision": "bf16", "channels_last": True})
     assert uses_bf16(forced, cpu) and uses_channels_last(forced, cpu)
     off = make_config({"precision": "fp32", "channels_last": False})
     assert not uses_bf16(off, cuda) and not uses_channels_last(off, cuda)
+
+
+def test_auto_precision_is_bf16_only_on_gpus_that_compute_in_it_natively():
+    from smile_ray.recipe import bf16_autocast
+
+    assert bf16_autocast("auto", "cuda", (8, 0)) and bf16_autocast("auto", "cuda", (9, 0))  # A100, H100
+    assert not bf16_autocast("auto", "cuda", (7, 5)) and not bf16_autocast("auto", "cuda", (7, 0))  # T4, V100
+    assert not bf16_autocast("auto", "cpu") and not bf16_autocast("auto", "cuda", None)
+    assert bf16_autocast("bf16", "cpu") and bf16_autocast("bf16", "cuda", (7, 0))  # asked for: honoured
+    assert not bf16_autocast("fp32", "cuda", (9, 0))
+
+
+def test_process_cpus_follow_the_reservation_ray_sets(monkeypatch):
+    import os
+
+    from smile_ray.recipe import process_cpus
+
+    affinity = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert process_cpus() == affinity
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a one-CPU Ray worker on a node of many
+    assert process_cpus() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", str(affinity + 8))  # a cap, never more than the affinity allows
+    assert process_cpus() == affinity
+    monkeypatch.setenv("OMP_NUM_THREADS", "4,2")  # nested levels: not a reservation
+    assert process_cpus() == affinity
+    assert process_cpus(threads=1) == 1
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
