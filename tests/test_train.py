@@ -215,31 +215,6 @@ def test_auto_precision_is_bf16_only_on_gpus_that_compute_in_it_natively():
     assert not bf16_autocast("fp32", "cuda", (9, 0))
 
 
-def test_process_cpus_follow_the_reservation_ray_sets(monkeypatch):
-    import os
-
-    from smile_ray.recipe import process_cpus
-
-    affinity = len(os.sched_getaffinity(0))
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert process_cpus() == affinity
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a one-CPU Ray worker on a node of many
-    assert process_cpus() == 1
-    monkeypatch.setenv("OMP_NUM_THREADS", str(affinity + 8))  # a cap, never more than the affinity allows
-    assert process_cpus() == affinity
-    monkeypatch.setenv("OMP_NUM_THREADS", "4,2")  # nested levels: not a reservation
-    assert process_cpus() == affinity
-    assert process_cpus(threads=1) == 1
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_run_matches_the_eager_one(tmp_path, cache_dir):
     cfg = make_config({**SHORT, "method": "smile", "steps": 4, "eval_every": 2, "ema_every": 1})
