@@ -158,7 +158,11 @@ class Config:
         4 / REGSL_EPOCHS, "regsl: fraction of steps after which examples are reweighted (epoch 5 of 30)"
     )
     # running
-    eval_every: int = _key(100, "steps between validation evaluations and checkpoints")
+    eval_every: int = _key(100, "steps between validation evaluations (and checkpoints, unless checkpoint_every)")
+    checkpoint_every: int = _key(
+        0, "steps between checkpoints (fault tolerance: an interrupted run loses at most this many steps; the "
+        "last step always writes one), apart from the evaluations (the learning curve); 0: every eval_every steps",
+    )
     device: str = _key("auto", "auto, cpu, cuda or cuda:N")
     threads: int = _key(
         0, "torch CPU threads; 0: torch's default (one per core). On a machine shared with other jobs, "
@@ -190,6 +194,11 @@ class Config:
         if self.lr_decay_step >= 0:
             return self.lr_decay_step
         return int(2 * (self.steps + self.steps * REFERENCE_PLAIN_TAIL_FRACTION) / 3)
+
+    @property
+    def checkpoint_interval(self) -> int:
+        """Steps between checkpoints: ``checkpoint_every``, or ``eval_every`` when it is 0."""
+        return self.checkpoint_every or self.eval_every
 
     @property
     def plain_tail_start(self) -> int:
@@ -314,6 +323,7 @@ def _check_ranges(c: Config, where: str) -> None:
     need(0 <= c.regsl_relabel_start_fraction <= 1, "regsl_relabel_start_fraction", "must be in [0, 1]")
     need(0 <= c.regsl_reweight_start_fraction <= 1, "regsl_reweight_start_fraction", "must be in [0, 1]")
     need(c.eval_every >= 1, "eval_every", "must be >= 1")
+    need(c.checkpoint_every >= 0, "checkpoint_every", "0 (every eval_every steps) or a count >= 1")
     need(c.threads >= 0, "threads", "0 (torch's default) or a count >= 1")
     need(bool(_DEVICE.match(c.device)), "device", "auto, cpu, cuda or cuda:N")
     need(c.precision in ("auto", "fp32", "bf16"), "precision", "auto, fp32 or bf16")

@@ -4,10 +4,16 @@
 Train worker, each Ray Tune trial. It knows nothing of Ray or MLflow; whatever
 orchestrates it hooks in through
 
-* ``on_eval(record, checkpoint_dir)``: called on every rank at every evaluation, after
-  the checkpoint of that step is written; ``record`` holds the step's metrics on rank 0
-  (only ``step`` elsewhere), ``checkpoint_dir`` is where the checkpoint lies (None where
-  none is written);
+* ``on_eval(record, checkpoint_dir)``: called on every rank at every evaluation;
+  ``record`` holds the step's metrics on rank 0 (only ``step`` elsewhere).
+  ``checkpoint_dir`` is a directory holding one complete checkpoint (``state.pt``) that
+  no earlier call was handed, or None: on ranks > 0, in a run that writes no files, and
+  at an evaluation with no new checkpoint. Checkpoints are written in the background
+  (every ``checkpoint_every`` steps, apart from the evaluations), so the one handed over
+  is the newest from an *earlier* step -- ``record["checkpoint_step"]`` says which --
+  except at the last evaluation, which waits for and hands over the final checkpoint.
+  The directory is the hook's only during the call (copy what you keep: Ray's report
+  does); the run deletes it afterwards. :class:`Checkpoints` has the details;
 * ``on_end(metrics)``: called on every rank once the run's files are written;
 * ``rank``/``world_size`` (which shard of each global batch this process trains on) and
   ``prepare_model`` (e.g. a DistributedDataParallel wrapper).
@@ -19,6 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -31,7 +39,8 @@ import torch
 from torch import Tensor, nn
 
 from smile_ray import rng
-from smile_ray.checkpoint import CHECKPOINT_FILE, check_same_config, read_checkpoint, save_torch, write_json
+from smile_ray.checkpoint import (CHECKPOINT_FILE, atomic_write, check_same_config, read_checkpoint, save_torch,
+                                  write_json)
 from smile_ray.config import Config
 from smile_ray.data import TensorTask, build_task
 from smile_ray.errors import SmileError
@@ -141,6 +150,76 @@ def learning_rate(config: Config, step: int) -> float:
     return config.lr * (0.1 if step >= config.lr_drop_step else 1.0)
 
 
+class Student(nn.Module):
+    """The student as ``module`` of a wrapper, as DistributedDataParallel holds it: what
+    ``compile=true`` compiles in one process, so that :func:`unwrap` finds the eager
+    student there too (see :func:`compile_student`)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+
+def process_cpus(threads: int = 0) -> int:
+    """The CPUs this process may use: those its affinity allows, capped by
+    ``OMP_NUM_THREADS`` when that is a positive integer (Ray sets it in a task or worker to
+    its CPU reservation, while the affinity still spans the whole node) and by
+    ``threads`` (the ``threads`` key) when set."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    try:
+        omp = int(os.environ.get("OMP_NUM_THREADS", "0"))
+    except ValueError:  # e.g. "4,2" (nested levels): not a reservation
+        omp = 0
+    for cap in (omp, threads):
+        if cap >= 1:
+            cpus = min(cpus, cap)
+    return max(1, cpus)
+
+
+def compile_student(model: nn.Module, method: Method, threads: int = 0) -> nn.Module:
+    """``compile=true``: torch.compile the training step's forwards; returns what the
+    steps call.
+
+    * Order: ``model`` is already wrapped for data parallelism (DDP) and the wrapper is
+      compiled, not the student inside it. Compiled inside, the backward is one opaque
+      autograd function whose gradients reach DDP's reducer only at its end, so no
+      all-reduce overlaps the backward; compiling the wrapper lets Dynamo's DDP optimiser
+      split the graph at DDP's bucket boundaries, so each bucket's all-reduce starts while
+      the rest of the backward runs. In one process the student gets a plain
+      :class:`Student` wrapper instead, so both cases have the same shape.
+    * Names: the wrapper is compiled in place (``nn.Module.compile``) and the student
+      inside it stays eager: :func:`unwrap` gives the student, whose parameter names,
+      state dict and checkpoints are those of an eager run (either resumes the other).
+    * Graphs: evaluation and the interpolation losses run through :func:`unwrap`, the
+      eager student (eval mode, inference mode, other batch sizes: compiling them would
+      cost two more graphs, each a cold compile of tens of seconds, for a few hundred
+      batches). A run thus compiles the training forward and backward of the student
+      once (one graph, split into one per DDP bucket under DDP), and one more graph per
+      module of ``method.compiled_modules()`` (SMILE's teacher, compiled in place).
+    * Compile workers: Inductor starts ``compile_threads`` processes, by default
+      min(32, the CPUs of the node), which under Ray is every worker of a node starting
+      one per core of the node. Here it is :func:`process_cpus` (at most 32), unless
+      ``TORCHINDUCTOR_COMPILE_THREADS`` is set. Set before the first compile, which
+      starts the pool; Inductor is imported only here, only with ``compile=true``.
+    """
+    import torch._inductor.config as inductor_config
+
+    if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
+        inductor_config.compile_threads = min(32, process_cpus(threads))
+    if unwrap(model) is model:
+        model = Student(model)
+    model.compile()
+    for module in method.compiled_modules():
+        module.compile()
+    return model
+
+
 def setup(
     config: Config,
     cache_dir: str | Path | None = None,
@@ -172,13 +251,10 @@ def setup(
     model.to(device, memory_format=fmt).train()
     source.to(device, memory_format=fmt)
     method.attach(model, source, task=task, cache_dir=cache_dir)
-    if config.compile:
-        # in place (nn.Module.compile): parameter names, state dicts and checkpoints are
-        # those of the eager modules
-        for module in (model, *method.compiled_modules()):
-            module.compile()
     if prepare_model is not None:
         model = prepare_model(model)
+    if config.compile:  # after the DDP wrapper: see compile_student
+        model = compile_student(model, method, config.threads)
     if hasattr(task, "device"):  # the image tasks pin for CUDA only, and decode=device decodes there
         task.device = device
     if device.type == "cuda" and hasattr(task, "uint8_batches"):
@@ -229,7 +305,9 @@ def evaluate(run: Run, split: str, reliability: bool = False) -> dict[str, Any]:
 # ------------------------------------------------------------------ checkpoints
 
 
-def checkpoint_state(run: Run, step: int, history: list, seconds: float, resumed_from: list) -> dict[str, Any]:
+def checkpoint_state(run: Run, step: int, history: list, seconds: float, resumed_from: list,
+                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The state a resumed run continues from; ``extra``: the loop's own (see :func:`train`)."""
     return {
         "step": step,
         "config": run.config.to_dict(),
@@ -240,11 +318,13 @@ def checkpoint_state(run: Run, step: int, history: list, seconds: float, resumed
         "history": list(history),
         "seconds": seconds,
         "resumed_from": list(resumed_from),
+        **(extra or {}),
     }
 
 
-def save_checkpoint(run: Run, path: Path, step: int, history: list, seconds: float, resumed_from: list) -> None:
-    save_torch(checkpoint_state(run, step, history, seconds, resumed_from), path)
+def save_checkpoint(run: Run, path: Path, step: int, history: list, seconds: float, resumed_from: list,
+                    extra: dict[str, Any] | None = None) -> None:
+    save_torch(checkpoint_state(run, step, history, seconds, resumed_from, extra), path)
 
 
 def host_copy(obj: Any) -> Any:
@@ -279,12 +359,13 @@ class CheckpointWriter:
 
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="smile-ray-checkpoint")
 
-    def save(self, run: Run, path: Path, step: int, history: list, seconds: float, resumed_from: list) -> None:
+    def save(self, run: Run, path: Path, step: int, history: list, seconds: float, resumed_from: list,
+             extra: dict[str, Any] | None = None) -> None:
         self.wait()
         if self._pool is None:
-            save_checkpoint(run, path, step, history, seconds, resumed_from)
+            save_checkpoint(run, path, step, history, seconds, resumed_from, extra)
             return
-        state = host_copy(checkpoint_state(run, step, history, seconds, resumed_from))
+        state = host_copy(checkpoint_state(run, step, history, seconds, resumed_from, extra))
         self._pending = self._pool.submit(save_torch, state, path)
 
     def wait(self) -> None:
@@ -298,6 +379,101 @@ class CheckpointWriter:
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
+
+
+SNAPSHOTS = ".steps"  # inside a checkpoint directory: the handed-on checkpoints being written
+
+
+class Checkpoints:
+    """A run's checkpoints in ``directory`` (None: none are written), written in the
+    background, and which of them an orchestrator is handed at an evaluation.
+
+    Without ``handed_on`` every checkpoint goes straight to ``directory/state.pt``.
+    With it (``on_eval`` given), Ray copies the directory it is handed inside ``on_eval``,
+    so that directory may not change during the call, nor hold a half-written file. Each
+    checkpoint is then written to a fresh ``directory/.steps/<step>/state.pt`` and, once
+    complete, hard-linked over ``directory/state.pt`` (one write, two names; a copy where
+    the file system has no hard links), so ``directory/state.pt`` is still the newest
+    complete checkpoint, what a resumed run reads. One write is in flight at a time (each
+    save waits for the previous one), so a checkpoint from an earlier step than the
+    evaluation's has had at least one step to finish and is usually complete.
+
+    Which one is handed on (:meth:`hand_on`): the newest checkpoint from a step before the
+    evaluation, if no earlier call was handed it -- never the one whose write just
+    started, so that the evaluation does not wait for it -- waiting only if its write is
+    still going; at the last evaluation, the final checkpoint, waited for. The choice is
+    a function of the steps alone, not of the write's speed, so a run's reports repeat.
+    With the default ``checkpoint_every`` (= ``eval_every``) evaluation k is handed
+    checkpoint k-1, and the first none: Ray restarts a failed run from up to two
+    intervals back, where a synchronous write would lose at most one but stall every
+    evaluation for the whole write (~290 MB for a SMILE ResNet-50)."""
+
+    def __init__(self, directory: Path | None, handed_on: bool):
+        self.directory = directory
+        self.handed_on = handed_on and directory is not None
+        self.writer = CheckpointWriter(background=True)
+        self._last: tuple[int, Path] | None = None  # the newest submitted snapshot, perhaps still being written
+        self._ready: tuple[int, Path] | None = None  # the newest complete snapshot not yet handed on
+        if self.handed_on:
+            shutil.rmtree(directory / SNAPSHOTS, ignore_errors=True)  # an interrupted run's
+
+    def save(self, run: Run, step: int, history: list, seconds: float, resumed_from: list,
+             extra: dict[str, Any]) -> None:
+        if self.directory is None:
+            return
+        if not self.handed_on:
+            self.writer.save(run, self.directory / CHECKPOINT_FILE, step, history, seconds, resumed_from, extra)
+            return
+        snapshot = self.directory / SNAPSHOTS / str(step)
+        self.writer.save(run, snapshot / CHECKPOINT_FILE, step, history, seconds, resumed_from, extra)
+        # save waited for the previous write: that snapshot is complete
+        self._complete()
+        self._last = (step, snapshot)
+
+    def _complete(self) -> None:
+        """``_last`` has been written: it becomes ``directory/state.pt`` and the one to hand
+        on (an older one never handed on is superseded)."""
+        if self._last is None:
+            return
+        step, snapshot = self._last
+        self._last = None
+
+        def link(tmp: str) -> None:
+            os.unlink(tmp)
+            try:
+                os.link(snapshot / CHECKPOINT_FILE, tmp)
+            except OSError:
+                shutil.copyfile(snapshot / CHECKPOINT_FILE, tmp)
+
+        atomic_write(self.directory / CHECKPOINT_FILE, link)
+        if self._ready is not None:
+            shutil.rmtree(self._ready[1], ignore_errors=True)
+        self._ready = (step, snapshot)
+
+    def hand_on(self, step: int, last: bool) -> tuple[int, Path] | None:
+        """The (step, directory) of the checkpoint to hand on at the evaluation of ``step``
+        (see the class), or None. Call :meth:`handed` once the hook returns."""
+        if not self.handed_on:
+            return None
+        if self._last is not None and (last or self._last[0] < step):
+            self.writer.wait()
+            self._complete()
+        out, self._ready = self._ready, None
+        return out
+
+    def handed(self, snapshot: Path) -> None:
+        shutil.rmtree(snapshot, ignore_errors=True)
+
+    def close(self) -> None:
+        """Wait for the last write (re-raising its error); ``directory/state.pt`` is then the
+        newest complete checkpoint, and the snapshots are gone."""
+        try:
+            self.writer.close()
+            if self.handed_on:
+                self._complete()
+        finally:
+            if self.handed_on:
+                shutil.rmtree(self.directory / SNAPSHOTS, ignore_errors=True)
 
 
 def restore(run: Run, state: dict[str, Any], path: Path) -> None:
@@ -338,8 +514,13 @@ def train(
     file). A run whose checkpoint directory already holds a checkpoint resumes from it,
     unless ``fresh``: then the old checkpoint is left in place until the new run's first
     checkpoint replaces it, so a run that fails early loses nothing. ``resume_from`` names
-    another checkpoint directory to resume from (what Ray hands a restarted worker). Evaluation on the validation split runs every ``eval_every``
-    steps; the test split is scored once, at the end.
+    another checkpoint directory to resume from (what Ray hands a restarted worker).
+    Evaluation on the validation split runs every ``eval_every`` steps; the test split is
+    scored once, at the end. A checkpoint is written every ``checkpoint_every`` steps and
+    at the last, in the background (:class:`Checkpoints`). It holds, beside the weights
+    and the states, the loop's partial sum of the training losses since the last
+    evaluation (``train_loss_sum``, ``train_loss_steps``), so a run resumed from a step
+    between two evaluations reports the same ``train_loss`` as an uninterrupted one.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     started_at = now_utc()
@@ -352,12 +533,15 @@ def train(
                 log=log, progress=progress and lead)
 
     step, history, seconds, resumed_from = 0, [], 0.0, []
+    loss_sum, loss_n = torch.zeros((), device=run.device), 0  # the training losses since the last evaluation
     resume_path = Path(resume_from) / CHECKPOINT_FILE if resume_from else ckpt_dir / CHECKPOINT_FILE if ckpt_dir else None
     if resume_from or (not fresh and resume_path is not None and resume_path.is_file()):
         state = read_checkpoint(resume_path)
         restore(run, state, resume_path)
         step, history, seconds = state["step"], list(state["history"]), float(state["seconds"])
         resumed_from = list(state.get("resumed_from", [])) + [step]
+        if "train_loss_sum" in state:  # older checkpoints were all written at evaluations, where the sum is 0
+            loss_sum, loss_n = state["train_loss_sum"].to(run.device), int(state["train_loss_steps"])
         if lead and step:
             log(f"resuming from step {step} ({resume_path})")
 
@@ -369,7 +553,6 @@ def train(
             f"{run.device}, {torch.get_num_threads()} threads")
         bar = tqdm(total=config.steps, initial=step, desc=f"{config.method} {config.dataset}", unit="step",
                    file=sys.stderr, dynamic_ncols=True)
-    loss_sum, loss_n = torch.zeros((), device=run.device), 0
     # on CUDA the in-memory tasks' batches are built ahead and pinned (the image-file
     # tasks' DataLoader already prefetches and pins); on CPU a builder thread would only
     # take cores from the step
@@ -377,7 +560,7 @@ def train(
                 if run.device.type == "cuda" and isinstance(run.task, TensorTask) else None)
     next_batch = prefetch.batch if prefetch is not None else \
         (lambda s: run.task.train_batch(s, config.batch_size, rank, world_size))
-    writer = CheckpointWriter(background=on_eval is None)  # on_eval hands the directory on at once
+    checkpoints = Checkpoints(ckpt_dir, handed_on=on_eval is not None)
     started = time.perf_counter()
     try:
         while step < config.steps:
@@ -387,7 +570,9 @@ def train(
             step += 1
             if bar is not None:
                 bar.update(1)
-            if step % config.eval_every == 0 or step == config.steps:
+            last = step == config.steps
+            evaluates = step % config.eval_every == 0 or last
+            if evaluates:
                 record: dict[str, Any] = {"step": step}
                 if lead:  # other ranks hold the same weights; only rank 0's metrics are kept
                     val = evaluate(run, "val")
@@ -399,12 +584,18 @@ def train(
                     history.append(record)
                     if bar is not None:
                         bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_acc=f"{val['acc']:.3f}")
-                    if ckpt_dir is not None:
-                        elapsed = seconds + time.perf_counter() - started
-                        writer.save(run, ckpt_dir / CHECKPOINT_FILE, step, history, elapsed, resumed_from)
                 loss_sum, loss_n = torch.zeros((), device=run.device), 0
-                if on_eval is not None:
-                    on_eval(dict(record), ckpt_dir)
+            if ckpt_dir is not None and (step % config.checkpoint_interval == 0 or last):
+                elapsed = seconds + time.perf_counter() - started
+                checkpoints.save(run, step, history, elapsed, resumed_from,
+                                 extra={"train_loss_sum": loss_sum, "train_loss_steps": loss_n})
+            if evaluates and on_eval is not None:
+                handed = checkpoints.hand_on(step, last)
+                if handed is None:
+                    on_eval(dict(record), None)
+                else:
+                    on_eval({**record, "checkpoint_step": handed[0]}, handed[1])
+                    checkpoints.handed(handed[1])
     except Exception as e:
         if config.compile and type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
             first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
@@ -415,7 +606,7 @@ def train(
             bar.close()
         if prefetch is not None:
             prefetch.close()
-        writer.close()  # the last checkpoint is on disk before the run ends, even on error
+        checkpoints.close()  # the last checkpoint is on disk before the run ends, even on error
     seconds += time.perf_counter() - started
     consistent = ranks_consistent(run) if world_size > 1 else None
 

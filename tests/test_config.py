@@ -14,6 +14,9 @@ def test_defaults_are_the_reference_values():
     assert (c.lr, c.momentum, c.weight_decay, c.batch_size, c.seed) == (0.01, 0.9, 1e-4, 48, 2022)
     assert c.plain_tail_fraction == REFERENCE_PLAIN_TAIL_FRACTION
     assert c.lr_decay_step == -1 and c.lr_drop_step == 222 and c.plain_tail_start == 300 - 33
+    # checkpoints every evaluation unless checkpoint_every says otherwise
+    assert c.checkpoint_every == 0 and c.checkpoint_interval == c.eval_every == 100
+    assert make_config({"checkpoint_every": 30}).checkpoint_interval == 30
 
 
 def test_overrides_are_typed_from_yaml_spelling():
@@ -54,6 +57,7 @@ def test_gpu_speed_keys_default_to_auto_and_take_booleans_in_any_spelling():
         ({"channels_last": "sometimes"}, "channels_last='sometimes' is not auto, true or false"),
         ({"channels_last": 0.5}, "channels_last=0.5 is not auto, true or false"),
         ({"compile": "fast"}, "compile='fast' is not a valid bool"),
+        ({"checkpoint_every": -1}, "checkpoint_every=-1 is out of range (0 (every eval_every steps)"),
     ],
 )
 def test_bad_values_name_the_key(values, fragment):

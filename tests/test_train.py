@@ -59,18 +59,52 @@ def test_resume_from_a_mid_run_checkpoint_matches_an_uninterrupted_run(tmp_path,
     assert resumed["history"] == whole["history"] and resumed["test_acc"] == whole["test_acc"]
 
 
-def test_hooks_get_every_evaluation_with_its_checkpoint_and_the_final_metrics(tmp_path, cache_dir):
+def test_checkpoints_apart_from_evaluations_resume_bit_identical_from_a_step_between_them(tmp_path, cache_dir):
+    cfg = make_config({**SHORT, "method": "smile", "ema_every": 3, "checkpoint_every": 7})
+    whole = train(cfg, tmp_path / "whole", cache_dir=cache_dir)
+    handed = []
+
+    def stop_at_20(record, checkpoint_dir):
+        handed.append((record["step"], record.get("checkpoint_step"), read_checkpoint(checkpoint_dir / "state.pt")["step"]))
+        if record["step"] == 20:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(cfg, tmp_path / "split", cache_dir=cache_dir, on_eval=stop_at_20)
+    assert handed == [(10, 7, 7), (20, 14, 14)]  # checkpoints at 7, 14 (and 21, 28, 30), evaluations at 10, 20, 30
+    saved = read_checkpoint(tmp_path / "split" / "checkpoint" / "state.pt")
+    assert saved["step"] == 14 and saved["train_loss_steps"] == 4  # between evaluations: steps 11-14's losses
+    assert [p.name for p in (tmp_path / "split" / "checkpoint").iterdir()] == ["state.pt"]
+    resumed = train(cfg, tmp_path / "split", cache_dir=cache_dir)
+    assert resumed["resumed_from"] == [14]
+    wa, wb = weights(tmp_path / "whole" / "model.pt"), weights(tmp_path / "split" / "model.pt")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the curve too: step 20's train_loss averages steps 11-20 across the interruption
+    assert resumed["history"] == whole["history"] and resumed["test_acc"] == whole["test_acc"]
+    # and where the checkpoints fall does not change what is trained
+    default = train(cfg.replace(checkpoint_every=0), tmp_path / "default", cache_dir=cache_dir)
+    wd = weights(tmp_path / "default" / "model.pt")
+    assert all(torch.equal(wa[k], wd[k]) for k in wa) and default["history"] == whole["history"]
+
+
+def test_hooks_get_every_evaluation_with_the_newest_earlier_checkpoint_and_the_final_metrics(tmp_path, cache_dir):
     cfg = make_config({**SHORT, "method": "l2"})
     got, ended = [], []
 
-    def on_eval(record, checkpoint_dir):  # the checkpoint on disk is the reported step's
-        got.append((record, torch.load(checkpoint_dir / "state.pt", weights_only=True)["step"]))
+    def on_eval(record, checkpoint_dir):  # the directory holds the complete checkpoint the record names
+        step = read_checkpoint(checkpoint_dir / "state.pt")["step"] if checkpoint_dir else None
+        files = sorted(p.name for p in checkpoint_dir.iterdir()) if checkpoint_dir else None
+        got.append((record["step"], record.get("checkpoint_step"), step, files))
+        assert {"train_loss", "val_acc", "val_ece", "lr"} <= set(record)
 
     m = train(cfg, None, cache_dir=cache_dir, checkpoint_dir=tmp_path / "ck", on_eval=on_eval, on_end=ended.append)
-    assert [g[0]["step"] for g in got] == [10, 20, 30] == [g[1] for g in got]
-    assert all({"train_loss", "val_acc", "val_ece", "lr"} <= set(g[0]) for g in got)
+    # written in the background: an evaluation gets the checkpoint of an earlier step (the
+    # first none), never the one just started; the last waits for the final one
+    assert got == [(10, None, None, None), (20, 10, 10, ["state.pt"]), (30, 30, 30, ["state.pt"])]
     assert ended == [m] and "test_acc" in m and "done" not in m
     assert not (tmp_path / "metrics.json").exists()  # no output_dir: only the checkpoint is written
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["state.pt"]  # the handed-on copies are gone
+    assert read_checkpoint(tmp_path / "ck" / "state.pt")["step"] == 30
 
 
 def test_a_run_with_no_directory_writes_nothing(tmp_path, cache_dir, monkeypatch):
@@ -181,7 +215,8 @@ def test_a_background_checkpoint_holds_its_steps_state_while_training_goes_on(tm
 
 
 def test_runs_with_and_without_hooks_write_the_same_checkpoint(tmp_path, cache_dir):
-    # without hooks the checkpoints are written in the background; with them, at once
+    # both in the background: without hooks straight to state.pt, with them through the
+    # handed-on step directories
     cfg = make_config({**SHORT, "method": "smile"})
     train(cfg, tmp_path / "background", cache_dir=cache_dir)
     train(cfg, tmp_path / "at_once", cache_dir=cache_dir, on_eval=lambda r, d: None)
@@ -192,6 +227,7 @@ def test_runs_with_and_without_hooks_write_the_same_checkpoint(tmp_path, cache_d
     for part in ("model", "method", "optimizer", "history"):
         assert same(a[part], b[part]), part
     assert not list((tmp_path / "background" / "checkpoint").glob(".*.tmp"))
+    assert [p.name for p in (tmp_path / "at_once" / "checkpoint").iterdir()] == ["state.pt"]
 
 
 def test_bf16_and_channels_last_are_on_for_cuda_only_under_auto():
@@ -215,17 +251,73 @@ def test_auto_precision_is_bf16_only_on_gpus_that_compute_in_it_natively():
     assert not bf16_autocast("fp32", "cuda", (9, 0))
 
 
+def test_process_cpus_follow_the_reservation_ray_sets(monkeypatch):
+    import os
+
+    from smile_ray.recipe import process_cpus
+
+    affinity = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert process_cpus() == affinity
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a one-CPU Ray worker on a node of many
+    assert process_cpus() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", str(affinity + 8))  # a cap, never more than the affinity allows
+    assert process_cpus() == affinity
+    monkeypatch.setenv("OMP_NUM_THREADS", "4,2")  # nested levels: not a reservation
+    assert process_cpus() == affinity
+    assert process_cpus(threads=1) == 1
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
-def test_compiled_run_matches_the_eager_one(tmp_path, cache_dir):
+def test_compiled_run_matches_the_eager_one_in_one_process_and_under_ddp(tmp_path, cache_dir, monkeypatch):
+    import torch._inductor.config as inductor_config
+    import torch.distributed as dist
+    from torch._dynamo.utils import counters
+    from torch.nn.parallel import DistributedDataParallel
+
+    from smile_ray.methods import unwrap
+
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what Ray sets in a one-CPU worker
     cfg = make_config({**SHORT, "method": "smile", "steps": 4, "eval_every": 2, "ema_every": 1})
     eager = train(cfg, tmp_path / "eager", cache_dir=cache_dir)
+    counters.clear()
     compiled = train(cfg.replace(compile=True), tmp_path / "compiled", cache_dir=cache_dir)
+    # the student's training step and SMILE's teacher, one graph each: evaluation and the
+    # interpolation losses run the eager student, so they compile nothing more
+    assert counters["stats"]["unique_graphs"] == 2
+    assert inductor_config.compile_threads == 1  # the worker's CPU share, not the node's cores
     for a, b in zip(eager["history"], compiled["history"]):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
     assert compiled["val_acc"] == pytest.approx(eager["val_acc"], abs=0.01)
-    # compiled in place: the checkpoint's names are the eager model's, so either resumes the other
+    # the student inside the compiled wrapper is the eager one: its names are the eager
+    # model's, so either run resumes the other
     we, wc = weights(tmp_path / "eager" / "model.pt"), weights(tmp_path / "compiled" / "model.pt")
     assert we.keys() == wc.keys()
+
+    # DDP first, then compile (gloo, one process): the wrapper is compiled, the student inside stays eager
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        run = setup(cfg.replace(compile=True), cache_dir, prepare_model=DistributedDataParallel, log=lambda m: None)
+        assert isinstance(run.model, DistributedDataParallel) and run.model._compiled_call_impl is not None
+        assert unwrap(run.model)._compiled_call_impl is None
+        counters.clear()
+        ddp = train(cfg.replace(compile=True), tmp_path / "ddp", cache_dir=cache_dir,
+                    prepare_model=DistributedDataParallel)
+        assert counters["stats"]["unique_graphs"] == 2
+    finally:
+        dist.destroy_process_group()
+    for a, b in zip(eager["history"], ddp["history"]):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+    assert weights(tmp_path / "ddp" / "model.pt").keys() == we.keys()
 
 
 def test_files_are_written_with_the_users_umask_not_owner_only(tmp_path):
