@@ -32,7 +32,10 @@ class SGD:
     ``g = g + momentum * buf`` (Nesterov) or ``g = buf``; ``p -= lr * g``. Parameters
     without a gradient are skipped and get no momentum buffer. ``param_groups[0]["lr"]``
     may be set between steps (the recipe's schedule does). ``state[p]`` holds
-    ``"momentum_buffer"``; popping it restarts that parameter's momentum (RIFLE does).
+    ``"momentum_buffer"``. To restart a parameter's momentum, zero its buffer in place
+    (RIFLE does): the next step gives ``buf = momentum * 0 + g = g``, the first step's
+    update, bit for bit, here and in ``torch.optim.SGD``. Popping the buffer instead would
+    also do here, but torch's fused SGD then finds a None among its buffers and raises.
     """
 
     def __init__(self, params: Iterable[nn.Parameter], lr: float, momentum: float = 0.0,
@@ -116,21 +119,43 @@ class SGD:
 
 
 def build_sgd(params: Iterable[nn.Parameter], lr: float, momentum: float, weight_decay: float,
-              nesterov: bool) -> "SGD | torch.optim.Optimizer":
-    """``torch.optim.SGD(fused=True)`` when the parameters are on CUDA, :class:`SGD`
-    (no ``torch._dynamo`` import) elsewhere; the same updates either way."""
+              nesterov: bool, fused: bool | None = None) -> "SGD | torch.optim.Optimizer":
+    """The run's SGD. ``fused``: None (production) chooses ``torch.optim.SGD(fused=True)``
+    when the parameters are on CUDA and :class:`SGD` (no ``torch._dynamo`` import)
+    elsewhere; True asks for torch's fused SGD on any device (torch 2.14 has a CPU fused
+    kernel on the same Python path as CUDA's, which is how the CPU tests run CUDA's
+    optimiser); False for :class:`SGD` on any device. The same updates either way, to
+    rounding (CPU's :class:`SGD` is bit-identical to ``torch.optim.SGD``'s single-tensor
+    path; the fused kernel rounds differently)."""
     params = list(params)
-    if params and params[0].device.type == "cuda":
+    if fused is None:
+        fused = bool(params) and params[0].device.type == "cuda"
+    if fused:
         return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                                fused=True)
     return SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
 
 
 def load_optimizer_state(optimizer: "SGD | torch.optim.Optimizer", state_dict: dict[str, Any]) -> None:
-    """``optimizer.load_state_dict`` keeping the optimiser's own implementation flags
-    (``fused``, ``foreach``): torch would take them from the dict, so a checkpoint written
-    on CPU would turn the fused CUDA update off on resume."""
+    """``optimizer.load_state_dict``, then two repairs.
+
+    * The optimiser keeps its own implementation flags (``fused``, ``foreach``): torch
+      would take them from the dict, so a checkpoint written on CPU would turn the fused
+      CUDA update off on resume.
+    * Every momentum buffer takes its parameter's memory layout (strides): loading casts
+      dtype and device but keeps the saved strides, so a checkpoint written on CPU
+      (contiguous buffers) resumed on CUDA (channels_last parameters) would hand the fused
+      kernel buffers laid out unlike their parameters: CUDA's kernel raises, and the CPU
+      fused kernel silently updates wrongly (it walks parameter, gradient and buffer as
+      one flat array each). A buffer whose strides already match is kept as it is, so a
+      resume on the machine that wrote the checkpoint loads the same tensors as before.
+    """
     flags = [{k: g.get(k) for k in _IMPLEMENTATION_KEYS} for g in optimizer.param_groups]
     optimizer.load_state_dict(state_dict)
     for group, own in zip(optimizer.param_groups, flags):
         group.update(own)
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            buf = state.get("momentum_buffer") if state else None
+            if torch.is_tensor(buf) and buf.stride() != p.stride():
+                state["momentum_buffer"] = torch.empty_like(p).copy_(buf)

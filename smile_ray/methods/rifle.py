@@ -8,7 +8,13 @@ of about ``T / (R + 1)`` steps, and the last period (the final stretch) is never
 interrupted: the head the run returns is a trained one. A re-initialisation is
 ``nn.Linear``'s default initialisation, drawn from a generator keyed by (seed, step), so
 every data-parallel rank and a resumed run draw the same head; the head's optimiser
-state (SGD momentum) is reset too.
+state (SGD momentum) is reset too, by zeroing its momentum buffers in place: the next
+step then computes ``buf = momentum * 0 + g = g``, exactly the update of a parameter
+without a buffer, and the buffer keeps its place (and layout) in the optimiser's state.
+Popping the buffers instead (which this code once did) gives the same update in
+``smile_ray.optim.SGD`` and torch's single-tensor SGD, but torch's fused SGD (the one a
+CUDA run uses) then receives a list of buffers holding None and raises TypeError at the
+first step after the first re-initialisation.
 
 Deviations: the original code does not reset the head's optimiser state; the Paddle
 version counts epochs and skips the last 5, we count steps and keep the final period
@@ -55,5 +61,6 @@ class Rifle(Method):
             fresh = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
         for p, q in zip(head.parameters(), fresh.parameters()):
             p.copy_(q)
-            if optimizer is not None:
-                optimizer.state.pop(p, None)
+            buf = optimizer.state.get(p, {}).get("momentum_buffer") if optimizer is not None else None
+            if buf is not None:
+                buf.zero_()
