@@ -41,6 +41,13 @@ def set_option(after: str):
     )
 
 
+STORAGE_HELP = ("Where runs keep their files on a cluster of several nodes: s3://bucket/prefix, gs://..., or a "
+                "folder mounted at the same path on every node. Needed there (refused without it); the study's "
+                "tables stay in --output, each run's metrics.json comes home beside them, models and checkpoints "
+                "stay in storage. [none: everything under --output, for one machine]")
+storage_option = click.option("--storage", metavar="URI", help=STORAGE_HELP)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="smile-ray")
 def cli() -> None:
@@ -80,9 +87,10 @@ def cli() -> None:
     "--max-failures", type=click.IntRange(min=-1), default=1, show_default=True,
     help="Worker failures to recover from (restarting at the latest checkpoint); -1: no limit.",
 )
+@storage_option
 @click.option("--cpus-per-worker", type=click.IntRange(min=1),
               help="CPUs (and torch threads) per Ray Train worker [CPU workers share the cluster's CPUs].")
-def train(method, dataset, config_file, overrides, output, overwrite, cache_dir, quiet, workers, gpu, address,
+def train(method, dataset, config_file, overrides, output, overwrite, cache_dir, quiet, workers, gpu, address, storage,
           max_failures, cpus_per_worker) -> None:
     """Fine-tune one model and write OUTPUT/metrics.json.
 
@@ -96,8 +104,8 @@ def train(method, dataset, config_file, overrides, output, overwrite, cache_dir,
     config = resolve_config(config_file, overrides, method=method, dataset=dataset)
     if output is None:
         output = Path("runs") / f"{config.method}-{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if workers is None and (gpu or address or cpus_per_worker):
-        raise SmileError("--gpu, --address and --cpus-per-worker need --workers N (they run on Ray Train)")
+    if workers is None and (gpu or address or cpus_per_worker or storage):
+        raise SmileError("--gpu, --address, --storage and --cpus-per-worker need --workers N (they run on Ray Train)")
     if workers is not None and config.batch_size % workers:
         raise SmileError(f"batch_size={config.batch_size} does not split evenly over {workers} workers")
     if workers is None:
@@ -110,6 +118,7 @@ def train(method, dataset, config_file, overrides, output, overwrite, cache_dir,
         metrics = train_distributed(
             config, output, workers=workers, use_gpu=gpu, address=address, max_failures=max_failures,
             cache_dir=cache_dir, progress=not quiet, cpus_per_worker=cpus_per_worker, fresh=overwrite,
+            storage_path=storage,
         )
     click.echo(
         f"{config.method} on {config.dataset}: val_acc {metrics['val_acc']:.4f}  test_acc {metrics['test_acc']:.4f}  "
@@ -132,9 +141,11 @@ def train(method, dataset, config_file, overrides, output, overwrite, cache_dir,
 @click.option("--tracking-uri", help="MLflow tracking URI, e.g. http://host:5000 [sqlite:///$PWD/mlflow.db].")
 @click.option("--experiment", help="MLflow experiment name [smile-ray-DATASET].")
 @click.option("--resume", is_flag=True, help="Continue the interrupted study in --output; finished trials are kept.")
+@storage_option
 @set_option("the space file's base")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Source-model cache.")
-def tune(space_file, num_samples, output, address, tracking_uri, experiment, resume, overrides, cache_dir) -> None:
+def tune(space_file, num_samples, output, address, tracking_uri, experiment, resume, storage, overrides,
+         cache_dir) -> None:
     """Search hyper-parameters with Ray Tune + HyperOpt; track everything in MLflow.
 
     Tuning optimises the validation metric; test accuracy is recorded per trial but never
@@ -149,7 +160,7 @@ def tune(space_file, num_samples, output, address, tracking_uri, experiment, res
             raise SmileError("--resume needs --output DIR (the study to continue)")
         given = [flag for flag, value in (("--space", space_file), ("--num-samples", num_samples),
                                           ("--set", overrides), ("--tracking-uri", tracking_uri),
-                                          ("--experiment", experiment)) if value]
+                                          ("--experiment", experiment), ("--storage", storage)) if value]
         if given:
             raise SmileError(f"--resume continues the study with its saved settings; drop {', '.join(given)}")
     elif space_file is None:
@@ -158,7 +169,7 @@ def tune(space_file, num_samples, output, address, tracking_uri, experiment, res
         output = Path("runs") / f"tune-{space_file.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     best = run_study(space_file, output, num_samples=num_samples, overrides=parse_overrides(overrides),
                      address=address, tracking_uri=tracking_uri, experiment=experiment, resume=resume,
-                     cache_dir=cache_dir)
+                     cache_dir=cache_dir, storage=storage)
     s = best["study"]
     click.echo(f"best trial {best['trial_id']}: {best['metric']} {best[best['metric']]:.4f}  "
                f"test_acc {best['test_acc']:.4f}  ({s['trials']} trials, {s['wall_seconds']:.0f} s in all)")
@@ -209,8 +220,9 @@ def parse_seeds(seeds: str | None, max_seeds: int | None) -> tuple[int | None, i
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Source-model cache.")
 @click.option("--resume", is_flag=True,
               help="Continue the interrupted ablation in --output with its saved settings; finished runs are kept.")
+@storage_option
 def ablate(definitions, drops, all_components, seeds, max_seeds, base_file, overrides, tune_budget, output, address,
-           tracking_uri, experiment, cache_dir, resume) -> None:
+           tracking_uri, experiment, cache_dir, resume, storage) -> None:
     """Compare the full method with arms that drop components, over shared seeds.
 
     Writes OUTPUT/ablation.parquet (a row per arm x seed), OUTPUT/ablation.md (mean ± std
@@ -226,7 +238,8 @@ def ablate(definitions, drops, all_components, seeds, max_seeds, base_file, over
             raise SmileError("--resume needs --output DIR (the ablation to continue)")
         given = [flag for flag, value in (("--drop", drops), ("--all", all_components), ("--seeds", seeds),
                                           ("--max-seeds", max_seeds),
-                                          ("--base", base_file), ("--set", overrides), ("--tune-budget", tune_budget))
+                                          ("--base", base_file), ("--set", overrides), ("--tune-budget", tune_budget),
+                                          ("--storage", storage))
                  if value]
         if given:
             raise SmileError(f"--resume continues the ablation with its saved settings; drop {', '.join(given)}")
@@ -237,7 +250,7 @@ def ablate(definitions, drops, all_components, seeds, max_seeds, base_file, over
                          max_seeds=max_seeds,
                          base_file=base_file, overrides=parse_overrides(overrides), tune_budget=tune_budget,
                          address=address, tracking_uri=tracking_uri, experiment=experiment, cache_dir=cache_dir,
-                         resume=resume)
+                         resume=resume, storage=storage)
     click.echo(table, nl=False)
     click.echo(f"wrote {output / 'ablation.parquet'}, {output / 'ablation.md'}, {output / 'ablation.png'}")
     echo_mlflow(output / "ablation.json")
@@ -260,8 +273,9 @@ def ablate(definitions, drops, all_components, seeds, max_seeds, base_file, over
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Source-model cache.")
 @click.option("--resume", is_flag=True,
               help="Continue the interrupted comparison in --output with its saved settings; finished runs are kept.")
+@storage_option
 def compare(methods_text, settings_file, seeds, overrides, tune_budget, output, address, tracking_uri, experiment,
-            cache_dir, resume) -> None:
+            cache_dir, resume, storage) -> None:
     """Compare fine-tuning methods over shared seeds: the paper's Table 2 from one command.
 
     Every (method, column, seed) is a Ray Tune trial. Writes OUTPUT/table.md (rows =
@@ -277,7 +291,8 @@ def compare(methods_text, settings_file, seeds, overrides, tune_budget, output, 
         if output is None:
             raise SmileError("--resume needs --output DIR (the comparison to continue)")
         given = [flag for flag, value in (("--seeds", seeds), ("--set", overrides), ("--tune-budget", tune_budget),
-                                          ("--tracking-uri", tracking_uri), ("--experiment", experiment)) if value]
+                                          ("--tracking-uri", tracking_uri), ("--experiment", experiment),
+                                          ("--storage", storage)) if value]
         if given:
             raise SmileError(f"--resume continues the comparison with its saved settings; drop {', '.join(given)}")
     methods = parse_methods(methods_text)
@@ -285,7 +300,8 @@ def compare(methods_text, settings_file, seeds, overrides, tune_budget, output, 
         output = Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     table = run_compare(methods, settings_file, output, seeds=seeds, overrides=parse_overrides(overrides),
                         tune_budget=tune_budget, address=address, tracking_uri=tracking_uri, experiment=experiment,
-                        cache_dir=cache_dir, resume=resume, on_failed=lambda line: click.echo(line, err=True))
+                        cache_dir=cache_dir, resume=resume, on_failed=lambda line: click.echo(line, err=True),
+                        storage=storage)
     click.echo(table, nl=False)
     click.echo(f"wrote {output / 'results.parquet'}, {output / 'table.md'}, {output / 'table.png'}")
     echo_mlflow(output / "compare.json")

@@ -33,7 +33,7 @@ from contextlib import nullcontext
 from datetime import datetime, timezone
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -114,12 +114,38 @@ class Prefetcher:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def resolve_device(name: str) -> torch.device:
+def pick_device(name: str, cuda_available: bool, assigned: Sequence[str] | None = None,
+                where: str = "this machine") -> torch.device:
+    """The device a run trains on: a pure function of the ``device`` setting, whether
+    CUDA works in this process, and ``assigned``, the accelerator ids a scheduler gave
+    this process (``None`` outside one).
+
+    * Outside a scheduler ``auto`` is CUDA wherever it works.
+    * Inside Ray (``assigned`` given) ``auto`` is the GPUs Ray assigned: CUDA only when it
+      was given some. Ray 2.60 no longer hides the node's GPUs from a task that reserved
+      none, so a CPU trial on a GPU node would otherwise take GPU 0 behind Ray's back.
+      Ray makes the assigned GPUs the only visible ones, so the device is ``cuda`` (= the
+      first assigned, as ``ray.train.torch.get_device`` gives a one-GPU worker).
+    * GPUs asked for (``assigned`` non-empty, or ``device=cuda``) but CUDA not usable (no
+      device, a driver too old for this torch build) is an error naming ``where``, never
+      a silent run on the CPU.
+    """
+    if assigned:
+        if not cuda_available:
+            raise SmileError(f"GPU {', '.join(map(str, assigned))} was assigned to this run on {where}, but CUDA "
+                             f"is not usable there (no device, or an NVIDIA driver too old for torch "
+                             f"{torch.__version__}); check nvidia-smi on that node")
+        return torch.device("cuda" if name == "auto" else name)
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SmileError(f"device={name}: no CUDA device is available here")
+        return torch.device("cuda" if cuda_available and assigned is None else "cpu")
+    if name.startswith("cuda") and not cuda_available:
+        raise SmileError(f"device={name}: no CUDA device is available on {where}")
     return torch.device(name)
+
+
+def resolve_device(name: str, assigned: Sequence[str] | None = None, where: str = "this machine") -> torch.device:
+    """:func:`pick_device` for this process (``torch.cuda.is_available()``)."""
+    return pick_device(name, torch.cuda.is_available(), assigned, where)
 
 
 def bf16_autocast(precision: str, device_type: str, capability: tuple[int, int] | None = None) -> bool:
@@ -324,18 +350,32 @@ def checkpoint_state(run: Run, step: int, history: list, seconds: float, resumed
 
 def save_checkpoint(run: Run, path: Path, step: int, history: list, seconds: float, resumed_from: list,
                     extra: dict[str, Any] | None = None) -> None:
-    save_torch(checkpoint_state(run, step, history, seconds, resumed_from, extra), path)
+    """Write the checkpoint now, its tensors in host memory (see :func:`host_copy`)."""
+    save_torch(host_copy(checkpoint_state(run, step, history, seconds, resumed_from, extra), copy=False), path)
 
 
-def host_copy(obj: Any) -> Any:
-    """``obj`` with every tensor copied to host memory (a new tensor even on the CPU), so
-    that training on can no longer change it."""
+def host_copy(obj: Any, copy: bool = True) -> Any:
+    """``obj`` with every tensor in host memory: a file written from it holds CPU tensors
+    and loads on any machine without ``map_location`` (``torch.load`` restores a tensor to
+    the device it was saved from, and fails where that device does not exist). Strides
+    are kept (``.to`` preserves the memory format). With ``copy`` (the background writer)
+    every tensor is a new one, even on the CPU, so that training on can no longer change
+    it; without it (a file written at once) CPU tensors are the same storage, so a CPU
+    run writes the bytes it always wrote and no memory is doubled. A dict keeps its class
+    and attributes: a module's state dict is an OrderedDict whose ``_metadata`` (the
+    modules' versions, read by ``load_state_dict``) is part of the file's bytes."""
     if isinstance(obj, Tensor):
-        return obj.detach().to("cpu", copy=True)
+        return obj.detach().to("cpu", copy=copy)
     if isinstance(obj, dict):
-        return {k: host_copy(v) for k, v in obj.items()}
+        out = {k: host_copy(v, copy) for k, v in obj.items()}
+        if type(obj) is dict:
+            return out
+        kept = obj.copy()  # the same class, the same key order
+        kept.update(out)
+        kept.__dict__.update(vars(obj))
+        return kept
     if isinstance(obj, (list, tuple)):
-        return type(obj)(host_copy(v) for v in obj)
+        return type(obj)(host_copy(v, copy) for v in obj)
     return obj
 
 
@@ -632,6 +672,7 @@ def train(
             "finished_at": now_utc(),
             "workers": world_size,
             "threads": torch.get_num_threads(),
+            "device": str(run.device),
             "resumed_from": resumed_from,
             "source_weights": run.source_weights,
             "split_sizes": run.task.split_sizes(),
@@ -644,7 +685,7 @@ def train(
         if consistent is not None:
             metrics["ranks_consistent"] = consistent
         if out is not None:
-            save_torch(unwrap(run.model).state_dict(), out / "model.pt")
+            save_torch(host_copy(unwrap(run.model).state_dict(), copy=False), out / "model.pt")
             write_json(metrics, out / "metrics.json")
     if on_end is not None:
         on_end(metrics)

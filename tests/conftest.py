@@ -17,7 +17,10 @@ from smile_ray.pretrain import load_source
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cache")
+    # SMILE_RAY_TEST_CACHE: a folder kept between test sessions (a developer re-running a
+    # few tests skips the pre-training); CI leaves it unset and pre-trains afresh
+    kept = os.environ.get("SMILE_RAY_TEST_CACHE")
+    path = Path(kept) if kept else tmp_path_factory.mktemp("cache")
     load_source(make_config(), path, log=lambda msg: None)  # pre-train once
     return path
 

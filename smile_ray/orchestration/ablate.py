@@ -45,7 +45,8 @@ from smile_ray.metrics import IL_METRICS
 from smile_ray.orchestration import tracking
 from smile_ray.orchestration.cluster import check_address, connect
 from smile_ray.orchestration.progress import ablation_progress
-from smile_ray.orchestration.runner import EXPERIMENT_DIR, can_resume, finish, run_trials
+from smile_ray.orchestration.runner import EXPERIMENT_DIR, can_resume, check_cluster, finish, run_trials, storage_root
+from smile_ray.orchestration.storage import check_storage, join
 from smile_ray.orchestration.spaces import Definitions, load_definitions
 from smile_ray.orchestration.tune import tune_config
 from smile_ray.pretrain import load_source
@@ -136,14 +137,17 @@ def run_ablation(
     cache_dir: str | Path | None = None,
     resume: bool = False,
     verbose: int = 1,
+    storage: str | None = None,
 ) -> str:
     """Run (or ``resume``) the ablation; returns the Markdown table (also in ``ablation.md``).
-    ``max_seeds`` turns on adaptive seeds (rounds of ``seeds`` more, up to ``max_seeds``)."""
+    ``max_seeds`` turns on adaptive seeds (rounds of ``seeds`` more, up to ``max_seeds``).
+    ``storage``: where the runs keep their files on a cluster of several nodes."""
     out = Path(output_dir).resolve()
     if resume:
-        if not (out / STATE_FILE).is_file() or not can_resume(out):
+        saved = json.loads((out / STATE_FILE).read_text()) if (out / STATE_FILE).is_file() else {}
+        if not saved or not can_resume(saved.get("storage_root") or out, round_dir(0)):
             raise SmileError(f"--resume: {out} holds no ablation to resume")
-        saved = json.loads((out / STATE_FILE).read_text())
+        storage = saved.get("storage")
         definitions, drops, all_components = saved["definitions"], saved["drops"], saved["all_components"]
         seeds, base_file, overrides = saved["seeds"], saved["base_file"], saved["overrides"]
         max_seeds = saved.get("max_seeds")
@@ -161,10 +165,14 @@ def run_ablation(
     if tune_budget and not defs.tune_space:
         raise SmileError(f"--tune-budget needs a tune_space in {defs.path}")
     check_address(address)  # before the tracking store, which a sqlite URI creates
+    root = storage_root(out, storage)
+    if storage:
+        check_storage(storage, root, fresh=not resume)
     uri = tracking_uri or tracking.default_tracking_uri()
     client = tracking.connect(uri)
     experiment = experiment or f"smile-ray-{defs.base.dataset}"
     connect(address)
+    check_cluster(storage)
     load_source(defs.base, cache_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -180,10 +188,11 @@ def run_ablation(
         for arm, arm_overrides in arms.items():
             config = {**base, **arm_overrides}
             if tune_budget:
-                config = tune_config(config, defs.tune_space, tune_budget,
-                                     out / "tuning" / arm.lstrip("-").replace("+", "_"), defs.resources,
+                name = arm.lstrip("-").replace("+", "_")
+                config = tune_config(config, defs.tune_space, tune_budget, out / "tuning" / name, defs.resources,
                                      defs.max_concurrent, tracking_uri=uri, experiment=experiment,
-                                     cache_dir=cache_dir, address=address)
+                                     cache_dir=cache_dir, address=address,
+                                     root=join(root, "tuning", name) if storage else None)
             arm_configs[arm] = config
         runs = make_runs(arm_configs, [(spc, arm) for spc in defs.samples for arm in arms], range(defs.seeds))
         rounds = [list(range(len(runs)))]
@@ -197,7 +206,7 @@ def run_ablation(
              "base_file": str(Path(base_file).resolve()) if base_file else None, "overrides": overrides or {},
              "tune_budget": tune_budget, "tracking_uri": uri, "experiment": experiment,
              "parent_run_id": parent_id, "mlflow_ui": tracking.ui_link(uri, exp_id, parent_id),
-             "arm_configs": arm_configs, "rounds": rounds, "runs": runs}
+             "arm_configs": arm_configs, "rounds": rounds, "runs": runs, "storage": storage, "storage_root": root}
     if resume:
         state = {**saved, **{k: state[k] for k in ("arm_configs", "rounds", "max_seeds")}}
     write_json(state, out / STATE_FILE)
@@ -215,7 +224,7 @@ def run_ablation(
             seeds_in = sorted({runs[i]["tags"]["seed"] for i in index})
             print(f"round {r + 1}: {len(index)} runs, seeds {seeds_in[0]}-{seeds_in[-1]}", file=sys.stderr)
         results = run_trials(out, {**setup, "runs": runs}, {"run": tune.grid_search(index)}, logger,
-                             resume=resume and can_resume(out, round_dir(r)), experiment_dir=round_dir(r),
+                             resume=resume and can_resume(root, round_dir(r)), experiment_dir=round_dir(r), root=root,
                              expected=len(index), table=ablation_progress(runs, len(index)) if verbose else None,
                              tune_config=tune.TuneConfig(max_concurrent_trials=defs.max_concurrent))
         if results.num_errors:

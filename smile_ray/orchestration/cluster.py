@@ -68,6 +68,20 @@ def cluster_cpus() -> int:
     return int(ray.cluster_resources().get("CPU", 1))
 
 
+def alive_nodes() -> int:
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+def assigned_device(name: str):
+    """The device of a run inside a Ray task, actor or Train worker: ``device=auto`` is
+    the GPUs Ray assigned to this process (:func:`smile_ray.recipe.pick_device`), and GPUs
+    assigned where CUDA does not work fail in one line naming the node."""
+    from smile_ray.recipe import resolve_device
+
+    where = f"node {ray.util.get_node_ip_address()} ({socket.gethostname()})"
+    return resolve_device(name, [str(i) for i in ray.get_gpu_ids()], where=where)
+
+
 def user_error(e: BaseException) -> SmileError | None:
     """The SmileError a worker or trial raised, found through Ray's wrappers, if any."""
     seen: set[int] = set()

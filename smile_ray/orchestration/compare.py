@@ -33,7 +33,8 @@ from smile_ray.metrics import IL_METRICS
 from smile_ray.orchestration import tracking
 from smile_ray.orchestration.cluster import check_address, connect
 from smile_ray.orchestration.progress import runs_progress
-from smile_ray.orchestration.runner import can_resume, finish, run_trials
+from smile_ray.orchestration.runner import can_resume, check_cluster, finish, run_trials, storage_root
+from smile_ray.orchestration.storage import check_storage, join
 from smile_ray.orchestration.spaces import load_settings
 from smile_ray.orchestration.tune import tune_config
 from smile_ray.pretrain import load_source
@@ -72,14 +73,17 @@ def run_compare(
     resume: bool = False,
     verbose: int = 1,
     on_failed=None,
+    storage: str | None = None,
 ) -> str:
     """Run (or ``resume``) the comparison; returns the Markdown table (also in table.md).
-    ``on_failed(line)`` is called once per failed run."""
+    ``on_failed(line)`` is called once per failed run. ``storage``: where the runs keep
+    their files on a cluster of several nodes."""
     out = Path(output_dir).resolve()
     if resume:
-        if not (out / STATE_FILE).is_file() or not can_resume(out):
+        saved = json.loads((out / STATE_FILE).read_text()) if (out / STATE_FILE).is_file() else {}
+        if not saved or not can_resume(saved.get("storage_root") or out):
             raise SmileError(f"--resume: {out} holds no comparison to resume")
-        saved = json.loads((out / STATE_FILE).read_text())
+        storage = saved.get("storage")
         methods, settings_file, seeds = saved["methods"], saved["settings"], saved["seeds"]
         overrides, tune_budget = saved["overrides"], saved["tune_budget"]
         tracking_uri, experiment = saved["tracking_uri"], saved["experiment"]
@@ -93,10 +97,14 @@ def run_compare(
     if tune_budget and not any(m in settings.tune_spaces for m in methods):
         raise SmileError(f"--tune-budget needs tune_spaces for the methods in {settings.path}")
     check_address(address)  # before the tracking store, which a sqlite URI creates
+    root = storage_root(out, storage)
+    if storage:
+        check_storage(storage, root, fresh=not resume)
     uri = tracking_uri or tracking.default_tracking_uri()
     client = tracking.connect(uri)
     experiment = experiment or f"smile-ray-{settings.base.dataset}"
     connect(address)
+    check_cluster(storage)
     load_source(settings.base, cache_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -111,10 +119,11 @@ def run_compare(
             for m in methods:
                 config = make_config({**base, **col_overrides, "method": m}).to_dict()
                 if tune_budget:
-                    config = tune_config(config, settings.tune_spaces.get(m) or {}, tune_budget,
-                                         out / "tuning" / f"{m}-{column}".replace("/", "_").replace("=", "_"),
+                    name = f"{m}-{column}".replace("/", "_").replace("=", "_")
+                    config = tune_config(config, settings.tune_spaces.get(m) or {}, tune_budget, out / "tuning" / name,
                                          settings.resources, settings.max_concurrent, tracking_uri=uri,
-                                         experiment=experiment, cache_dir=cache_dir, address=address)
+                                         experiment=experiment, cache_dir=cache_dir, address=address,
+                                         root=join(root, "tuning", name) if storage else None)
                 cell_configs[m, column] = config
         runs = [
             {"tags": {"method": m, "setting": column, "seed": seed},
@@ -128,13 +137,14 @@ def run_compare(
         write_json({"methods": methods, "settings": str(Path(settings.path).resolve()), "seeds": settings.seeds,
                     "overrides": overrides or {}, "tune_budget": tune_budget, "tracking_uri": uri,
                     "experiment": experiment, "parent_run_id": parent_id,
-                    "mlflow_ui": tracking.ui_link(uri, exp_id, parent_id), "runs": runs}, out / STATE_FILE)
+                    "mlflow_ui": tracking.ui_link(uri, exp_id, parent_id), "runs": runs, "storage": storage,
+                    "storage_root": root}, out / STATE_FILE)
 
     logger = tracking.StudyLogger(uri, exp_id, parent_id, out.name, settings.base.to_dict(), runs=runs)
     setup = {"runs": runs, "cache_dir": str(cache_dir) if cache_dir else None, "resources": settings.resources}
     started = time.perf_counter()
     results = run_trials(out, setup, {"run": tune.grid_search(list(range(len(runs))))}, logger, resume=resume,
-                         expected=len(runs),
+                         expected=len(runs), root=root,
                          table=runs_progress(runs, ["method", "setting", "seed"], len(runs)) if verbose else None,
                          tune_config=tune.TuneConfig(max_concurrent_trials=settings.max_concurrent))
 

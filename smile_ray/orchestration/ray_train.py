@@ -26,6 +26,14 @@ for an in-process trial.
 Fault tolerance: with ``max_failures`` > 0 a dead worker is replaced and every worker
 restarts from the latest reported checkpoint (``ray.train.get_checkpoint``), not from
 step 0; ``resumed_from`` in metrics.json lists the steps it restarted from.
+
+Several nodes: Ray Train's ``storage_path`` must be reachable from every node (``--storage``,
+:mod:`smile_ray.orchestration.storage`); without one a cluster of more than one node is
+refused before anything starts. The run's files come home to ``output_dir`` on the driver
+through the last report's checkpoint, and a resumed run's checkpoint travels to the
+workers through Ray's object store, so no worker reads the driver's disk. Devices: a
+worker trains on the GPU Ray assigned it, and fails in one line naming its node where
+it was given one that CUDA cannot use.
 """
 from __future__ import annotations
 
@@ -49,7 +57,8 @@ from smile_ray.checkpoint import CHECKPOINT_FILE, check_same_config, read_checkp
 from smile_ray.config import Config, make_config
 from smile_ray.errors import SmileError
 from smile_ray.methods import method_class
-from smile_ray.orchestration.cluster import cluster_cpus, connect, user_error
+from smile_ray.orchestration.cluster import alive_nodes, assigned_device, cluster_cpus, connect, user_error
+from smile_ray.orchestration.storage import check_storage, require_for_cluster
 from smile_ray.pretrain import load_source
 from smile_ray.recipe import train
 
@@ -105,7 +114,15 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         ray.train.report({**scalars(metrics), "step": step}, checkpoint=checkpoint)
 
     checkpoint = ray.train.get_checkpoint()
-    initial = loop_config.get("initial_checkpoint")
+    device = assigned_device(config.device)
+    if device.type == "cuda":
+        device = ray.train.torch.get_device()  # the node's Train workers share the visible GPUs: this one's
+    initial = None
+    if loop_config.get("initial_checkpoint") is not None and checkpoint is None:
+        # the driver's checkpoint to resume from, sent through the object store (this
+        # worker may be on a node that cannot read the driver's disk)
+        initial = tempfile.mkdtemp(prefix="smile-ray-resume-")
+        (Path(initial) / CHECKPOINT_FILE).write_bytes(ray.get(loop_config["initial_checkpoint"]))
     try:
         with checkpoint.as_directory() if checkpoint else nullcontext(initial) as resume_dir:
             train(
@@ -117,7 +134,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
                 on_end=on_end,
                 rank=rank,
                 world_size=world_size,
-                device=ray.train.torch.get_device(),
+                device=device,
                 prepare_model=partial(
                     ray.train.torch.prepare_model,
                     move_to_device=False,
@@ -127,8 +144,9 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
                 log=lambda msg: say(f"[rank {rank}] {msg}"),
             )
     finally:
-        if work is not None:
-            shutil.rmtree(work, ignore_errors=True)
+        for scratch in (work, initial):
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
 
 
 def default_cpus_per_worker(workers: int, use_gpu: bool) -> float:
@@ -159,6 +177,8 @@ def train_distributed(
     A ``output_dir`` that holds a checkpoint of the same config is resumed (unless
     ``fresh``: then it is replaced once the new run writes its first one). With
     ``report_to_tune`` (inside a Tune trial) every report also goes to Tune.
+    ``storage_path`` is Ray Train's (``--storage``; default ``output_dir/ray``, which
+    only one node can reach).
     """
     if workers < 1:
         raise SmileError(f"--workers={workers}: need at least one worker")
@@ -169,7 +189,11 @@ def train_distributed(
     resume = not fresh and (initial / CHECKPOINT_FILE).is_file()
     if resume:  # refuse a corrupt or foreign one before starting Ray
         check_same_config(read_checkpoint(initial / CHECKPOINT_FILE), config, initial / CHECKPOINT_FILE)
+    if storage_path and not report_to_tune:
+        check_storage(storage_path)
     connect(address)
+    if not storage_path:
+        require_for_cluster(None, alive_nodes())
     if config.weights == "source" and not address:
         load_source(config, cache_dir)  # pre-train once here, not once per worker
     callbacks = []
@@ -184,7 +208,7 @@ def train_distributed(
         train_loop_config={
             "config": config.to_dict(),
             "cache_dir": str(cache_dir) if cache_dir else None,
-            "initial_checkpoint": str(initial) if resume else None,
+            "initial_checkpoint": ray.put((initial / CHECKPOINT_FILE).read_bytes()) if resume else None,
             "progress": progress,
         },
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if use_gpu else "gloo"),

@@ -1,10 +1,14 @@
 """A set of trials under Ray Tune, tracked in MLflow (a parent run and a child per
-trial), resumable: what ``tune`` and ``ablate`` share.
+trial), resumable: what ``tune``, ``ablate`` and ``compare`` share.
 
 The caller validates everything and opens the MLflow parent first; :func:`run_trials`
-then runs (or, with ``resume``, restores) the Tune experiment in ``out/tune`` and leaves
+then runs (or, with ``resume``, restores) the Tune experiment ``<root>/tune`` and leaves
 the parent and every child in a final state whatever happens: FINISHED is the caller's
 to set once its outputs are written, KILLED on an interrupt, FAILED on an error.
+
+``root`` is the study's storage (:mod:`smile_ray.orchestration.storage`): its output
+folder on one machine, ``<--storage>/<output name>`` on a cluster; the runs' metrics
+come home to the output folder once the trials have ended.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ from mlflow.entities import Metric
 from ray import tune
 
 from smile_ray.errors import SmileError
+from smile_ray.orchestration import storage
+from smile_ray.orchestration.cluster import alive_nodes
 from smile_ray.orchestration.progress import TrialTable
 from smile_ray.orchestration.tracking import StudyLogger
 from smile_ray.orchestration.trainable import trainable
@@ -30,8 +36,21 @@ NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"
 REUSE_ACTORS = True
 
 
-def can_resume(out: Path, experiment_dir: str = EXPERIMENT_DIR) -> bool:
-    return tune.Tuner.can_restore(str(out / experiment_dir))
+def can_resume(root: str | Path, experiment_dir: str = EXPERIMENT_DIR) -> bool:
+    try:
+        return tune.Tuner.can_restore(storage.join(str(root), experiment_dir))
+    except OSError as e:  # storage out of reach
+        raise SmileError(f"--resume: cannot read the study's storage {root}: {str(e).splitlines()[0]}") from None
+
+
+def storage_root(out: Path, store: str | None) -> str:
+    """Where the study in ``out`` keeps its trials: ``out`` itself without ``--storage``."""
+    return storage.study_root(store, out) if store else str(out)
+
+
+def check_cluster(store: str | None) -> None:
+    """After connecting: a cluster of several nodes needs ``--storage``."""
+    storage.require_for_cluster(store, alive_nodes())
 
 
 def run_trials(
@@ -45,12 +64,15 @@ def run_trials(
     experiment_dir: str = EXPERIMENT_DIR,
     expected: int,
     table: TrialTable | None = None,
+    root: str | None = None,
 ):
     """Fit (or restore and finish) the experiment ``out/experiment_dir``; returns Tune's ResultGrid once every
     one of its ``expected`` trials has ended. An interrupted fit raises KeyboardInterrupt.
     Ray Tune's own console table is off; ``table`` prints a row per ended trial instead."""
     client, parent_id = logger.client, logger.parent_run_id
-    fn = trainable({**setup, "experiment_path": str(out / experiment_dir)})
+    root = root or str(out)
+    experiment = storage.join(root, experiment_dir)
+    fn = trainable({**setup, "experiment_path": experiment})
     # Tune's newer console output prints its experiment box and paths on stdout even at
     # verbose=0; the older engine at verbose=0 prints nothing, leaving stdout to the
     # results and stderr to ``table``.
@@ -58,14 +80,14 @@ def run_trials(
     tune_config = dataclasses.replace(tune_config or tune.TuneConfig(), reuse_actors=REUSE_ACTORS)
     try:
         if resume:
-            tuner = tune.Tuner.restore(str(out / experiment_dir), fn, resume_errored=True, param_space=param_space)
+            tuner = tune.Tuner.restore(experiment, fn, resume_errored=True, param_space=param_space)
         else:
             tuner = tune.Tuner(
                 fn,
                 param_space=param_space,
                 tune_config=tune_config,
                 run_config=tune.RunConfig(
-                    name=experiment_dir, storage_path=str(out), callbacks=[logger] + ([table] if table else []), verbose=0,
+                    name=experiment_dir, storage_path=root, callbacks=[logger] + ([table] if table else []), verbose=0,
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                     failure_config=tune.FailureConfig(max_failures=1),
                 ),
@@ -84,6 +106,7 @@ def run_trials(
         logger.close_open_runs("KILLED")
         client.set_terminated(parent_id, status="KILLED")
         raise KeyboardInterrupt
+    storage.bring_home(experiment, out / experiment_dir)
     return results
 
 

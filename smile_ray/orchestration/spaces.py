@@ -39,6 +39,8 @@ This module is plain Python: it knows the file formats, not Ray.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,10 +76,10 @@ class Resources:
     Train workers, which share the trial's ``cpus`` and take one of its ``gpus`` each."""
 
     cpus: int = 1
-    gpus: int = 0
+    gpus: float = 0  # a fraction (e.g. 0.25) lets small one-process trials share a GPU
     workers: int = 1
 
-    def summary(self) -> dict[str, int]:
+    def summary(self) -> dict[str, float]:
         return {"resources_cpus": self.cpus, "resources_gpus": self.gpus, "resources_workers": self.workers}
 
 
@@ -119,13 +121,29 @@ def parse_resources(path: Path, raw: Any, base: Config) -> Resources:
     bad = [k for k in raw if k not in RESOURCES]
     if bad:
         raise SmileError(f"{path}: resources: unknown key {bad[0]!r} (expected: {', '.join(RESOURCES)})")
-    values = {k: check_int(v, f"{path}: resources.{k}", 0 if k == "gpus" else 1) for k, v in raw.items()}
-    res = Resources(**values)
+    values = {k: check_int(v, f"{path}: resources.{k}", 1) for k, v in raw.items() if k != "gpus"}
+    res = Resources(**values, gpus=check_gpus(raw.get("gpus", 0), values.get("workers", 1), f"{path}: resources.gpus"))
     if base.batch_size % res.workers:
         raise SmileError(f"{path}: batch_size={base.batch_size} does not split evenly over resources.workers={res.workers}")
-    if res.gpus and res.workers > 1 and res.gpus != res.workers:
-        raise SmileError(f"{path}: resources.gpus={res.gpus} with workers={res.workers}: each Ray Train worker takes one GPU")
     return res
+
+
+def check_gpus(value: Any, workers: int, where: str) -> float:
+    """GPUs a trial may hold: what it can use. A one-process trial (``workers: 1``, or each
+    replicate) trains on one device, so it takes 0, a fraction (GPU sharing, as Ray Tune
+    offers it: ``0.25`` runs four such trials on one GPU) or 1; a Ray Train trial takes one
+    whole GPU per worker (``gpus == workers``) or none."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise SmileError(f"{where}={value!r} must be a number >= 0")
+    if workers > 1:
+        if value not in (0, workers):
+            raise SmileError(f"{where}={value} with workers={workers}: each Ray Train worker takes one whole GPU "
+                             f"(gpus: {workers}) or none (gpus: 0)")
+        return int(value)
+    if value > 1:
+        raise SmileError(f"{where}={value:g} with workers=1: a one-process trial trains on one GPU and could not "
+                         "use the others (for data parallelism set workers to the number of GPUs)")
+    return int(value) if float(value).is_integer() else float(value)
 
 
 def parse_base(path: Path, raw: Any, overrides: dict[str, Any] | None) -> Config:

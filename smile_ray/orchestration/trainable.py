@@ -15,6 +15,14 @@ metrics likewise. Replicate ``i``'s files are in ``run/replicate-<i>``; replicat
 exactly ``smile-ray train`` on the trial's config. Deviation from single-seed trials: a
 replicated trial reports no Tune checkpoint, so a resumed study restarts an unfinished
 replicated trial from its first step.
+
+Where files go: a run's folder is ``<experiment>/<trial>/run`` in the study's storage
+(:mod:`smile_ray.orchestration.storage`): written in place on one machine or a shared
+disk, written on the trial's node and uploaded at its end when the storage is a URI.
+
+Devices: inside Ray ``device=auto`` means the GPUs Ray assigned to the trial, replicate
+or worker (:func:`~smile_ray.orchestration.cluster.assigned_device`): a ``gpus: 0`` trial
+trains on the CPU even on a GPU node.
 """
 from __future__ import annotations
 
@@ -28,7 +36,9 @@ import ray
 from ray import tune
 
 from smile_ray.config import make_config
+from smile_ray.orchestration.cluster import assigned_device
 from smile_ray.orchestration.ray_train import scalars, train_distributed
+from smile_ray.orchestration.storage import join, staged
 from smile_ray.orchestration.spaces import Resources
 from smile_ray.recipe import train
 
@@ -46,32 +56,35 @@ def run_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
     """The Tune function trainable."""
     config = make_config(trial_config(params, setup))
     res: Resources = setup["resources"]
-    # The trial's directory in the experiment's storage, written directly: get_trial_dir()
-    # is a local working directory that Ray copies to storage only for a fresh actor on
-    # the driver's node (a reused actor's, or another node's, would be lost).
-    out = Path(setup["experiment_path"]) / Path(tune.get_context().get_trial_dir()).name / RUN_DIR
+    # The trial's run folder in the experiment's storage, written through staged(): not
+    # get_trial_dir(), a local working directory that Ray copies to storage only for a
+    # fresh actor on the driver's node (a reused actor's, or another node's, would be lost).
+    location = join(setup["experiment_path"], Path(tune.get_context().get_trial_dir()).name, RUN_DIR)
     if setup.get("replicates", 1) > 1:
-        run_replicates(config.to_dict(), setup["replicates"], out, res, setup["cache_dir"])
+        run_replicates(config.to_dict(), setup["replicates"], location, res, setup["cache_dir"])
         return
     if res.workers > 1:
-        train_distributed(config, out, workers=res.workers, use_gpu=res.gpus > 0,
-                          cpus_per_worker=(res.cpus - TRIAL_DRIVER_CPU) / res.workers,
-                          cache_dir=setup["cache_dir"], storage_path=str(out / "ray"), report_to_tune=True)
+        with staged(location) as out:
+            train_distributed(config, out, workers=res.workers, use_gpu=res.gpus > 0,
+                              cpus_per_worker=(res.cpus - TRIAL_DRIVER_CPU) / res.workers,
+                              cache_dir=setup["cache_dir"], storage_path=join(location, "ray"), report_to_tune=True)
         return
+    device = assigned_device(config.device)
 
     def on_eval(record: dict[str, Any], checkpoint_dir: Path | None) -> None:
-        tune.report(record, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+        # no checkpoint at an evaluation between two checkpoint steps (checkpoint_every)
+        tune.report(record, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
 
     def on_end(metrics: dict[str, Any]) -> None:
         tune.report({**scalars(metrics), "step": metrics["steps"]})
 
     checkpoint = tune.get_checkpoint()
-    with checkpoint.as_directory() if checkpoint else nullcontext(None) as resume_dir:
+    with checkpoint.as_directory() if checkpoint else nullcontext(None) as resume_dir, staged(location) as out:
         train(config, out, cache_dir=setup["cache_dir"], resume_from=resume_dir, on_eval=on_eval, on_end=on_end,
-              log=lambda msg: None)
+              device=device, log=lambda msg: None)
 
 
-def _replicate(config: dict[str, Any], out: str, cache_dir: str | None, queue, index: int) -> None:
+def _replicate(config: dict[str, Any], location: str, cache_dir: str | None, queue, index: int) -> None:
     """One seed of a replicated trial (a Ray task): its evaluations and end go to ``queue``."""
     def on_eval(record: dict[str, Any], checkpoint_dir: Path | None) -> None:
         queue.put((index, "eval", record))
@@ -79,7 +92,10 @@ def _replicate(config: dict[str, Any], out: str, cache_dir: str | None, queue, i
     def on_end(metrics: dict[str, Any]) -> None:
         queue.put((index, "end", {**scalars(metrics), "step": metrics["steps"]}))
 
-    train(make_config(config), Path(out), cache_dir=cache_dir, on_eval=on_eval, on_end=on_end, log=lambda msg: None)
+    config = make_config(config)
+    device = assigned_device(config.device)
+    with staged(location) as out:
+        train(config, out, cache_dir=cache_dir, on_eval=on_eval, on_end=on_end, device=device, log=lambda msg: None)
 
 
 SPREAD_KEYS = ("train_loss", "val_acc", "val_ece", "test_acc", "test_ece")  # kept per seed, with their spread
@@ -103,7 +119,7 @@ def combine(records: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def run_replicates(config: dict[str, Any], k: int, out: Path, res: Resources, cache_dir: str | None) -> None:
+def run_replicates(config: dict[str, Any], k: int, location: str, res: Resources, cache_dir: str | None) -> None:
     from ray.util.queue import Queue
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -116,7 +132,7 @@ def run_replicates(config: dict[str, Any], k: int, out: Path, res: Resources, ca
     # do), so that two trials' seeds fit side by side on a 2-CPU machine.
     task = ray.remote(_replicate).options(num_cpus=res.cpus - TRIAL_DRIVER_CPU, num_gpus=res.gpus, max_retries=0,
                                           scheduling_strategy=anywhere)
-    refs = [task.remote({**config, "seed": config["seed"] + i}, str(out / f"replicate-{i}"), cache_dir, queue, i)
+    refs = [task.remote({**config, "seed": config["seed"] + i}, join(location, f"replicate-{i}"), cache_dir, queue, i)
             for i in range(k)]
     evals: dict[int, dict[int, dict[str, Any]]] = {}
     ends: dict[int, dict[str, Any]] = {}

@@ -9,7 +9,8 @@ metric; test accuracy is recorded per trial and never used for selection.
 Outputs in the study directory: ``trials.parquet`` (a row per trial), ``best.json``
 (the best trial's full config and metrics; usable as ``--config`` for ``train``),
 ``<metric>_vs_params.png``, ``study.json`` (what ``--resume`` needs) and Tune's own
-experiment directory ``tune/``.
+experiment directory ``tune/`` (with ``--storage``: in ``<storage>/<output name>/tune``,
+each trial's ``metrics.json`` coming home to ``tune/`` in the output directory).
 """
 from __future__ import annotations
 
@@ -33,7 +34,9 @@ from smile_ray.methods import method_class
 from smile_ray.orchestration import tracking
 from smile_ray.orchestration.cluster import check_address, connect
 from smile_ray.orchestration.progress import study_progress
-from smile_ray.orchestration.runner import EXPERIMENT_DIR, can_resume, fail, finish, run_trials
+from smile_ray.orchestration.runner import (EXPERIMENT_DIR, can_resume, check_cluster, fail, finish, run_trials,
+                                            storage_root)
+from smile_ray.orchestration.storage import check_storage
 from smile_ray.orchestration.spaces import Param, Study, load_study
 from smile_ray.orchestration.trainable import SPREAD_KEYS
 from smile_ray.pretrain import load_source
@@ -97,26 +100,38 @@ def run_study(
     resume: bool = False,
     cache_dir: str | Path | None = None,
     verbose: int = 1,
+    storage: str | None = None,
+    root: str | None = None,
 ) -> dict[str, Any]:
-    """Run (or ``resume``) a study; returns the best trial's record (best.json)."""
+    """Run (or ``resume``) a study; returns the best trial's record (best.json).
+
+    ``storage`` (``--storage``) is where the trials keep their files when the cluster has
+    several nodes; ``root`` names the study's storage folder outright (a study inside an
+    ablation or comparison: their own storage's ``tuning/<name>``)."""
     out = Path(output_dir).resolve()
     state_file = out / "study.json"
     if resume:  # the study continues with the settings it was started with
-        if not state_file.is_file() or not can_resume(out):
+        saved = json.loads(state_file.read_text()) if state_file.is_file() else {}
+        if not saved or not can_resume(saved.get("storage_root") or out):
             raise SmileError(f"--resume: {out} holds no study to resume")
-        saved = json.loads(state_file.read_text())
         space_file, num_samples, overrides = saved["space_file"], saved["num_samples"], saved["overrides"]
         tracking_uri, experiment = saved["tracking_uri"], saved["experiment"]
+        storage, root = saved.get("storage"), saved.get("storage_root")
     elif (out / EXPERIMENT_DIR).exists():
         raise SmileError(f"{out} already holds a study; use --resume, or another --output")
 
     # Everything is validated before a single thing is created.
     study = load_study(space_file, overrides, num_samples)
     check_address(address)  # before the tracking store, which a sqlite URI creates
+    if storage and not root:
+        root = storage_root(out, storage)
+        check_storage(storage, root, fresh=not resume)
+    root = root or str(out)
     uri = tracking_uri or tracking.default_tracking_uri()
     client = tracking.connect(uri)
     experiment = experiment or f"smile-ray-{study.base.dataset}"
     connect(address)
+    check_cluster(storage or (root if root != str(out) else None))
     if study.base.weights == "source":
         load_source(study.base, cache_dir)  # pre-train once, before trials race for it
 
@@ -134,7 +149,7 @@ def run_study(
             {**study.summary(), **{f"base.{k}": v for k, v in study.base.to_dict().items()}}))
         write_json({"space_file": str(Path(space_file).resolve()), "num_samples": study.num_samples,
                     "overrides": overrides or {}, "tracking_uri": uri, "experiment": experiment,
-                    "parent_run_id": parent_id, "address": address,
+                    "parent_run_id": parent_id, "address": address, "storage": storage, "storage_root": root,
                     "mlflow_ui": tracking.ui_link(uri, exp_id, parent_id)}, state_file)
 
     base = study.base.to_dict()
@@ -146,7 +161,7 @@ def run_study(
     try:
         results = run_trials(
             out, setup, {p.name: to_tune(p) for p in study.space}, logger, resume=resume,
-            expected=expected_trials(study),
+            expected=expected_trials(study), root=root,
             table=study_progress(study.searched, study.metric, study.mode, expected_trials(study)) if verbose else None,
             tune_config=tune.TuneConfig(
                 metric=study.metric, mode=study.mode, num_samples=study.num_samples,
@@ -214,10 +229,12 @@ def _best(rows: list[dict[str, Any]], study: Study) -> dict[str, Any]:
 
 
 def tune_config(config: dict[str, Any], space: dict[str, Any], budget: int, folder: Path, resources,
-                max_concurrent: int, *, tracking_uri: str, experiment: str, cache_dir, address) -> dict[str, Any]:
+                max_concurrent: int, *, tracking_uri: str, experiment: str, cache_dir, address,
+                root: str | None = None) -> dict[str, Any]:
     """``config`` with the best of ``budget`` HyperOpt trials (on validation) over the
-    keys of ``space`` its method reads; the study goes to ``folder`` (how ``ablate`` and
-    ``compare`` tune each arm or method before its seeds run)."""
+    keys of ``space`` its method reads; the study goes to ``folder``, its trials to
+    ``root`` (default: ``folder``) (how ``ablate`` and ``compare`` tune each arm or
+    method before its seeds run)."""
     unused = method_class(config["method"]).unused_keys(make_config(config))
     space = {k: v for k, v in space.items() if k not in unused}
     if not space:
@@ -229,5 +246,5 @@ def tune_config(config: dict[str, Any], space: dict[str, Any], budget: int, fold
                                           "resources": {"cpus": resources.cpus, "gpus": resources.gpus,
                                                         "workers": resources.workers}}))
     best = run_study(space_file, folder, tracking_uri=tracking_uri, experiment=experiment, cache_dir=cache_dir,
-                     address=address, verbose=0)
+                     address=address, verbose=0, root=root)
     return {**config, **{k: best["config"][k] for k in space}}

@@ -1,0 +1,151 @@
+"""A cluster as a GPU cluster is laid out: a head that runs no trial and a worker node
+that shares no disk with it (its own mount namespace, a tmpfs over the folder where the
+outputs go), with ``--storage`` on a local S3-protocol server (moto). A study, an
+ablation and ``train --workers 2`` must finish with every file reachable; without
+``--storage`` the cluster is refused at once.
+
+Ray is started once for the module; each command is the real CLI in a subprocess.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from ray_nodes import Cluster, can_hide_folders, free_port, wait_for_port
+
+pytestmark = pytest.mark.skipif(not can_hide_folders(), reason="needs root for a mount namespace per Ray node")
+
+BUCKET = "smile-ray-test"
+STEPS = ["--set", "steps=20", "--set", "eval_every=10", "--set", "samples_per_class=3"]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """moto's S3 server on loopback, with one bucket; the environment every node and
+    client uses to reach it (AWS_ENDPOINT_URL, as the AWS SDKs and pyarrow read it)."""
+    boto3 = pytest.importorskip("boto3")
+    port = free_port()
+    server = subprocess.Popen([str(os.path.join(os.path.dirname(sys.executable), "moto_server")),
+                               "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    try:
+        wait_for_port(port, time.time() + 60)
+        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                              aws_access_key_id="testing", aws_secret_access_key="testing")
+        client.create_bucket(Bucket=BUCKET)
+        yield env, client
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, s3, cache_dir):
+    """Head: no CPU for trials (like cluster/gpu.yaml's). Worker: 2 CPUs, and a tmpfs
+    over ``outputs/``, so it cannot see a file the head writes there, nor the head one
+    it writes there."""
+    outputs = tmp_path_factory.mktemp("outputs")
+    env = {**os.environ, **s3[0], "SMILE_RAY_CACHE": str(cache_dir)}
+    c = Cluster(env, head_cpus=0)
+    try:
+        c.add_worker(cpus=2, hide=outputs)
+        c.wait_for_nodes(2)
+        c.outputs = outputs
+        yield c
+    finally:
+        c.stop()
+
+
+def smile_ray(cluster, *args, timeout=420):
+    return subprocess.run([sys.executable, "-m", "smile_ray", *args, "--address", cluster.address],
+                          cwd=cluster.outputs, env=cluster.env, capture_output=True, text=True, timeout=timeout)
+
+
+def keys(client, prefix):
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def space_file(cluster):
+    path = cluster.outputs / "space.yaml"
+    path.write_text(yaml.safe_dump({
+        "base": {"method": "mixup", "steps": 20, "eval_every": 10, "samples_per_class": 3},
+        "num_samples": 2, "max_concurrent": 2, "search": "random",
+        "space": {"mixup_alpha": {"uniform": [0.1, 1.0]}},
+    }))
+    return path
+
+
+def test_a_cluster_without_storage_is_refused_at_once(cluster):
+    out = cluster.outputs / "refused"
+    proc = smile_ray(cluster, "tune", "--space", str(space_file(cluster)), "--output", str(out), timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--storage" in lines[0] and "2 nodes" in lines[0], proc.stderr
+    assert not out.exists()  # nothing half-written
+
+
+def test_an_unreachable_bucket_is_one_line(cluster):
+    out = cluster.outputs / "nobucket"
+    proc = smile_ray(cluster, "tune", "--space", str(space_file(cluster)), "--output", str(out),
+                     "--storage", "s3://no-such-bucket/studies", timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == ["error: --storage 's3://no-such-bucket/studies': bucket "
+                                                "'no-such-bucket' does not exist"]
+    assert not out.exists()
+
+
+def test_study_with_s3_storage_on_a_node_that_shares_no_disk(cluster, s3):
+    client = s3[1]
+    out = cluster.outputs / "study"
+    proc = smile_ray(cluster, "tune", "--space", str(space_file(cluster)), "--output", str(out),
+                     "--storage", f"s3://{BUCKET}/studies")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = pq.read_table(out / "trials.parquet").to_pylist()
+    assert len(rows) == 2 and all(r["status"] == "TERMINATED" for r in rows)
+    assert json.loads((out / "study.json").read_text())["storage_root"] == f"s3://{BUCKET}/studies/study"
+    # every trial's run folder is in the bucket, written from the worker node ...
+    stored = keys(client, "studies/study/tune/")
+    assert len([k for k in stored if k.endswith("/run/model.pt")]) == 2
+    assert len([k for k in stored if k.endswith("/run/metrics.json")]) == 2
+    # ... and its metrics came home, so that report reads the study from --output alone
+    homes = sorted((out / "tune").glob("*/run/metrics.json"))
+    assert len(homes) == 2 and all(json.loads(p.read_text())["steps"] == 20 for p in homes)
+    report = subprocess.run([sys.executable, "-m", "smile_ray", "report", str(out), "--output",
+                             str(cluster.outputs / "report.md")], env=cluster.env, capture_output=True, text=True,
+                            timeout=120)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "No trial metrics.json" not in (cluster.outputs / "report.md").read_text()
+    # --resume reads the experiment from storage: a finished study resumes to the same best trial
+    best = json.loads((out / "best.json").read_text())
+    again = smile_ray(cluster, "tune", "--output", str(out), "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((out / "best.json").read_text())["trial_id"] == best["trial_id"]
+
+
+def test_ablation_with_s3_storage(cluster, s3):
+    out = cluster.outputs / "ablation"
+    proc = smile_ray(cluster, "ablate", "--drop", "source_label", "--seeds", "2", *STEPS, "--output", str(out),
+                     "--storage", f"s3://{BUCKET}/studies")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = pq.read_table(out / "ablation.parquet").to_pylist()
+    assert sorted(r["arm"] for r in rows) == ["-source_label"] * 2 + ["full"] * 2
+    assert len([k for k in keys(s3[1], "studies/ablation/") if k.endswith("/run/model.pt")]) == 4
+    assert len(list((out / "tune").glob("*/run/metrics.json"))) == 4
+
+
+def test_train_on_two_workers_with_s3_storage(cluster, s3):
+    out = cluster.outputs / "ddp"
+    proc = smile_ray(cluster, "train", "--workers", "2", "--cpus-per-worker", "1", "--quiet", *STEPS,
+                     "--output", str(out), "--storage", f"s3://{BUCKET}/train")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["workers"] == 2 and metrics["steps"] == 20 and metrics["ranks_consistent"] is True
+    assert (out / "model.pt").is_file() and (out / "checkpoint" / "state.pt").is_file()
+    assert any(k.endswith("state.pt") for k in keys(s3[1], "train/"))  # Ray Train's checkpoints
