@@ -108,7 +108,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=48)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                    help="the config key's values [auto: bf16 autocast on GPUs of compute capability 8.0 or more, fp32 elsewhere]")
+                    help="the config key's values [auto: bf16 autocast on GPUs of compute capability 8.0 or "
+                    "more, fp32 elsewhere]")
     ap.add_argument("--channels-last", default="auto", nargs="?", const="true", choices=["auto", "true", "false"],
                     help="the config key's values; the bare flag means true [auto: on for CUDA]")
     ap.add_argument("--compile", action="store_true", help="compile=true: torch.compile the student and the teacher "
