@@ -289,6 +289,7 @@ def test_compiled_run_matches_the_eager_one_in_one_process_and_under_ddp(tmp_pat
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what Ray sets in a one-CPU worker
     cfg = make_config({**SHORT, "method": "smile", "steps": 4, "eval_every": 2, "ema_every": 1})
     eager = train(cfg, tmp_path / "eager", cache_dir=cache_dir)
+    torch._dynamo.reset()  # count this run's graphs alone: no cache entries from an earlier test's compiles
     counters.clear()
     compiled = train(cfg.replace(compile=True), tmp_path / "compiled", cache_dir=cache_dir)
     # the student's training step and SMILE's teacher, one graph each: evaluation and the
@@ -309,6 +310,7 @@ def test_compiled_run_matches_the_eager_one_in_one_process_and_under_ddp(tmp_pat
         run = setup(cfg.replace(compile=True), cache_dir, prepare_model=DistributedDataParallel, log=lambda m: None)
         assert isinstance(run.model, DistributedDataParallel) and run.model._compiled_call_impl is not None
         assert unwrap(run.model)._compiled_call_impl is None
+        torch._dynamo.reset()
         counters.clear()
         ddp = train(cfg.replace(compile=True), tmp_path / "ddp", cache_dir=cache_dir,
                     prepare_model=DistributedDataParallel)
