@@ -76,7 +76,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 #: keys that may change on resume: they do not change what a run computes
-RESUME_MAY_CHANGE = ("device", "data_workers")
+RESUME_MAY_CHANGE = ("device", "data_workers", "checkpoint_every")
 
 
 def check_same_config(state: dict[str, Any], config: Config, path: Path) -> None:

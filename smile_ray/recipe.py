@@ -42,6 +42,7 @@ from smile_ray import rng
 from smile_ray.checkpoint import (CHECKPOINT_FILE, atomic_write, check_same_config, read_checkpoint, save_torch,
                                   write_json)
 from smile_ray.config import Config
+from smile_ray.cpus import process_cpus
 from smile_ray.data import TensorTask, build_task
 from smile_ray.errors import SmileError
 from smile_ray.methods import Method, build_method, unwrap
@@ -187,25 +188,6 @@ class Student(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
-
-
-def process_cpus(threads: int = 0) -> int:
-    """The CPUs this process may use: those its affinity allows, capped by
-    ``OMP_NUM_THREADS`` when that is a positive integer (Ray sets it in a task or worker to
-    its CPU reservation, while the affinity still spans the whole node) and by
-    ``threads`` (the ``threads`` key) when set."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    try:
-        omp = int(os.environ.get("OMP_NUM_THREADS", "0"))
-    except ValueError:  # e.g. "4,2" (nested levels): not a reservation
-        omp = 0
-    for cap in (omp, threads):
-        if cap >= 1:
-            cpus = min(cpus, cap)
-    return max(1, cpus)
 
 
 def compile_student(model: nn.Module, method: Method, threads: int = 0) -> nn.Module:
@@ -388,8 +370,9 @@ class CheckpointWriter:
     so a reader sees the previous checkpoint or the new one. ``wait`` blocks until the
     write is on disk and re-raises its error; it is called before the next save and at
     the end of the run, so no checkpoint is ever lost or half-written. With
-    ``background`` off every save writes at once (the same bytes): what a run with an
-    orchestrator needs, since Ray copies the checkpoint directory inside ``on_eval``."""
+    ``background`` off every save writes at once (the same bytes; benchmarks compare the
+    two). Runs with hooks go through :class:`Checkpoints`, which writes in the background
+    too and hands ``on_eval`` only checkpoints whose write has finished."""
 
     def __init__(self, background: bool = True):
         self._pool = None

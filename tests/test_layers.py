@@ -5,7 +5,7 @@
 * ``reports/`` imports no Ray, MLflow or orchestration module;
 * ``orchestration/`` modules import the core and each other only through the modules
   meant to be shared (``cluster``, ``ray_train``, ``trainable``, ``runner``, ``spaces``, ``progress``,
-  ``tracking``) and the public ``run_study`` and ``tune_config`` of ``tune``;
+  ``tracking``, ``storage``) and the public ``run_study`` and ``tune_config`` of ``tune``;
 * no module outside ``methods/`` mentions a method by name in a comparison.
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "smile_ray"
 EXTERNAL_ORCHESTRATION = ("ray", "mlflow")
-SHARED_ORCHESTRATION = {"cluster", "ray_train", "trainable", "runner", "spaces", "tracking", "progress", "tune"}
+SHARED_ORCHESTRATION = {"cluster", "ray_train", "trainable", "runner", "spaces", "tracking", "progress", "tune",
+                        "storage"}
 
 
 def module_name(path: Path) -> str:

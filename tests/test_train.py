@@ -254,7 +254,7 @@ def test_auto_precision_is_bf16_only_on_gpus_that_compute_in_it_natively():
 def test_process_cpus_follow_the_reservation_ray_sets(monkeypatch):
     import os
 
-    from smile_ray.recipe import process_cpus
+    from smile_ray.cpus import process_cpus
 
     affinity = len(os.sched_getaffinity(0))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)

@@ -83,6 +83,7 @@ import torch
 from torch import Tensor
 
 from smile_ray import rng
+from smile_ray.cpus import cpu_share, process_cpus
 from smile_ray.config import Config
 from smile_ray.data import StepOrder
 from smile_ray.data.catalog import Catalog, ImageSource
@@ -110,23 +111,12 @@ def worker_count(requested: int, affinity: int, omp_num_threads: str | None) -> 
     for the whole node's cores."""
     if requested >= 0:
         return requested
-    cpus = max(1, affinity)
-    try:
-        omp = int(omp_num_threads) if omp_num_threads is not None else 0
-    except ValueError:  # e.g. "4,2" (nested levels) or garbage: not a reservation
-        omp = 0
-    if omp >= 1:
-        cpus = min(cpus, omp)
-    return min(4, cpus)
+    return min(4, cpu_share(affinity, omp_num_threads))
 
 
 def auto_workers(config: Config) -> int:
-    """:func:`worker_count` for this process."""
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        affinity = os.cpu_count() or 1
-    return worker_count(config.data_workers, affinity, os.environ.get("OMP_NUM_THREADS"))
+    """:func:`worker_count` for this process (:func:`smile_ray.cpus.process_cpus`)."""
+    return worker_count(config.data_workers, process_cpus(), None)
 
 
 def _one_line(e: BaseException) -> str:

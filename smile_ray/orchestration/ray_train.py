@@ -13,9 +13,11 @@ hooks the recipe offers:
   DistributedDataParallel (gloo on CPU, nccl on GPU). DDP keeps the student identical on
   every rank, and the mean teacher, an EMA of identical parameters, stays identical too
   (checked at the end of every run: ``ranks_consistent`` in metrics.json).
-* ``on_eval`` -- :func:`ray.train.report` of rank 0's metrics and checkpoint at every
-  evaluation. Evaluation runs on rank 0 alone, on rank 0's weights, so the reported
-  metric is the single-process metric of the checkpointed weights.
+* ``on_eval`` -- :func:`ray.train.report` of rank 0's metrics at every evaluation, with
+  the newest checkpoint whose background write has finished (that of an earlier step,
+  ``checkpoint_step`` in the record; the last evaluation's is its own). Evaluation runs
+  on rank 0 alone, on rank 0's weights, so the reported metric is the single-process
+  metric of those weights.
 * ``on_end`` -- a last report whose checkpoint holds the run's files (metrics.json,
   model.pt, the final checkpoint), which the driver copies to the output directory.
 
