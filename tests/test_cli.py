@@ -60,7 +60,7 @@ def bad(tmp_path, capfd, cache_dir):
         (["--set", "weights=/nonexistent/w.pt"], "weights file /nonexistent/w.pt does not exist"),
         (["--set", "mixup_alpha"], "expected key=value"),
         (["--bogus-flag"], "--bogus-flag"),
-        (["--gpu"], "--gpu, --address and --cpus-per-worker need --workers N"),
+        (["--gpu"], "--gpu, --address, --storage and --cpus-per-worker need --workers N"),
         (["--workers", "5"], "batch_size=48 does not split evenly over 5 workers"),
         (["--workers", "0"], "--workers"),
     ],

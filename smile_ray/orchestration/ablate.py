@@ -230,7 +230,7 @@ def run_ablation(
         if results.num_errors:
             logger.close_open_runs("FAILED")
             client.set_terminated(parent_id, status="FAILED")
-            raise SmileError(f"{results.num_errors} ablation runs failed; see {out / round_dir(r)}; "
+            raise SmileError(f"{results.num_errors} ablation runs failed; see {join(root, round_dir(r))}; "
                              "fix the cause and add --resume")
         rows += [_row(runs[res.config["run"]], res.metrics) for res in results]
         r += 1

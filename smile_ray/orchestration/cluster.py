@@ -91,7 +91,7 @@ def user_error(e: BaseException) -> SmileError | None:
         if cur is None or id(cur) in seen:
             continue
         seen.add(id(cur))
-        if isinstance(cur, SmileError):
+        if isinstance(cur, SmileError) and "SmileError: " not in str(cur):  # not Ray's wrapper of one
             return SmileError(str(cur))
         stack.extend([cur.__cause__, cur.__context__])
         for attr in ("worker_failures", "errors"):

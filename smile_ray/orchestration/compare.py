@@ -168,7 +168,7 @@ def run_compare(
     if not rows:
         logger.close_open_runs("FAILED")
         client.set_terminated(parent_id, status="FAILED")
-        raise SmileError(f"every run of {out} failed; see {out / 'tune'}")
+        raise SmileError(f"every run of {out} failed; see {join(root, 'tune')}")
     order = {(t["method"], t["setting"], t["seed"]): i for i, t in enumerate(r["tags"] for r in runs)}
     rows.sort(key=lambda r: order[r["method"], r["setting"], r["seed"]])
     pq.write_table(pa.Table.from_pylist(rows), out / "results.parquet")

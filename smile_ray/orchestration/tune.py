@@ -32,11 +32,11 @@ from smile_ray.config import make_config
 from smile_ray.errors import SmileError
 from smile_ray.methods import method_class
 from smile_ray.orchestration import tracking
-from smile_ray.orchestration.cluster import check_address, connect
+from smile_ray.orchestration.cluster import check_address, connect, user_error
 from smile_ray.orchestration.progress import study_progress
 from smile_ray.orchestration.runner import (EXPERIMENT_DIR, can_resume, check_cluster, fail, finish, run_trials,
                                             storage_root)
-from smile_ray.orchestration.storage import check_storage
+from smile_ray.orchestration.storage import check_storage, join
 from smile_ray.orchestration.spaces import Param, Study, load_study
 from smile_ray.orchestration.trainable import SPREAD_KEYS
 from smile_ray.pretrain import load_source
@@ -175,7 +175,10 @@ def run_study(
 
     rows = _rows(results, study)
     if not any(r["status"] == "TERMINATED" and r.get(study.metric) is not None for r in rows):
-        raise fail(logger, f"no trial of {out} finished; see {out / EXPERIMENT_DIR} for the trials' errors")
+        # a trial's own one-line error (e.g. a GPU where CUDA does not work) says it best
+        causes = [c for c in map(user_error, results.errors) if c is not None]
+        why = f": {causes[0]}" if causes else f"; see {join(root, EXPERIMENT_DIR)} for the trials' errors"
+        raise fail(logger, f"no trial of {out} finished{why}")
     best = _best(rows, study)
     pq.write_table(pa.Table.from_pylist(rows), out / "trials.parquet")
     record = {
