@@ -32,6 +32,7 @@ import time
 from contextlib import nullcontext
 from datetime import datetime, timezone
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -67,8 +68,14 @@ class Run:
     optimizer: SGD | torch.optim.Optimizer  # build_sgd's: fused torch SGD on CUDA, smile_ray.optim.SGD elsewhere
     source_weights: str
 
+    @cached_property
+    def bf16(self) -> bool:
+        """Whether the steps autocast to bf16, decided once per run (on CUDA it reads the
+        GPU's compute capability, a driver call that has no place in every step)."""
+        return uses_bf16(self.config, self.device)
+
     def autocast(self):
-        if uses_bf16(self.config, self.device):
+        if self.bf16:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 

@@ -195,17 +195,22 @@ def test_skip_bad_images_leaves_them_out_with_a_warning(cub):
 def test_an_image_that_breaks_after_indexing_names_itself(cub):
     root, base = cub
     for workers in (0, 1):
-        t = cub_task(root, data_workers=workers, sample_rate=1.0)
-        victim = t.sources["train"][0].name(int(t.train_indices(0, 4)[0]))
-        saved = Path(victim).read_bytes()
-        truncate(Path(victim))
-        try:
-            with pytest.raises(SmileError) as err:
-                t.train_batch(0, 4)
-        finally:
-            Path(victim).write_bytes(saved)
-        message = str(err.value)
-        assert message.startswith(f"cub200: cannot read image {victim} (") and "\n" not in message
+        breaks_naming_itself(cub_task(root, data_workers=workers, sample_rate=1.0), 0)
+
+
+def breaks_naming_itself(t, position):
+    """Truncate the image at ``position`` of step 0's batch after indexing: the batch
+    fails in one line that names the file."""
+    victim = t.sources["train"][0].name(int(t.train_indices(0, 4)[position]))
+    saved = Path(victim).read_bytes()
+    truncate(Path(victim))
+    try:
+        with pytest.raises(SmileError) as err:
+            t.train_batch(0, 4)
+    finally:
+        Path(victim).write_bytes(saved)
+    message = str(err.value)
+    assert message.startswith(f"cub200: cannot read image {victim} (") and "\n" not in message
 
 
 # ------------------------------------------------------------------ training on images
@@ -438,14 +443,5 @@ def test_device_decoding_of_bad_images(cub):
     assert t.skipped_images == [str(bad)] and t.split_sizes()["train"] == 3 * 7 - 1
     assert t.train_batch(0, 4)[0].shape == (4, 3, SIZE, SIZE)
     for workers in (0, 1):  # one that breaks after indexing stops the run naming itself
-        t = cub_task(root, data_workers=workers, sample_rate=1.0, skip_bad_images=True, decode="device")
-        victim = t.sources["train"][0].name(int(t.train_indices(0, 4)[1]))
-        saved = Path(victim).read_bytes()
-        truncate(Path(victim))
-        try:
-            with pytest.raises(SmileError) as err:
-                t.train_batch(0, 4)
-        finally:
-            Path(victim).write_bytes(saved)
-        message = str(err.value)
-        assert message.startswith(f"cub200: cannot read image {victim} (") and "\n" not in message
+        breaks_naming_itself(cub_task(root, data_workers=workers, sample_rate=1.0, skip_bad_images=True,
+                                      decode="device"), 1)
