@@ -112,6 +112,16 @@ class Config:
     mixup_alpha: float = _key(0.2, "Beta(alpha, alpha) for the mixing weight lambda")
     ema_decay: float = _key(0.999, "mean-teacher EMA decay")
     ema_every: int = _key(10, "steps between mean-teacher updates")
+    ema_statistics: bool = _key(
+        True, "smile: the mean teacher's BatchNorm running mean and variance follow the student's with the same "
+        "EMA as its parameters (the reference, where they are Paddle parameters); false: parameters only, the "
+        "statistics stay pre-trained (smile-ray before issue 35; for the ablation)",
+    )
+    ema_decay_horizon: int = _key(
+        0, "smile: 0: ema_decay is the decay per update; N: the run of N steps whose teacher drift to match "
+        "(reference: 9000): the per-update decay becomes ema_decay^(updates in N steps / updates in this run), "
+        "so a short run's teacher moves as far from the pre-trained model as the reference's does",
+    )
     feature_weight: float = _key(0.01, "weight of the feature-mixup loss")
     source_label_weight: float = _key(0.1, "weight of the source-label mixup loss")
     head_l2_weight: float = _key(1e-4, "weight of the L2 penalty on the classifier heads")
@@ -301,6 +311,7 @@ def _check_ranges(c: Config, where: str) -> None:
     need(c.mixup_alpha > 0, "mixup_alpha", "must be > 0")
     need(0 <= c.ema_decay < 1, "ema_decay", "must be in [0, 1)")
     need(c.ema_every >= 1, "ema_every", "must be >= 1")
+    need(c.ema_decay_horizon >= 0, "ema_decay_horizon", "0 (off) or a step count >= 1")
     need(c.feature_weight >= 0, "feature_weight", "must be >= 0")
     need(c.source_label_weight >= 0, "source_label_weight", "must be >= 0")
     need(c.head_l2_weight >= 0, "head_l2_weight", "must be >= 0")

@@ -44,8 +44,46 @@ def test_ema_matches_closed_form_only_on_update_steps():
     assert updates == 3
 
 
-def test_ema_leaves_batchnorm_statistics_and_source_classifier_alone():
-    cfg = make_config({"ema_decay": 0.5, "ema_every": 1})
+def bn_statistics(body):
+    """(name, tensor) of every BatchNorm buffer of ``body``."""
+    return [(n, b) for n, b in body.named_buffers() if n.rsplit(".", 1)[-1] in
+            ("running_mean", "running_var", "num_batches_tracked")]
+
+
+def test_ema_averages_batchnorm_statistics_term_by_term_as_the_reference():
+    """Reference ``update_mean_teacher``: every teacher parameter but ``fc.*`` (Paddle's
+    BatchNorm ``_mean``/``_variance`` among them) <- d * teacher + (1 - d) * student."""
+    cfg = make_config({"ema_decay": 0.9, "ema_every": 2})
+    source, model, smile = make(cfg)
+    assert cfg.ema_statistics  # the default
+    expected = {n: b.clone() for n, b in bn_statistics(source.body)}
+    counts = {n: b.clone() for n, b in expected.items() if n.endswith("num_batches_tracked")}
+    assert len(counts) == 3 and len(expected) == 9  # digits_cnn: three BatchNorms, three buffers each
+    teacher_fc = copy.deepcopy(smile.teacher.fc.state_dict())
+    for step in range(6):
+        with torch.no_grad():
+            for i, (n, b) in enumerate(bn_statistics(model.body)):
+                if n.endswith("running_mean"):
+                    b.fill_(float(step) - i)
+                elif n.endswith("running_var"):
+                    b.fill_(1.0 + step + i)
+                else:
+                    b.fill_(100 + step)  # a count the teacher must not follow
+        smile.after_step(model, step)
+        student = dict(bn_statistics(model.body))
+        if (step + 1) % 2 == 0:
+            for n in expected:
+                if not n.endswith("num_batches_tracked"):
+                    expected[n] = 0.9 * expected[n] + 0.1 * student[n]
+        for n, got in bn_statistics(smile.teacher.body):
+            want = counts[n] if n.endswith("num_batches_tracked") else expected[n]
+            torch.testing.assert_close(got, want, msg=f"{n} after step {step}")
+    for k, v in smile.teacher.fc.state_dict().items():  # the teacher's source classifier stays
+        torch.testing.assert_close(v, teacher_fc[k])
+
+
+def test_ema_statistics_off_leaves_batchnorm_statistics_and_source_classifier_alone():
+    cfg = make_config({"ema_decay": 0.5, "ema_every": 1, "ema_statistics": False})
     source, model, smile = make(cfg)
     with torch.no_grad():
         for m in model.body.modules():
@@ -65,6 +103,42 @@ def test_ema_leaves_batchnorm_statistics_and_source_classifier_alone():
     # ...while the parameters did move
     moved = [not torch.equal(t, s) for t, s in zip(smile.teacher.body.parameters(), source.body.parameters())]
     assert all(moved)
+
+
+def test_ema_decay_horizon_matches_the_reference_total_drift():
+    from smile_ray.methods.smile import ema_decay_per_update, teacher_updates
+
+    # the reference: 9,000 steps, the last 1,000 plain, an update every 10: 800 updates
+    reference = make_config({"steps": 9000})
+    assert teacher_updates(9000, 10, reference.plain_tail_start) == 800
+    assert ema_decay_per_update(reference) == 0.999
+    assert ema_decay_per_update(reference.replace(ema_decay_horizon=9000)) == pytest.approx(0.999)
+    # the 150-step preset: 133 regularised steps, 13 updates
+    short = make_config({"steps": 150, "ema_decay_horizon": 9000})
+    assert teacher_updates(150, 10, short.plain_tail_start) == 13
+    d = ema_decay_per_update(short)
+    assert d == pytest.approx(0.999 ** (800 / 13))
+    assert d ** 13 == pytest.approx(0.999 ** 800)  # the same share of the pre-trained model kept
+    assert 0.93 < d < 0.95  # the issue's "0.94 over 13 updates"
+    assert ema_decay_per_update(short.replace(ema_decay_horizon=0)) == 0.999
+    # the method applies it, and says so
+    _, model, smile = make(short.replace(ema_every=10))
+    assert smile.ema_decay == d
+    assert smile.info()["ema_decay_per_update"] == d and smile.info()["teacher_updates"] == 13
+    theta0 = [t.clone() for t in smile.teacher.body.parameters()]
+    with torch.no_grad():
+        for p in model.body.parameters():
+            p.add_(1.0)
+    smile.after_step(model, 9)
+    for t, t0, s in zip(smile.teacher.body.parameters(), theta0, model.body.parameters()):
+        torch.testing.assert_close(t, d * t0 + (1 - d) * s)
+
+
+def test_ema_decay_horizon_is_checked():
+    from smile_ray.errors import SmileError
+
+    with pytest.raises(SmileError, match="ema_decay_horizon"):
+        make_config({"ema_decay_horizon": -1})
 
 
 def test_frozen_teacher_when_mean_teacher_is_off():
@@ -217,7 +291,7 @@ def test_methods_declare_the_keys_they_read():
     assert method_class("l2").unused_keys(cfg) >= {"mixup_alpha", "ema_decay", "feature_weight"}
     assert "head_l2_weight" not in method_class("l2").unused_keys(cfg)
     assert method_class("mixup").unused_keys(cfg) - baseline_keys == {
-        "ema_decay", "ema_every", "feature_weight", "source_label_weight",
+        "ema_decay", "ema_every", "ema_statistics", "ema_decay_horizon", "feature_weight", "source_label_weight",
         "feature_mixup", "source_label", "mean_teacher", "label_mixup"}
     assert method_class("smile").unused_keys(cfg) == baseline_keys
     assert method_class("smile").unused_keys(cfg.replace(source_label=False)) == {"source_label_weight"} | baseline_keys
@@ -315,3 +389,39 @@ def test_stochnorm_draws_once_per_step_and_compiles_without_graph_breaks():
     method.switches.draw(x.device)
     explained = dynamo.explain(model)(x)
     assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
+def teacher_statistics_worker(rank: int, init_file: str, results) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        cfg = make_config({"ema_decay": 0.5, "ema_every": 1})
+        torch.manual_seed(0)
+        source = build_source_model("digits_cnn", 5)
+        smile = build_method(cfg, rank=rank, world_size=2)
+        model = TransferNet(source, 5, source_head=True)
+        smile.attach(model, source)
+        with torch.no_grad():  # each rank's student has its own running statistics after a step
+            for n, b in bn_statistics(model.body):
+                if not n.endswith("num_batches_tracked"):
+                    b.fill_(10.0 * (rank + 1))
+        smile.after_step(model, 0)
+        results[rank] = {n: b.clone() for n, b in bn_statistics(smile.teacher.body)}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_teachers_average_rank_0s_statistics_and_stay_identical(tmp_path):
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(teacher_statistics_worker, args=(str(tmp_path / "init"), results), nprocs=2, join=True)
+        got = dict(results)
+    torch.manual_seed(0)
+    source = build_source_model("digits_cnn", 5)
+    for n, b in bn_statistics(source.body):
+        want = b if n.endswith("num_batches_tracked") else 0.5 * b + 0.5 * 10.0  # rank 0's student
+        for rank in (0, 1):
+            torch.testing.assert_close(got[rank][n], want, msg=f"rank {rank}: {n}")

@@ -48,7 +48,8 @@ class Method:
     #: config keys that only some methods read; a method ignores those it does not list
     #: in :meth:`used_keys`
     METHOD_KEYS = frozenset({
-        "mixup_alpha", "ema_decay", "ema_every", "feature_weight", "source_label_weight", "plain_tail_fraction",
+        "mixup_alpha", "ema_decay", "ema_every", "ema_statistics", "ema_decay_horizon", "feature_weight",
+        "source_label_weight", "plain_tail_fraction",
         "feature_mixup", "source_label", "mean_teacher", "label_mixup", "plain_tail", "head_l2_weight",
         "l2sp_weight", "bss_weight", "bss_k", "delta_weight", "delta_variant", "cotuning_weight", "rifle_reinits",
         "stochnorm_prob", "lwf_weight", "lwf_temperature", "regsl_radius", "regsl_gamma", "regsl_head_radius",

@@ -9,17 +9,52 @@ gradients) sees the clean ``x``. The loss is
 
 with ``L_cls`` label mixup, ``L_feat`` the distance of the student's feature map to the
 mixed teacher feature maps, ``L_src`` the soft cross-entropy of the source-label head to
-the mixed teacher predictions (formulas in :mod:`smile_ray.losses`). Every ``ema_every``
-steps the teacher's *body* parameters move towards the student's,
-``theta_T <- ema_decay * theta_T + (1 - ema_decay) * theta_S``; BatchNorm running
-statistics and the teacher's source classifier are left as pre-trained. The final
+the mixed teacher predictions (formulas in :mod:`smile_ray.losses`). The final
 ``plain_tail_fraction`` of steps is plain fine-tuning (CE on clean images + head L2).
+
+**The mean teacher.** Every ``ema_every`` steps of the regularised phase the teacher's
+body moves towards the student's with the per-update decay ``d``:
+
+    theta_T <- d * theta_T + (1 - d) * theta_S      (every body parameter)
+    mu_T    <- d * mu_T    + (1 - d) * mu_S         (every BatchNorm running_mean)
+    var_T   <- d * var_T   + (1 - d) * var_S        (every BatchNorm running_var)
+
+The statistics follow the reference: its ``update_mean_teacher`` (PaddlePaddle/Research,
+``CV/SMILE/finetune.py``) walks the teacher's ``named_parameters()`` skipping ``fc.*``,
+and in Paddle a BatchNorm's ``_mean`` and ``_variance`` are parameters. They matter
+because the teacher runs in eval mode: its running statistics normalise every feature
+and source-label target, and where target images differ from the source's (Fashion-MNIST
+from ImageNet) a teacher that keeps the source statistics is off the target's
+distribution. ``num_batches_tracked`` (a count, not a parameter in Paddle) is left
+alone; the teacher's source classifier stays pre-trained, as in the reference.
+``ema_statistics=false`` averages the parameters only (the statistics stay pre-trained),
+this project's behaviour before issue 35, kept for the ablation.
+
+``d`` is ``ema_decay`` (0.999), unless ``ema_decay_horizon`` = H > 0: then
+``d = ema_decay ** (U(H) / U(steps))`` with ``U(S)`` the number of updates in an S-step
+run (:func:`teacher_updates`), so that ``d ** U(steps) == ema_decay ** U(H)``: the
+teacher keeps the same share of the pre-trained model at the end of a short run as the
+reference's teacher keeps after 9,000 steps (``0.999 ** 800 = 0.45``). Without it a
+150-step run makes 13 updates and its teacher keeps ``0.999 ** 13 = 98.7 %`` of the
+pre-trained model: on short runs the "mean teacher" is the frozen source model, and the
+``mean_teacher`` ablation arm cannot show anything (``docs/method.md``). ``method_info``
+records ``ema_decay_per_update`` and ``teacher_updates``.
+
+Deviations from the reference: it updates at ``iter % 10 == 0``, after the losses and
+before the optimiser step; we update after the step at ``(step + 1) % ema_every == 0``.
+The parameters then take the same values, each used one step earlier; the statistics
+averaged in are the student's after that step's forward, where the reference's (iter 10)
+include the next batch's forward: they lag one batch. The teacher is not updated in the
+plain tail, where nothing reads it (the reference does not update there either: its
+update sits in the SMILE branch). Under data parallelism the student's running
+statistics differ between ranks after a step (DDP broadcasts rank 0's at the next
+forward), so the teacher's averaged statistics are rank 0's, broadcast after each
+update: every rank keeps the same teacher, the one rank 0 would have alone.
 
 Components (config switches, ``docs/method.md``): ``feature_mixup``, ``source_label``,
 ``mean_teacher``, ``label_mixup``, ``head_l2``, ``plain_tail``. A component that is off
 costs nothing: without ``feature_mixup`` and ``source_label`` there is no teacher and no
-teacher forward; with mixing off as well the step is plain fine-tuning. The teacher is
-not updated in the plain tail, where nothing reads it.
+teacher forward; with mixing off as well the step is plain fine-tuning.
 
 ``label_mixup=false`` changes the label term alone: the target classifier's loss is a
 plain CE on a second, clean forward of the student, and the mixed forward that feeds the
@@ -40,7 +75,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from smile_ray.losses import all_reduce_sum, feature_mixup_loss, mix, mixup_cross_entropy, source_label_loss
 from smile_ray.methods.base import Method, unwrap
@@ -60,6 +95,44 @@ def frozen_batchnorm_statistics(model: nn.Module):
             m.momentum = momentum
 
 
+def teacher_updates(steps: int, ema_every: int, plain_tail_start: int) -> int:
+    """Mean-teacher updates in a run: one after every step ``s < plain_tail_start`` with
+    ``(s + 1) % ema_every == 0``, i.e. ``plain_tail_start // ema_every`` (the reference's
+    9,000 steps with a 1,000-step tail: 800). ``steps`` bounds the start."""
+    return min(plain_tail_start, steps) // ema_every
+
+
+def plain_tail_start_of(steps: int, config) -> int:
+    """Where the plain tail of a ``steps``-step run with ``config``'s tail settings starts
+    (:attr:`Config.plain_tail_start` for another length)."""
+    return steps - int(round(config.plain_tail_fraction * steps)) if config.plain_tail else steps
+
+
+def ema_decay_per_update(config) -> float:
+    """The decay of one teacher update: ``ema_decay``, or, with ``ema_decay_horizon`` H,
+    ``ema_decay ** (U(H) / U(steps))`` (module docstring) so that the run's total decay
+    ``d ** U(steps)`` equals ``ema_decay ** U(H)``. A run without updates keeps
+    ``ema_decay`` (nothing reads it)."""
+    c = config
+    if not c.ema_decay_horizon:
+        return c.ema_decay
+    ours = teacher_updates(c.steps, c.ema_every, c.plain_tail_start)
+    theirs = teacher_updates(c.ema_decay_horizon, c.ema_every, plain_tail_start_of(c.ema_decay_horizon, c))
+    if ours == 0:
+        return c.ema_decay
+    return c.ema_decay ** (theirs / ours)
+
+
+def batchnorm_statistics(body: nn.Module) -> list[Tensor]:
+    """The running mean and variance of every BatchNorm in ``body``, in module order
+    (``num_batches_tracked`` aside)."""
+    out = []
+    for m in body.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            out += [m.running_mean, m.running_var]
+    return out
+
+
 class Smile(Method):
     def __init__(self, config, rank=0, world_size=1):
         super().__init__(config, rank, world_size)
@@ -77,7 +150,7 @@ class Smile(Method):
         if config.source_label:
             used.add("source_label_weight")
         if teacher and config.mean_teacher:
-            used |= {"ema_decay", "ema_every"}
+            used |= {"ema_decay", "ema_every", "ema_statistics", "ema_decay_horizon"}
         if teacher or config.label_mixup:
             used.add("mixup_alpha")
         if config.plain_tail:
@@ -93,9 +166,19 @@ class Smile(Method):
         super().attach(model, source, task, cache_dir)
         if not self.uses_teacher:
             return
+        c = self.config
         self.teacher = copy.deepcopy(source).eval().requires_grad_(False)
-        self._teacher_params = list(self.teacher.body.parameters())
-        self._student_params = list(unwrap(model).body.parameters())
+        student = unwrap(model).body
+        self._teacher_tensors = list(self.teacher.body.parameters())
+        self._student_tensors = list(student.parameters())
+        self._teacher_stats = batchnorm_statistics(self.teacher.body) if c.ema_statistics else []
+        self._student_stats = batchnorm_statistics(student) if c.ema_statistics else []
+        if len(self._teacher_stats) != len(self._student_stats):
+            raise ValueError("the student's body has other BatchNorm layers than the teacher's")
+        self.ema_decay = ema_decay_per_update(c)
+        if c.mean_teacher:
+            self._info.update(ema_decay_per_update=self.ema_decay,
+                              teacher_updates=teacher_updates(c.steps, c.ema_every, c.plain_tail_start))
 
     def compiled_modules(self):
         return (self.teacher,) if self.teacher is not None else ()
@@ -132,8 +215,23 @@ class Smile(Method):
         c = self.config
         if self.teacher is None or not c.mean_teacher or (step + 1) % c.ema_every or self.in_plain_tail(step):
             return
-        # One fused pass over the body parameters: t <- t + (1 - d) * (s - t).
-        torch._foreach_lerp_(self._teacher_params, self._student_params, 1.0 - c.ema_decay)
+        # One fused pass over the body parameters (and BatchNorm statistics): t <- t + (1 - d) * (s - t).
+        torch._foreach_lerp_(self._teacher_tensors + self._teacher_stats,
+                             self._student_tensors + self._student_stats, 1.0 - self.ema_decay)
+        if self._teacher_stats and self.world_size > 1:
+            self._share_rank0_statistics()
+
+    def _share_rank0_statistics(self) -> None:
+        """Every rank's teacher statistics := rank 0's (one flat broadcast per update)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        flat = torch.cat([t.reshape(-1) for t in self._teacher_stats])
+        dist.broadcast(flat, src=0)
+        torch._foreach_copy_(self._teacher_stats, [v.view_as(t) for v, t in
+                                                   zip(flat.split([t.numel() for t in self._teacher_stats]),
+                                                       self._teacher_stats)])
 
     def state_dict(self):
         return {"teacher": self.teacher.state_dict()} if self.teacher is not None else {}
