@@ -37,6 +37,7 @@ SWITCHES = ("feature_mixup", "source_label", "mean_teacher", "label_mixup", "hea
 # relabelling from epoch 10: after 4 and 9 of the 30 epochs (this project counts steps).
 REGSL_EPOCHS = 30
 DELTA_VARIANTS = ("attention", "feature_map")
+HEAD_INITS = ("torch", "xavier")
 
 
 def _key(default: Any, help: str) -> Any:
@@ -108,6 +109,11 @@ class Config:
     weight_decay: float = _key(1e-4, "SGD weight decay on all parameters")
     momentum: float = _key(0.9, "SGD Nesterov momentum")
     seed: int = _key(2022, "seed of the training subset, initialisation and every draw")
+    head_init: str = _key(
+        "torch", "the new target classifier's initialisation: torch (nn.Linear's default, as the PyTorch baselines' "
+        "codes get) or xavier (Xavier-uniform weight, zero bias: Paddle's Linear default, which the SMILE "
+        "reference's new head gets)",
+    )
     # SMILE
     mixup_alpha: float = _key(0.2, "Beta(alpha, alpha) for the mixing weight lambda")
     ema_decay: float = _key(0.999, "mean-teacher EMA decay")
@@ -152,6 +158,13 @@ class Config:
     )
     lwf_weight: float = _key(4.0, "lwf: weight of the distillation loss to the recorded source logits")
     lwf_temperature: float = _key(3.0, "lwf: softmax temperature T of the distillation loss")
+    lwf_train_source_head: bool = _key(
+        False, "lwf: train the source head too (false: frozen, out of the optimiser and its weight decay, as TLlib)"
+    )
+    regsl_self_labelling: bool = _key(
+        False, "regsl: relabel and reweight as the public code's label-noise runs do; false: the distance "
+        "constraints alone, as its clean-label script (train_constraint.py) runs",
+    )
     regsl_radius: float = _key(
         7.8, "regsl: Frobenius radius D around the pre-trained weights of the first two backbone stages"
     )
@@ -308,6 +321,7 @@ def _check_ranges(c: Config, where: str) -> None:
     need(c.weight_decay >= 0, "weight_decay", "must be >= 0")
     need(0 <= c.momentum < 1, "momentum", "must be in [0, 1)")
     need(c.seed >= 0, "seed", "must be >= 0")
+    need(c.head_init in HEAD_INITS, "head_init", " or ".join(HEAD_INITS))
     need(c.mixup_alpha > 0, "mixup_alpha", "must be > 0")
     need(0 <= c.ema_decay < 1, "ema_decay", "must be in [0, 1)")
     need(c.ema_every >= 1, "ema_every", "must be >= 1")

@@ -261,7 +261,8 @@ def setup(
     method = build_method(config, rank=rank, world_size=world_size)
     with torch.random.fork_rng():
         torch.manual_seed(rng.derive_seed(config.seed, rng.INIT))
-        model = TransferNet(source, task.num_classes, source_head=method.uses_source_head)
+        model = TransferNet(source, task.num_classes, source_head=method.uses_source_head,
+                            head_init=config.head_init)
     fmt = torch.channels_last if uses_channels_last(config, device) else torch.contiguous_format
     model.to(device, memory_format=fmt).train()
     source.to(device, memory_format=fmt)
@@ -276,7 +277,8 @@ def setup(
         task.uint8_batches = True  # after the methods' preparations, which read float batches
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
-    optimizer = build_sgd(model.parameters(), lr=config.lr, momentum=config.momentum,
+    # only what trains: a method's frozen parameters (LwF's source head) get no update and no weight decay
+    optimizer = build_sgd([p for p in model.parameters() if p.requires_grad], lr=config.lr, momentum=config.momentum,
                           weight_decay=config.weight_decay, nesterov=config.momentum > 0)
     return Run(config, device, task, model, method, optimizer, source_weights)
 

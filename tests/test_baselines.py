@@ -214,14 +214,16 @@ def test_channel_attention_equals_zeroing_each_filter():
 OWN_KEYS = {
     "l2sp": {"l2sp_weight"},
     "bss": {"bss_weight", "bss_k"},
-    "lwf": {"lwf_weight", "lwf_temperature"},
+    "lwf": {"lwf_weight", "lwf_temperature", "lwf_train_source_head"},
     "cotuning": {"cotuning_weight"},
     "rifle": {"rifle_reinits"},
     "stochnorm": {"stochnorm_prob"},
     "delta": {"delta_weight", "delta_variant"},
-    "regsl": {"regsl_radius", "regsl_gamma", "regsl_head_radius", "regsl_relabel_threshold", "regsl_temperature",
-              "regsl_relabel_start_fraction", "regsl_reweight_start_fraction"},
+    # by default the constraints alone (the public code's clean-label script)
+    "regsl": {"regsl_self_labelling", "regsl_radius", "regsl_gamma", "regsl_head_radius"},
 }
+REGSL_SELF_LABELLING_KEYS = {"regsl_relabel_threshold", "regsl_temperature", "regsl_relabel_start_fraction",
+                             "regsl_reweight_start_fraction"}
 
 
 def test_defaults_are_the_published_ones():
@@ -330,6 +332,58 @@ def test_stochnorm_replaces_every_batchnorm_and_draws_per_step():
         model.load_state_dict(state)
         losses.append(method.loss(model, x, y, step)[0].item())
     assert losses[0] == losses[1] and losses[2] != losses[0]  # switches keyed by the step
+
+
+def test_regsl_is_the_constraints_alone_unless_self_labelling_is_on():
+    cfg = make_config({"method": "regsl", "steps": 30})
+    assert not cfg.regsl_self_labelling  # the clean-label script's RegSL
+    regsl = build_method(cfg)
+    assert (regsl.relabel_start, regsl.reweight_start) == (30, 30)  # never inside the run
+    assert REGSL_SELF_LABELLING_KEYS <= method_class("regsl").unused_keys(cfg)
+    on = cfg.replace(regsl_self_labelling=True)
+    assert (build_method(on).relabel_start, build_method(on).reweight_start) == (9, 4)  # epochs 10 and 5 of 30
+    assert not REGSL_SELF_LABELLING_KEYS & method_class("regsl").unused_keys(on)
+    # at the last step, the default's loss is the plain CE of the given labels, however confident the model
+    task = tiny_task()
+    _, model, regsl = attached("regsl", {"steps": 30, "batch_size": 4, "regsl_relabel_threshold": 0.0}, task=task)
+    x, y = task.train_batch(29, 4)
+    loss, parts = regsl.loss(model, x, y, 29)
+    torch.testing.assert_close(parts["cls"], nn.functional.cross_entropy(model(x).logits, y))
+    assert torch.equal(regsl.labels, task.splits["train"][1]) and regsl.info()["relabelled"] == 0
+
+
+def test_lwf_source_head_is_frozen_out_of_the_optimiser_and_its_weight_decay(cache_dir, tmp_path):
+    from smile_ray.recipe import setup, train_step
+
+    prep_cache = tmp_path / "cache"  # its own: the module's runs must compute their preparations afresh
+    prep_cache.mkdir()
+    for f in cache_dir.glob("source-*"):
+        shutil.copy(f, prep_cache / f.name)
+    values = {**SHORT, "method": "lwf", "weight_decay": 0.1, "lr": 0.1}
+    run = setup(make_config(values), prep_cache, log=lambda msg: None)
+    net = run.model
+    assert not any(p.requires_grad for p in net.source_head.parameters())
+    in_optimiser = {id(p) for g in run.optimizer.param_groups for p in g["params"]}
+    assert not {id(p) for p in net.source_head.parameters()} & in_optimiser
+    assert {id(p) for p in net.classifier.parameters()} <= in_optimiser
+    source_fc = copy.deepcopy(net.source_head.state_dict())
+    body_before = copy.deepcopy(net.body.state_dict())
+    for step in range(3):
+        x, y = run.task.train_batch(step, run.config.batch_size)
+        train_step(run, step, x, y)
+    for k, v in net.source_head.state_dict().items():  # no update, no weight decay
+        assert torch.equal(v, source_fc[k])
+    assert any(not torch.equal(v, body_before[k]) for k, v in net.body.state_dict().items())
+    # the head L2 covers the trained target head alone
+    x, y = run.task.train_batch(3, run.config.batch_size)
+    _, parts = run.method.loss(net, x, y, 3)
+    torch.testing.assert_close(parts["head"], 0.5 * sum(p.pow(2).sum() for p in net.classifier.parameters()))
+    # lwf_train_source_head=true: trained with the rest, as before issue 35
+    run = setup(make_config({**values, "lwf_train_source_head": True}), prep_cache, log=lambda msg: None)
+    before = copy.deepcopy(run.model.source_head.state_dict())
+    x, y = run.task.train_batch(0, run.config.batch_size)
+    train_step(run, 0, x, y)
+    assert not torch.equal(run.model.source_head.weight, before["weight"])
 
 
 def tiny_task(n=16, size=16, seed=0):
@@ -501,7 +555,8 @@ B, WORLD, STEP = 8, 2, 3
 DDP_CASES = {
     "bss": ({"method": "bss", "batch_size": B, "bss_weight": 1.0, "bss_k": 3}, "bss", True),
     # reweighting and relabelling on from the start, every mismatch relabelled
-    "regsl": ({"method": "regsl", "batch_size": B, "steps": 10, "regsl_reweight_start_fraction": 0.0,
+    "regsl": ({"method": "regsl", "batch_size": B, "steps": 10, "regsl_self_labelling": True,
+               "regsl_reweight_start_fraction": 0.0,
                "regsl_relabel_start_fraction": 0.0, "regsl_relabel_threshold": 0.0}, "cls", True),
     "delta": ({"method": "delta", "batch_size": B, "delta_variant": "feature_map", "delta_weight": 0.1}, "delta", True),
     "lwf": ({"method": "lwf", "batch_size": B}, "lwf", False),
@@ -540,7 +595,7 @@ def ddp_worker(rank: int, init_file: str, results) -> None:
             with torch.no_grad():
                 own = bss_penalty(model(x).fmap.mean(dim=(2, 3)), 3).item()  # this shard alone
             labels = method.labels.clone() if name == "regsl" else None
-            out[name] = (parts[part].item(), [p.grad.clone() for p in net.parameters()], own, labels)
+            out[name] = (parts[part].item(), [p.grad.clone() for p in net.parameters() if p.requires_grad], own, labels)
         results[rank] = out
     finally:
         dist.destroy_process_group()
@@ -560,7 +615,7 @@ def test_baselines_over_two_workers_equal_one_process(tmp_path):
         loss, parts = method.loss(model, x, y, STEP)
         loss.backward()
         single = parts[part].item()
-        want = [p.grad for p in model.parameters()]
+        want = [p.grad for p in model.parameters() if p.requires_grad]
         for rank in range(WORLD):
             value, grads, own, labels = got[rank][name]
             if is_global:

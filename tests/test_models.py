@@ -59,3 +59,28 @@ def test_bad_weight_files(tmp_path):
     torch.save({"fc.weight": object()}, pickled)  # arbitrary objects are refused, not executed
     with pytest.raises(SmileError, match="pickled.pt"):
         load_source_model("resnet18", pickled)
+
+
+def test_head_init_xavier_is_paddles_default_and_torch_is_nn_linears(cache_dir):
+    import math
+
+    from smile_ray.models import build_source_model
+    from smile_ray.recipe import setup
+
+    source = build_source_model("resnet18", 7)
+    torch.manual_seed(0)
+    xavier = TransferNet(source, 200, source_head=False, head_init="xavier").classifier
+    torch.manual_seed(0)
+    default = TransferNet(source, 200, source_head=False).classifier
+    bound = math.sqrt(6 / (512 + 200))  # Paddle's XavierUniform: fan_in + fan_out
+    assert torch.count_nonzero(xavier.bias) == 0
+    assert xavier.weight.abs().max() <= bound and xavier.weight.abs().max() > 0.95 * bound
+    # U(-a, a) has variance a^2 / 3; 102,400 draws pin it to a few per cent
+    assert xavier.weight.var().item() == pytest.approx(bound ** 2 / 3, rel=0.03)
+    assert default.weight.abs().max() <= 1 / math.sqrt(512) and torch.count_nonzero(default.bias) > 0
+    # the recipe builds the student's head as the key says, drawn from the run's seed
+    runs = [setup(make_config({"head_init": h, "steps": 2}), cache_dir, log=lambda m: None) for h in ("xavier", "torch")]
+    assert torch.count_nonzero(runs[0].model.classifier.bias) == 0
+    assert torch.count_nonzero(runs[1].model.classifier.bias) > 0
+    with pytest.raises(SmileError, match="head_init='zeros' is out of range .torch or xavier"):
+        make_config({"head_init": "zeros"})

@@ -52,7 +52,8 @@ class Method:
         "source_label_weight", "plain_tail_fraction",
         "feature_mixup", "source_label", "mean_teacher", "label_mixup", "plain_tail", "head_l2_weight",
         "l2sp_weight", "bss_weight", "bss_k", "delta_weight", "delta_variant", "cotuning_weight", "rifle_reinits",
-        "stochnorm_prob", "lwf_weight", "lwf_temperature", "regsl_radius", "regsl_gamma", "regsl_head_radius",
+        "stochnorm_prob", "lwf_weight", "lwf_temperature", "lwf_train_source_head", "regsl_self_labelling",
+        "regsl_radius", "regsl_gamma", "regsl_head_radius",
         "regsl_relabel_threshold", "regsl_temperature", "regsl_relabel_start_fraction", "regsl_reweight_start_fraction",
     })
 
@@ -132,7 +133,7 @@ class Method:
     def add_head_l2(self, model: nn.Module, total: Tensor, parts: dict[str, Tensor]) -> Tensor:
         if not self.config.head_l2:
             return total
-        parts["head"] = head_l2(*unwrap(model).heads())
+        parts["head"] = head_l2(*unwrap(model).heads(trainable=True))
         return total + self.config.head_l2_weight * parts["head"]
 
     def plain_loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

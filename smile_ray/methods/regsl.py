@@ -1,6 +1,11 @@
 """RegSL: regularised self-labelling (Li and Zhang, NeurIPS 2021).
 
-Three parts on top of plain fine-tuning (CE + ``head_l2_weight * L_head``):
+Up to three parts on top of plain fine-tuning (CE + ``head_l2_weight * L_head``): the
+constraints (1) always; relabelling (2) and reweighting (3) only with
+``regsl_self_labelling=true``. The default is the constraints alone, because the SMILE
+paper's tables are clean-label tasks and the public code's clean-label script
+(``train_constraint.py``) runs the constraints alone; (2) and (3) belong to its
+label-noise script (``train_label_noise.py``, 20 % noisy labels), as do the radii below.
 
 1. **Layer-wise distance constraints.** After every optimiser step each weight ``W`` of
    a convolution or linear layer in backbone stage l (biases and BatchNorm aside) is
@@ -20,8 +25,12 @@ Three parts on top of plain fine-tuning (CE + ``head_l2_weight * L_head``):
    (:func:`~smile_ray.losses.softmax_weighted_loss`).
 
 Defaults are the public code's published runs: D = 7.8, head radius 14.08 (its README's
-ResNet-18 runs), gamma = 1 (its configs' ``scale_factor``), threshold 0.9, T = 2, and the
-starts at epochs 10 and 5 of its 30 (1-based), i.e. after 9/30 and 4/30 of the steps.
+ResNet-18 runs of ``train_label_noise.py``), gamma = 1 (its configs' ``scale_factor``),
+threshold 0.9, T = 2, and the starts at epochs 10 and 5 of its 30 (1-based), i.e. after
+9/30 and 4/30 of the steps. Its clean-label configs (``configs/config_constraint_*.json``)
+use another norm (``reg_norm: inf-op``) with radii 1 for body and head, which we do not
+implement: with the Frobenius constraints the radii are the label-noise runs', a
+starting point for tuning on clean labels, not a published clean-label setting.
 
 Deviations: the shared SGD, schedule and weight decay, not the public code's Adam (lr
 1e-4, amsgrad) with weight decay 0; the public code also bounds each BatchNorm scale
@@ -72,14 +81,23 @@ class RegSL(Method):
     KEYS = ("regsl_radius", "regsl_gamma", "regsl_head_radius", "regsl_relabel_threshold", "regsl_temperature",
             "regsl_relabel_start_fraction", "regsl_reweight_start_fraction")
 
+    #: the keys of relabelling and reweighting, read only with ``regsl_self_labelling``
+    SELF_LABELLING_KEYS = ("regsl_relabel_threshold", "regsl_temperature", "regsl_relabel_start_fraction",
+                           "regsl_reweight_start_fraction")
+
     @classmethod
     def used_keys(cls, config):
-        return super().used_keys(config) | set(cls.KEYS)
+        keys = set(cls.KEYS) | {"regsl_self_labelling"}
+        if not config.regsl_self_labelling:
+            keys -= set(cls.SELF_LABELLING_KEYS)
+        return super().used_keys(config) | keys
 
     def __init__(self, config, rank=0, world_size=1):
         super().__init__(config, rank, world_size)
-        self.relabel_start = round(config.regsl_relabel_start_fraction * config.steps)
-        self.reweight_start = round(config.regsl_reweight_start_fraction * config.steps)
+        never = config.steps  # constraints alone: neither part starts inside the run
+        on = config.regsl_self_labelling
+        self.relabel_start = round(config.regsl_relabel_start_fraction * config.steps) if on else never
+        self.reweight_start = round(config.regsl_reweight_start_fraction * config.steps) if on else never
         self._info.update(relabel_start_step=self.relabel_start, reweight_start_step=self.reweight_start)
 
     def attach(self, model, source, task=None, cache_dir=None):

@@ -105,16 +105,34 @@ class StudentOutput(NamedTuple):
     aux_logits: Tensor | None
 
 
-class TransferNet(nn.Module):
-    """The student: pre-trained body, a new target classifier and, for SMILE, a
-    source-label head initialised from the pre-trained source classifier."""
+def init_head(layer: nn.Linear, scheme: str) -> nn.Linear:
+    """Initialise a new classifier in place (``head_init``) and return it.
 
-    def __init__(self, source: SourceModel, num_classes: int, source_head: bool):
+    ``torch``: ``nn.Linear``'s own (weight ``kaiming_uniform_(a=sqrt(5))``, i.e.
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)), and the bias from the same range), what the
+    PyTorch baselines' codes get. ``xavier``: weight U(-a, a) with
+    ``a = sqrt(6 / (fan_in + fan_out))``, bias 0: Paddle's ``nn.Linear`` default, which
+    the SMILE reference's new head keeps (its ``set_dict`` of the ImageNet weights skips
+    the ``fc`` of another shape)."""
+    if scheme == "xavier":
+        nn.init.xavier_uniform_(layer.weight)
+        nn.init.zeros_(layer.bias)
+    elif scheme != "torch":
+        raise ValueError(f"unknown head initialisation {scheme!r}")
+    return layer
+
+
+class TransferNet(nn.Module):
+    """The student: pre-trained body, a new target classifier (initialised by
+    :func:`init_head`) and, for SMILE, LwF and Co-Tuning, a source head initialised from
+    the pre-trained source classifier."""
+
+    def __init__(self, source: SourceModel, num_classes: int, source_head: bool, head_init: str = "torch"):
         super().__init__()
         self.in_channels = source.in_channels
         self.body = copy.deepcopy(source.body)
         dim = source.fc.in_features
-        self.classifier = nn.Linear(dim, num_classes)
+        self.classifier = init_head(nn.Linear(dim, num_classes), head_init)
         self.source_head = copy.deepcopy(source.fc) if source_head else None
 
     def forward(self, x: Tensor) -> StudentOutput:
@@ -123,8 +141,13 @@ class TransferNet(nn.Module):
         aux = self.source_head(pooled) if self.source_head is not None else None
         return StudentOutput(self.classifier(pooled), fmap, aux)
 
-    def heads(self) -> tuple[nn.Module, ...]:
-        return tuple(h for h in (self.classifier, self.source_head) if h is not None)
+    def heads(self, trainable: bool = False) -> tuple[nn.Module, ...]:
+        """The classifier heads; with ``trainable``, only those with a parameter that
+        trains (LwF's frozen source head is left out of the head L2: a constant there)."""
+        heads = (h for h in (self.classifier, self.source_head) if h is not None)
+        if trainable:
+            return tuple(h for h in heads if any(p.requires_grad for p in h.parameters()))
+        return tuple(heads)
 
 
 def build_source_model(backbone: str, num_source_classes: int) -> SourceModel:
