@@ -64,6 +64,7 @@ DATASETS: Registry[Any] = Registry("dataset", {
     "stanford_dogs": "smile_ray.data.stanford_dogs:STANFORD_DOGS",
     "oxford_flowers102": "smile_ray.data.oxford_flowers102:OXFORD_FLOWERS102",
     "cifar100": "smile_ray.data.cifar100:CIFAR100",
+    "food101": "smile_ray.data.food101:FOOD101",
     "image_folder": "smile_ray.data.image_folder:IMAGE_FOLDER",
 })
 

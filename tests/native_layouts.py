@@ -217,3 +217,31 @@ def write_image_folder(root: Path, train: int = 6, test: int = 2, suffix: str = 
     (root / "train" / "cat" / "notes.txt").write_text("not an image")  # ignored: not an image name
     (root / "train" / "dog" / ".hidden.png").write_bytes(b"")  # ignored: hidden
     return root
+
+
+FOOD_CLASSES = ["apple_pie", "baby_back_ribs", "beef_carpaccio"]
+
+
+def write_food101(root: Path, train: int = 4, test: int = 2) -> Path:
+    """``food-101/`` as the archive unpacks: images under their class, ``meta/`` with the
+    class list, display names and both splits as ``.txt`` and ``.json``. The ``.json``
+    keys are written in reverse class order (a JSON object's order is no label order)."""
+    import json
+
+    base = root / "food-101"
+    splits: dict[str, dict[str, list[str]]] = {"train": {}, "test": {}}
+    image_id = 1000
+    for c, name in enumerate(FOOD_CLASSES):
+        for split, count in (("train", train), ("test", test)):
+            for _ in range(count):
+                image_id += 7
+                write_image(base / "images" / name / f"{image_id}.jpg", c, (20, 14))
+                splits[split].setdefault(name, []).append(f"{name}/{image_id}")
+    meta = base / "meta"
+    meta.mkdir(parents=True)
+    (meta / "classes.txt").write_text("\n".join(FOOD_CLASSES) + "\n")
+    (meta / "labels.txt").write_text("\n".join(n.replace("_", " ").capitalize() for n in FOOD_CLASSES) + "\n")
+    for split, table in splits.items():
+        (meta / f"{split}.json").write_text(json.dumps({k: table[k] for k in reversed(FOOD_CLASSES)}))
+        (meta / f"{split}.txt").write_text("\n".join(p for k in FOOD_CLASSES for p in table[k]) + "\n")
+    return base

@@ -9,13 +9,13 @@ import torch
 import native_layouts as nl
 from smile_ray.config import make_config
 from smile_ray.data import build_task
-from smile_ray.data import cifar100, cub200, fgvc_aircraft, image_folder, mit_indoor67, oxford_flowers102
+from smile_ray.data import cifar100, cub200, fgvc_aircraft, food101, image_folder, mit_indoor67, oxford_flowers102
 from smile_ray.data import stanford_cars, stanford_dogs
 from smile_ray.errors import SmileError
 from smile_ray.registry import DATASETS
 
 IMAGE_DATASETS = ("cub200", "stanford_cars", "fgvc_aircraft", "mit_indoor67", "stanford_dogs",
-                  "oxford_flowers102", "cifar100", "image_folder")
+                  "oxford_flowers102", "cifar100", "image_folder", "food101")
 
 
 def config(dataset, root, **values):
@@ -161,6 +161,42 @@ def test_image_folder(tmp_path):
         build_task(config("image_folder", tmp_path))
 
 
+def test_food101_native_layout_through_torchvision(tmp_path):
+    nl.write_food101(tmp_path, train=4, test=2)
+    for root in (tmp_path, tmp_path / "food-101"):  # the archive's folder or its parent
+        cat = food101.catalog(str(root))
+        assert cat.classes == nl.FOOD_CLASSES  # classes.txt's order, whatever the JSON's key order
+        assert len(cat.train) == 12 and len(cat.test) == 6
+        assert np.bincount(cat.train_labels).tolist() == [4, 4, 4]
+        assert all(p.endswith(".jpg") and "/food-101/images/" in p for p in cat.train.paths)
+        assert_labels_match_pixels(cat)  # the image pipeline decodes the paths torchvision listed
+
+
+def test_food101_refuses_metadata_that_disagree(tmp_path):
+    import json
+
+    base = nl.write_food101(tmp_path)
+    with open(base / "meta" / "train.txt", "a") as f:
+        f.write("apple_pie/99\n")
+    with pytest.raises(SmileError, match=r"train.txt and train.json list different images \('apple_pie/99' is only in"):
+        food101.catalog(str(tmp_path))
+    base = nl.write_food101(tmp_path / "b")
+    table = json.loads((base / "meta" / "test.json").read_text())
+    table["pizza"] = table.pop("apple_pie")
+    (base / "meta" / "test.json").write_text(json.dumps(table))
+    with pytest.raises(SmileError, match=r"class 'pizza' of .*test.json is not in .*classes.txt"):
+        food101.catalog(str(tmp_path / "b"))
+    (base / "meta" / "test.json").write_text("{not json")
+    with pytest.raises(SmileError, match=r"test.json is not readable JSON"):
+        food101.catalog(str(tmp_path / "b"))
+    renamed = tmp_path / "c" / "food"
+    renamed.parent.mkdir()
+    nl.write_food101(tmp_path / "c")
+    (tmp_path / "c" / "food-101").rename(renamed)
+    with pytest.raises(SmileError, match=r"is not named food-101; expected food-101/"):
+        food101.catalog(str(renamed))
+
+
 @pytest.mark.parametrize("dataset", IMAGE_DATASETS)
 def test_a_missing_root_names_it_and_the_layout(tmp_path, dataset):
     with pytest.raises(SmileError) as err:
@@ -181,6 +217,9 @@ def test_a_missing_root_names_it_and_the_layout(tmp_path, dataset):
     ("oxford_flowers102", nl.write_flowers, "imagelabels.mat"),
     ("cifar100", nl.write_cifar, "cifar-100-python/test"),
     ("image_folder", nl.write_image_folder, "test"),
+    ("food101", nl.write_food101, "food-101/meta/test.json"),
+    ("food101", nl.write_food101, "food-101/meta/classes.txt"),
+    ("food101", nl.write_food101, "food-101/images"),
 ])
 def test_a_missing_metadata_file_names_it_and_the_layout(tmp_path, dataset, write, remove):
     import shutil
@@ -214,7 +253,8 @@ def test_a_full_task_per_dataset(tmp_path):
     for name, write in (("cub200", nl.write_cub), ("stanford_cars", nl.write_cars_devkit),
                         ("fgvc_aircraft", nl.write_aircraft), ("mit_indoor67", nl.write_indoor),
                         ("stanford_dogs", nl.write_dogs), ("oxford_flowers102", nl.write_flowers),
-                        ("cifar100", nl.write_cifar), ("image_folder", nl.write_image_folder)):
+                        ("cifar100", nl.write_cifar), ("image_folder", nl.write_image_folder),
+                        ("food101", nl.write_food101)):
         root = tmp_path / name
         root.mkdir()
         write(root)
