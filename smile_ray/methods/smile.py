@@ -102,12 +102,6 @@ def teacher_updates(steps: int, ema_every: int, plain_tail_start: int) -> int:
     return min(plain_tail_start, steps) // ema_every
 
 
-def plain_tail_start_of(steps: int, config) -> int:
-    """Where the plain tail of a ``steps``-step run with ``config``'s tail settings starts
-    (:attr:`Config.plain_tail_start` for another length)."""
-    return steps - int(round(config.plain_tail_fraction * steps)) if config.plain_tail else steps
-
-
 def ema_decay_per_update(config) -> float:
     """The decay of one teacher update: ``ema_decay``, or, with ``ema_decay_horizon`` H,
     ``ema_decay ** (U(H) / U(steps))`` (module docstring) so that the run's total decay
@@ -117,7 +111,8 @@ def ema_decay_per_update(config) -> float:
     if not c.ema_decay_horizon:
         return c.ema_decay
     ours = teacher_updates(c.steps, c.ema_every, c.plain_tail_start)
-    theirs = teacher_updates(c.ema_decay_horizon, c.ema_every, plain_tail_start_of(c.ema_decay_horizon, c))
+    horizon = c.replace(steps=c.ema_decay_horizon)  # the same tail fraction and update interval, H steps
+    theirs = teacher_updates(horizon.steps, c.ema_every, horizon.plain_tail_start)
     if ours == 0:
         return c.ema_decay
     return c.ema_decay ** (theirs / ours)
