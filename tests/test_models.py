@@ -31,13 +31,14 @@ def test_torchvision_resnet_from_a_local_file(tmp_path, arch, channels):
     assert grey.logits.shape == (2, 3)
 
 
-def test_imagenet_weights_come_from_the_hub_cache_only(tmp_path, monkeypatch):
+def test_imagenet_weights_come_from_the_hub_cache_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     cfg = make_config({"backbone": "resnet18", "weights": "imagenet"})
-    with pytest.raises(SmileError, match="not found .nothing is downloaded"):
+    folder = tmp_path / "hub" / "checkpoints"
+    with pytest.raises(SmileError, match=f"resnet18-f37072fd.pth is not in {folder} and SMILE_RAY_OFFLINE=1"):
         load_source(cfg)
     path = imagenet_weights_path("resnet18")
-    assert path.parent == tmp_path / "hub" / "checkpoints"
+    assert path == folder / "resnet18-f37072fd.pth"  # resnet18's DEFAULT is IMAGENET1K_V1
     path.parent.mkdir(parents=True)
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
     source, where = load_source(cfg)
