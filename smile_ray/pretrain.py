@@ -51,7 +51,8 @@ def source_weights_path(config: Config, cache_dir: Path) -> Path:
     if config.data_root:
         key["data_root"] = str(Path(config.data_root).resolve())
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    return Path(cache_dir) / f"source-{dataset}-{backbone}-{image_size}px-{digest}.pt"
+    safe = backbone.replace("/", "_")  # timm/<name>: one file, not a folder
+    return Path(cache_dir) / f"source-{dataset}-{safe}-{image_size}px-{digest}.pt"
 
 
 @torch.no_grad()

@@ -45,6 +45,7 @@ class Registry(Generic[T]):
         self._pattern_help = pattern_help
         self._more_names = more_names  # names the patterns build, for suggestions (may import)
         self._entry_points_read = False
+        self._clash: SmileError | None = None
         self._cache: dict[str, Any] = {}
 
     @property
@@ -52,21 +53,30 @@ class Registry(Generic[T]):
         """What the patterns name, in words (for ``--help``)."""
         return self._pattern_help
 
-    def _read_entry_points(self) -> None:
-        if self._entry_points_read:
-            return
-        self._entry_points_read = True
-        for ep in metadata.entry_points(group=self.group):
-            where = f"entry point {ep.name} = {ep.value} ({self.group}"
-            where += f", package {ep.dist.name})" if getattr(ep, "dist", None) else ")"
-            if ep.name in self._entries:
-                raise SmileError(f"{where}: {self.kind} {ep.name!r} is already registered "
-                                 f"({self._describe(ep.name)}); rename it in the package")
-            self._entries[ep.name] = ep.value
+    def _read_entry_points(self, strict: bool = True) -> None:
+        """Add the installed packages' entry points (once). A clash is kept and raised by
+        every strict lookup, never by :meth:`names` (``--help`` is built at import)."""
+        if not self._entry_points_read:
+            self._entry_points_read = True
+            for ep in metadata.entry_points(group=self.group):
+                where = f"entry point {ep.name} = {ep.value} ({self.group}"
+                where += f", package {ep.dist.name})" if getattr(ep, "dist", None) else ")"
+                if ep.name in self._entries or self._pattern(ep.name) is not None:
+                    taken = self._describe(ep.name) if ep.name in self._entries else "a name built by pattern"
+                    self._clash = self._clash or SmileError(
+                        f"{where}: {self.kind} {ep.name!r} is already registered ({taken}); rename it in the package")
+                    continue
+                self._entries[ep.name] = ep.value
+        if strict and self._clash is not None:
+            raise self._clash
 
     def _describe(self, name: str) -> str:
         ref = self._entries[name]
-        return ref if isinstance(ref, str) else f"{getattr(ref, '__module__', '?')}.{getattr(ref, '__name__', ref)}"
+        if isinstance(ref, str):
+            return ref
+        if hasattr(ref, "__name__"):
+            return f"{ref.__module__}:{ref.__qualname__}"
+        return f"a {type(ref).__name__} registered in this process"
 
     def register(self, name: str, thing: Any) -> None:
         """Add ``name``: ``thing`` is the object (a method class, a DatasetSpec, a
@@ -117,11 +127,11 @@ class Registry(Generic[T]):
         return thing
 
     def names(self) -> list[str]:
-        self._read_entry_points()
+        self._read_entry_points(strict=False)
         return list(self._entries)
 
     def __contains__(self, name: object) -> bool:
-        self._read_entry_points()
+        self._read_entry_points(strict=False)
         return isinstance(name, str) and (name in self._entries or self._pattern(name) is not None)
 
 

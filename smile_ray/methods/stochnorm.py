@@ -92,13 +92,27 @@ class StochNorm2d(nn.BatchNorm2d):
     @classmethod
     def from_batchnorm(cls, bn: nn.BatchNorm2d, p: float, generator: torch.Generator | None,
                        switches: Switches | None = None) -> "StochNorm2d":
+        """A StochNorm2d with ``bn``'s parameters and buffers. timm's fused
+        ``BatchNormAct2d`` (a BatchNorm2d that then applies its ``drop`` and ``act``
+        modules) keeps them: they are applied after the stochastic normalisation, under
+        the same names, so state-dict keys do not change."""
         new = cls(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
                   track_running_stats=bn.track_running_stats, p=p, generator=generator, switches=switches)
+        for name in ("drop", "act"):
+            if isinstance(getattr(bn, name, None), nn.Module):
+                setattr(new, name, getattr(bn, name))
         new.load_state_dict(bn.state_dict())
         device = next(iter([*bn.parameters(), *bn.buffers()])).device
         return new.to(device).train(bn.training)
 
     def forward(self, x: Tensor) -> Tensor:
+        z = self._normalise(x)
+        for name in ("drop", "act"):  # timm's BatchNormAct2d (from_batchnorm)
+            if name in self._modules:
+                z = self._modules[name](z)
+        return z
+
+    def _normalise(self, x: Tensor) -> Tensor:
         if not self.training or self.running_mean is None:
             return super().forward(x)
         mean, var = self.running_mean.clone(), self.running_var.clone()  # before this forward's update

@@ -152,6 +152,7 @@ def load_pretrained(backbone: str, tag: str) -> tuple["SourceModel", str]:
             why = str(e).splitlines()[0] if str(e) else ""
             raise SmileError(f"weights={tag}: downloading {weights.url} failed ({e.__class__.__name__}: {why}); "
                              f"put {weights.file.name} in {weights.file.parent}") from None
+        weights = pretrained_weights(backbone, tag)  # where the download put it
     state = weights.read(weights.file) if weights.read is not None else None
     return load_source_model(backbone, weights.file, state=state), str(weights.file)
 
