@@ -280,3 +280,13 @@ def test_a_timm_name_caches_its_source_model_as_one_file(tmp_path):
 
     path = source_weights_path(make_config({"backbone": "timm/resnet18.a1_in1k"}), tmp_path)
     assert path.parent == tmp_path and "timm_resnet18.a1_in1k" in path.name
+
+
+def test_stochnorm_refuses_a_backbone_without_batchnorm():
+    from smile_ray.methods import build_method
+    from smile_ray.models import build_source_model
+
+    cfg = make_config({"method": "stochnorm", "backbone": "convnext_tiny", "weights": "none"})
+    source = build_source_model("convnext_tiny", 10)
+    with pytest.raises(SmileError, match="stochnorm replaces BatchNorm layers; backbone 'convnext_tiny' has none"):
+        build_method(cfg).attach(TransferNet(source, 3, source_head=False), source)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smile_ray import rng
+from smile_ray.errors import SmileError
 from smile_ray.methods.base import Method, unwrap
 
 #: the key of the switches' generator, beside :mod:`smile_ray.rng`'s stream ids
@@ -154,6 +155,8 @@ class StochNorm(Method):
         self.switches = Switches(self.generator, self.config.stochnorm_prob)
         self._info["replaced_batchnorms"] = replace_batchnorms(unwrap(model).body, self.config.stochnorm_prob,
                                                                self.generator, self.switches)
+        if not self._info["replaced_batchnorms"]:  # e.g. ConvNeXt: LayerNorms only
+            raise SmileError(f"stochnorm replaces BatchNorm layers; backbone {self.config.backbone!r} has none")
         self.switches.total = sum(m.num_features for m in unwrap(model).modules() if isinstance(m, StochNorm2d))
         others = [type(m).__name__ for m in unwrap(model).modules()
                   if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, StochNorm2d)]
