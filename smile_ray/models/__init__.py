@@ -161,15 +161,6 @@ def load_pretrained(backbone: str, tag: str) -> tuple["SourceModel", str]:
 IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
-def torch_hub_file(name: str) -> Callable[[], Path]:
-    """A torchvision weight file in torch's hub cache (where torchvision puts downloads)."""
-
-    def find() -> Path:
-        return Path(torch.hub.get_dir()) / "checkpoints" / name
-
-    return find
-
-
 def _adapt_channels(x: Tensor, in_channels: int) -> Tensor:
     # Grayscale data into an RGB backbone: repeat the channel, keeping pre-trained conv1.
     if x.shape[1] == 1 and in_channels == 3:
