@@ -51,10 +51,12 @@ class Config:
     # what to run
     method: str = _key("smile", f"fine-tuning method: {', '.join(METHODS.names())}")
     dataset: str = _key("digits", f"target dataset: {', '.join(DATASETS.names())} (digits is embedded)")
-    backbone: str = _key("digits_cnn", f"backbone: {', '.join(BACKBONES.names())}")
+    backbone: str = _key("digits_cnn", f"backbone: {', '.join(BACKBONES.names())}, {BACKBONES.pattern_help}")
     weights: str = _key(
         "source",
-        "source (pre-train on the dataset's source task, cached), imagenet (torch hub cache), none, or a file",
+        "source (pre-train on the dataset's source task, cached), imagenet (= DEFAULT), a weight tag of the "
+        "backbone (torchvision's DEFAULT, IMAGENET1K_V1, IMAGENET1K_V2, ...; timm's DEFAULT or a pretrained tag: "
+        "read from torch's / timm's cache, downloaded when online unless SMILE_RAY_OFFLINE=1), none, or a file",
     )
     data_root: str = _key(
         "", "folder holding the dataset's files in their native layout ('' = the dataset's default location; "
@@ -352,7 +354,7 @@ def _check_ranges(c: Config, where: str) -> None:
     need(c.threads >= 0, "threads", "0 (torch's default) or a count >= 1")
     need(bool(_DEVICE.match(c.device)), "device", "auto, cpu, cuda or cuda:N")
     need(c.precision in ("auto", "fp32", "bf16"), "precision", "auto, fp32 or bf16")
-    need(c.weights != "", "weights", "source, imagenet, none or a file path")
+    need(c.weights != "", "weights", "source, imagenet, a weight tag (DEFAULT, IMAGENET1K_V1, ...), none or a file path")
 
 
 def make_config(values: Mapping[str, Any] | None = None, where: str = "config") -> Config:

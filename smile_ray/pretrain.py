@@ -3,8 +3,9 @@
 ``weights=source`` pre-trains the backbone on the dataset's source task (digits 0-4 for
 the embedded default) once and caches the result under the cache directory, keyed by
 everything that determines it; later runs, and every trial of a study, reuse the file.
-``weights=imagenet`` reads the backbone's published ImageNet file (where its
-:class:`~smile_ray.models.BackboneSpec` says), ``weights=none`` is a random
+``weights=imagenet`` (= ``DEFAULT``) or another weight tag (``IMAGENET1K_V2``, ...) reads
+the backbone's published weights (:func:`~smile_ray.models.load_pretrained`: the
+framework's cache, downloaded when online), ``weights=none`` is a random
 initialisation with the backbone's ``source_classes`` outputs, and any other value is a
 path to a weight file.
 """
@@ -25,7 +26,8 @@ from smile_ray.checkpoint import atomic_write, write_json
 from smile_ray.config import Config
 from smile_ray.data import TensorTask
 from smile_ray.errors import SmileError
-from smile_ray.models import SourceModel, build_source_model, imagenet_weights_path, load_source_model
+from smile_ray.models import (SourceModel, build_source_model, imagenet_weights_path, is_weight_tag, load_pretrained,
+                              load_source_model)
 from smile_ray.optim import build_sgd
 from smile_ray.registry import BACKBONES, DATASETS
 
@@ -49,7 +51,8 @@ def source_weights_path(config: Config, cache_dir: Path) -> Path:
     if config.data_root:
         key["data_root"] = str(Path(config.data_root).resolve())
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    return Path(cache_dir) / f"source-{dataset}-{backbone}-{image_size}px-{digest}.pt"
+    safe = backbone.replace("/", "_")  # timm/<name>: one file, not a folder
+    return Path(cache_dir) / f"source-{dataset}-{safe}-{image_size}px-{digest}.pt"
 
 
 @torch.no_grad()
@@ -116,13 +119,18 @@ def load_source(config: Config, cache_dir: str | Path | None = None, log=print,
             save_weights(model, path, info)
             log(f"source model: {info['source_val_acc']:.1%} held-out source accuracy, {info['seconds']:.1f} s")
         return load_source_model(config.backbone, path), str(path)
-    if w == "imagenet":
+    if is_weight_tag(w) and BACKBONES.get(config.backbone).pretrained is not None:
+        return load_pretrained(config.backbone, w)
+    if w in ("imagenet", "DEFAULT"):
         path = imagenet_weights_path(config.backbone)
         if not path.is_file():
             raise SmileError(
-                f"weights=imagenet: {path} not found (nothing is downloaded; put the published file there)"
+                f"weights={w}: {path} not found (nothing is downloaded; put the published file there)"
             )
         return load_source_model(config.backbone, path), str(path)
+    if is_weight_tag(w) and not Path(w).exists():
+        raise SmileError(f"weights={w}: backbone {config.backbone!r} has no weights of that tag "
+                         "(its published weights are weights=imagenet, if any) and no file of that name exists")
     if w == "none":
         # seeded: the global generator's state would otherwise make two runs of one config differ
         with torch.random.fork_rng(devices=[]):

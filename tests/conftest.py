@@ -15,6 +15,12 @@ from smile_ray.config import make_config
 from smile_ray.pretrain import load_source
 
 
+# Nothing in the tests downloads: a weight tag whose file is not in the (test's own)
+# cache is the one-line offline error. Set for the whole process, so Ray's workers that
+# the tests start inherit it too.
+os.environ["SMILE_RAY_OFFLINE"] = "1"
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     # SMILE_RAY_TEST_CACHE: a folder kept between test sessions (a developer re-running a

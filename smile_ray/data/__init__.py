@@ -166,6 +166,35 @@ def random_shift(x: Tensor, pad: int, generator: torch.Generator) -> Tensor:
     return apply_shift(x, pad, oy, ox)
 
 
+def weights_norm(config: Config) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """For the in-memory datasets: the (mean, std) the run's weights were trained with, or
+    None where the dataset's own normalisation applies.
+
+    Input normalisation has one home, the backbone's weights
+    (:func:`smile_ray.models.input_norm`): pre-trained weights from elsewhere (a weight
+    tag or a file) get their own statistics, e.g. ImageNet's for
+    ``fashion_mnist + resnet18 + weights=imagenet``. ``weights=source`` (pre-trained here
+    on the dataset's own normalisation) and ``weights=none`` keep the dataset's, as does
+    a backbone that declares none (``digits_cnn``; EfficientNet-Lite normalises inside)."""
+    if config.weights in ("source", "none"):
+        return None
+    from smile_ray.models import input_norm
+
+    return input_norm(config.backbone, config.weights)
+
+
+def normalise_rgb(x: Tensor, norm: tuple[Sequence[float], Sequence[float]]) -> Tensor:
+    """``(N, 1 or 3, H, W)`` images in [0, 1] -> ``(N, C, H, W)`` ``(x - mean) / std`` per
+    channel, ``C`` the statistics' channels: a grey image is repeated to them first, as
+    the model would repeat it (``_adapt_channels``), so it is normalised as the weights
+    expect an RGB grey image to be. Three times the memory of the grey tensor."""
+    mean = torch.tensor(norm[0], dtype=x.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(norm[1], dtype=x.dtype).view(1, -1, 1, 1)
+    if x.shape[1] == 1 and mean.shape[1] > 1:
+        x = x.expand(-1, mean.shape[1], -1, -1)
+    return ((x - mean) / std).contiguous()
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """``target(config)`` builds the target task; ``source(config)`` the task a source

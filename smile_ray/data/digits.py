@@ -8,7 +8,9 @@ handwritten digits (1,797 images), so it runs anywhere without a download:
   drawn by ``seed`` (or as ``train_images`` / ``sample_rate`` say; ``class_fraction``
   keeps a seeded choice of the five classes: :mod:`smile_ray.data.subsets`).
 
-Images are upsampled bilinearly to ``image_size`` and normalised; training batches get a
+Images are upsampled bilinearly to ``image_size`` and normalised (with the corpus's
+statistics, or, for pre-trained weights from elsewhere, the weights' own:
+:func:`smile_ray.data.weights_norm`); training batches get a
 random translation of up to ``image_size // 16`` pixels (no flips: they change digits).
 
 The 1,797 raw images (integers 0-16) and labels are cached as ``digits-<sklearn
@@ -28,7 +30,7 @@ from torch import Tensor
 from smile_ray import rng
 from smile_ray.checkpoint import atomic_write
 from smile_ray.config import Config
-from smile_ray.data import DatasetSpec, TensorTask
+from smile_ray.data import DatasetSpec, TensorTask, normalise_rgb, weights_norm
 from smile_ray.data.subsets import draw, kept_classes, subset_counts
 from smile_ray.errors import SmileError
 
@@ -72,10 +74,13 @@ def digits_arrays(cache_dir: str | Path | None = None) -> tuple[np.ndarray, np.n
     return images, labels
 
 
-def _digits_images(image_size: int, cache_dir: str | Path | None = None) -> tuple[Tensor, np.ndarray]:
+def _digits_images(image_size: int, cache_dir: str | Path | None = None,
+                   norm: tuple | None = None) -> tuple[Tensor, np.ndarray]:
     images, labels = digits_arrays(cache_dir)
     x = torch.from_numpy(images).float().div_(16.0).unsqueeze(1)  # (N, 1, 8, 8) in [0, 1]
     x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    if norm is not None:  # pre-trained weights from elsewhere: their statistics (data.weights_norm)
+        return normalise_rgb(x, norm), labels
     # Normalise with the statistics of the whole corpus: the zero of the padding in
     # random_shift is then the mean intensity.
     x = (x - x.mean()) / x.std()
@@ -100,7 +105,7 @@ def _relabel(labels: np.ndarray, classes: tuple[int, ...]) -> Tensor:
 
 
 def digits_target(config: Config, cache_dir: str | Path | None = None) -> TensorTask:
-    x, labels = _digits_images(config.image_size, cache_dir)
+    x, labels = _digits_images(config.image_size, cache_dir, weights_norm(config))
     # the splits are made over all five target classes, then cut to the kept ones, so a
     # class's test and validation images do not depend on class_fraction
     test, val, pool = _split_per_class(labels, DIGITS_TARGET_CLASSES, (DIGITS_TEST_FRACTION, DIGITS_VAL_FRACTION))

@@ -24,10 +24,14 @@ Classes: 0 T-shirt/top, 1 Trouser, 2 Pullover, 3 Dress, 4 Coat, 5 Sandal, 6 Shir
 Images: uint8 -> float in [0, 1] -> resized bilinearly to ``image_size`` (antialiased
 when downsizing), one channel (the model repeats it for 3-channel backbones). Then
 
-* ``fashion_mnist``: left in [0, 1]: the ImageNet backbone meant for this dataset,
-  ``efficientnet_lite0``, normalises its input itself (TensorFlow's
-  ``(255 x - 127) / 128``);
-* ``fashion_mnist5``: ``(x - mean) / std`` with the mean and standard deviation of the
+* the target tasks, with pre-trained weights from elsewhere (a weight tag such as
+  ``imagenet``, or a file) whose backbone declares a normalisation: the weights' own
+  (:func:`smile_ray.data.weights_norm`; ImageNet's mean/std for torchvision's and timm's
+  families), the grey channel repeated to three first (three times the memory);
+  the shift then pads with 0, the weights' mean colour, not black;
+* otherwise ``fashion_mnist``: left in [0, 1]: ``efficientnet_lite0`` normalises its
+  input itself (TensorFlow's ``(255 x - 127) / 128``);
+* otherwise ``fashion_mnist5``: ``(x - mean) / std`` with the mean and standard deviation of the
   60,000 training images (about 0.286 and 0.353), for source and target alike, so a
   source model sees target images normalised as it was trained.
 
@@ -63,7 +67,7 @@ from torch import Tensor
 
 from smile_ray import rng
 from smile_ray.config import Config
-from smile_ray.data import DatasetSpec, TensorTask
+from smile_ray.data import DatasetSpec, TensorTask, normalise_rgb, weights_norm
 from smile_ray.data.subsets import draw, kept_classes, subset_counts
 from smile_ray.errors import SmileError
 
@@ -283,6 +287,9 @@ def _target(config: Config, classes: tuple[int, ...], name: str,
             normalise: Callable[[FashionArrays], Callable[[Tensor], Tensor]]) -> TensorTask:
     data = load(config.data_root)
     norm = normalise(data)
+    weights = weights_norm(config)
+    if weights is not None:  # the weights' statistics, not the dataset's (one home)
+        norm = _raw(data)
     classes = tuple(classes[i] for i in kept_classes(len(classes), config))
     train, val = target_indices(data.train_labels, classes, config.samples_per_class, config.seed, name, config)
     test = np.flatnonzero(np.isin(data.test_labels, classes))
@@ -292,6 +299,8 @@ def _target(config: Config, classes: tuple[int, ...], name: str,
         "val": (_images(data.train_images[val], size, norm), _labels(data.train_labels[val], classes)),
         "test": (_images(data.test_images[test], size, norm), _labels(data.test_labels[test], classes)),
     }
+    if weights is not None:
+        splits = {k: (normalise_rgb(x, weights), y) for k, (x, y) in splits.items()}
     return TensorTask(splits, len(classes), config.seed, shift=max(1, size // 16),
                       classes=[CLASS_NAMES[c] for c in classes])
 

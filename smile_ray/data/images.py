@@ -30,8 +30,9 @@ bilinear (antialiased, what torchvision's ``Resize`` does on PIL images); JPEGs 
 than twice ``R`` are first decoded at a reduced DCT scale that keeps both sides >= R
 (PIL's ``draft``), which changes pixels slightly and makes small ``image_size`` cheap.
 Then ``x / 255`` and the backbone's input normalisation
-(:attr:`smile_ray.models.BackboneSpec.input_norm`: ImageNet mean/std for ResNets;
-nothing for EfficientNet-Lite, which normalises inside the model). With
+(:func:`smile_ray.models.input_norm`: a weight tag's own mean/std, from the weights'
+metadata, else the family's: ImageNet's for torchvision's and timm's families; nothing
+for EfficientNet-Lite, which normalises inside the model). With
 ``uint8_batches`` on (the recipe turns it on when training on CUDA) the workers hand
 over the uint8 pixels instead, a quarter of the bytes to collate, pin and copy, and
 :meth:`ImageTask.normalize` does the same arithmetic on the device after the copy
@@ -89,7 +90,6 @@ from smile_ray.data import StepOrder
 from smile_ray.data.catalog import Catalog, ImageSource
 from smile_ray.data.subsets import draw, holdout, kept_classes, round_half_up, subset_counts
 from smile_ray.errors import SmileError
-from smile_ray.registry import BACKBONES
 
 EVAL_BATCH = 128
 _CHECK_SIDE = 32  # images are checked by a decode at (at least) this size
@@ -551,8 +551,12 @@ class ImageTask(StepOrder):
 
 
 def input_norm(config: Config) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
-    """The backbone's declared input normalisation (None: it takes images in [0, 1])."""
-    return BACKBONES.get(config.backbone).input_norm
+    """The normalisation the backbone's weights expect (None: it takes images in [0, 1]):
+    a weight tag's own (its metadata), else the family's declaration
+    (:func:`smile_ray.models.input_norm`)."""
+    from smile_ray.models import input_norm as weights_input_norm
+
+    return weights_input_norm(config.backbone, config.weights)
 
 
 def image_task(config: Config, catalog: Catalog) -> ImageTask:

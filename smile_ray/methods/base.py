@@ -234,9 +234,15 @@ def train_source_logits(source: SourceModel, task: Any, device: torch.device) ->
 
 def stages(body: nn.Module) -> list[tuple[str, nn.Module]]:
     """The backbone's stages, for the baselines that treat stages differently (DELTA's
-    layers, RegSL's radii): the body's top-level children that are containers holding a
-    convolution (ResNet: ``layer1`` .. ``layer4``, so the stem is not a stage, as in the
-    public codes); a flat body (``digits_cnn``) has one stage per top-level convolution."""
+    layers, RegSL's radii): those its family declares (the body's ``stage_names``, e.g.
+    ResNet's ``layer1`` .. ``layer4``, EfficientNet's ``features.1`` .. ``features.7``,
+    timm's ``feature_info`` modules; :func:`smile_ray.models.declare_stages`); else the
+    body's top-level children that are containers holding a convolution (so a stem
+    is not a stage, as in the public codes); a flat body (``digits_cnn``) has one stage
+    per top-level convolution."""
+    declared = getattr(body, "stage_names", None)
+    if declared:
+        return [(n, body.get_submodule(n)) for n in declared]
     containers = [(n, m) for n, m in body.named_children()
                   if not isinstance(m, nn.Conv2d) and any(isinstance(c, nn.Conv2d) for c in m.modules())]
     if containers:

@@ -68,20 +68,24 @@ def recording(modules: list[nn.Module]):
 
 
 def channel_attention(net: TransferNet, layers: list[str], batches: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
-    """DELTA's channel weights for ``layers`` of ``net.body`` (an ``nn.Sequential``; eval
-    mode), from the mean rise of the CE loss over ``batches`` when each channel's filter
-    is zeroed: ``a_j = softmax((Delta_j - mean) / std / 5)``."""
+    """DELTA's channel weights for ``layers`` of ``net.body`` (eval mode; an
+    ``nn.Sequential`` runs from the stage on, other bodies whole), from the mean rise of
+    the CE loss over ``batches`` when each channel's filter is zeroed: ``a_j = softmax((Delta_j - mean) / std / 5)``."""
     body = net.body
     top = [name for name, _ in body.named_children()]
     rises = []
     with torch.no_grad(), evaluating(net):
         for layer in layers:
             conv = body.get_submodule(layer)
-            start = top.index(layer.split(".")[0])  # the top-level child holding the layer
+            if isinstance(body, nn.Sequential):  # what comes before the top-level child holding the layer runs once
+                start = top.index(layer.split(".")[0])
+                before, after = body[:start], body[start:]
+            else:  # a body that is not a sequence (timm's) runs whole for each measurement
+                before, after = nn.Identity(), body
             rise = torch.zeros(conv.out_channels, device=conv.weight.device)
             for x, y in batches:
-                h = body[:start](_adapt_channels(x, net.in_channels))  # what comes before runs once
-                base = F.cross_entropy(head(net, body[start:](h)), y)
+                h = before(_adapt_channels(x, net.in_channels))
+                base = F.cross_entropy(head(net, after(h)), y)
                 per = max(1, MEASURE_IMAGES // len(y))
                 for first in range(0, conv.out_channels, per):
                     chans = torch.arange(first, min(first + per, conv.out_channels), device=h.device)
@@ -96,7 +100,7 @@ def channel_attention(net: TransferNet, layers: list[str], batches: list[tuple[T
 
                     handle = conv.register_forward_hook(knock_out)
                     try:
-                        logits = head(net, body[start:](h.repeat(n, *([1] * (h.dim() - 1)))))
+                        logits = head(net, after(h.repeat(n, *([1] * (h.dim() - 1)))))
                     finally:
                         handle.remove()
                     ce = F.cross_entropy(logits, y.repeat(n), reduction="none").view(n, -1).mean(1)
@@ -129,8 +133,6 @@ class Delta(Method):
         self._info["layers"] = self.layers
         self.weights = None
         if self.config.delta_variant == "attention":
-            if not isinstance(net.body, nn.Sequential):  # the measurement runs the body from a stage on
-                raise ValueError("delta's attention variant needs a backbone body that is an nn.Sequential")
             device = next(net.parameters()).device
             c = self.config
             settings = {"layers": self.layers, "lr": c.lr, "momentum": c.momentum, "weight_decay": c.weight_decay,

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smile_ray import rng
+from smile_ray.errors import SmileError
 from smile_ray.methods.base import Method, unwrap
 
 #: the key of the switches' generator, beside :mod:`smile_ray.rng`'s stream ids
@@ -92,13 +93,27 @@ class StochNorm2d(nn.BatchNorm2d):
     @classmethod
     def from_batchnorm(cls, bn: nn.BatchNorm2d, p: float, generator: torch.Generator | None,
                        switches: Switches | None = None) -> "StochNorm2d":
+        """A StochNorm2d with ``bn``'s parameters and buffers. timm's fused
+        ``BatchNormAct2d`` (a BatchNorm2d that then applies its ``drop`` and ``act``
+        modules) keeps them: they are applied after the stochastic normalisation, under
+        the same names, so state-dict keys do not change."""
         new = cls(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
                   track_running_stats=bn.track_running_stats, p=p, generator=generator, switches=switches)
+        for name in ("drop", "act"):
+            if isinstance(getattr(bn, name, None), nn.Module):
+                setattr(new, name, getattr(bn, name))
         new.load_state_dict(bn.state_dict())
         device = next(iter([*bn.parameters(), *bn.buffers()])).device
         return new.to(device).train(bn.training)
 
     def forward(self, x: Tensor) -> Tensor:
+        z = self._normalise(x)
+        for name in ("drop", "act"):  # timm's BatchNormAct2d (from_batchnorm)
+            if name in self._modules:
+                z = self._modules[name](z)
+        return z
+
+    def _normalise(self, x: Tensor) -> Tensor:
         if not self.training or self.running_mean is None:
             return super().forward(x)
         mean, var = self.running_mean.clone(), self.running_var.clone()  # before this forward's update
@@ -140,6 +155,8 @@ class StochNorm(Method):
         self.switches = Switches(self.generator, self.config.stochnorm_prob)
         self._info["replaced_batchnorms"] = replace_batchnorms(unwrap(model).body, self.config.stochnorm_prob,
                                                                self.generator, self.switches)
+        if not self._info["replaced_batchnorms"]:  # e.g. ConvNeXt: LayerNorms only
+            raise SmileError(f"stochnorm replaces BatchNorm layers; backbone {self.config.backbone!r} has none")
         self.switches.total = sum(m.num_features for m in unwrap(model).modules() if isinstance(m, StochNorm2d))
         others = [type(m).__name__ for m in unwrap(model).modules()
                   if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, StochNorm2d)]

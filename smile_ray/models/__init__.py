@@ -1,7 +1,12 @@
 """Backbones by name, the pre-trained source model, and the student network.
 
-One file per backbone family (``digits_cnn.py``, ``resnet.py``) defines a
-:class:`BackboneSpec`; :data:`smile_ray.registry.BACKBONES` names them.
+One file per backbone family defines a :class:`BackboneSpec` (``digits_cnn.py``,
+``efficientnet_lite.py``) or, for torchvision's families (``resnet.py``,
+``efficientnet.py``, ``mobilenet.py``, ``convnext.py``, ``densenet.py``, ``regnet.py``,
+built by :mod:`smile_ray.models.torchvision_family`) and timm's models
+(``timm_models.py``), a ``spec(name)`` factory; :data:`smile_ray.registry.BACKBONES`
+names them. ``docs/backbones.md`` says how names, weight tags, caches and the registries
+work.
 
 A backbone is a convolutional *body* (image -> last feature map before pooling) and a
 *classifier* ``fc`` on the globally pooled feature. Weight files are flat state dicts in
@@ -18,14 +23,28 @@ stripped, so e.g. the Places365 ResNet-50 checkpoint (``resnet50_places365.pth.t
 ``{"epoch", "arch", "state_dict": {"module.conv1.weight", ...}, "best_prec1"}``, 365
 classes) loads as ``weights=<file>``.
 
-Input normalisation has one home per backbone: :attr:`BackboneSpec.input_norm`, the
-per-channel (mean, std) the image pipeline (:mod:`smile_ray.data.images`) applies to
-images in [0, 1]. ResNets declare ImageNet's; EfficientNet-Lite declares none because
-its body normalises its own input (TF style); ``digits_cnn`` has none.
+Published weights by tag (``weights=DEFAULT``, ``IMAGENET1K_V2``, ..., ``imagenet`` =
+``DEFAULT``): :attr:`BackboneSpec.pretrained` resolves a tag to a :class:`Pretrained`
+(the file in the framework's cache, how to download it, the input normalisation it was
+trained with); :func:`load_pretrained` reads it, downloading it first when the machine
+is online and ``SMILE_RAY_OFFLINE`` is not set.
+
+Input normalisation has one home, the backbone's weights (:func:`input_norm`): a
+weight tag's own (mean, std), from the weights' metadata; for ``weights=none``,
+``source`` or a file, the family's declared :attr:`BackboneSpec.input_norm` (ImageNet's
+for torchvision and timm families, which is also what a Places365 file was trained
+with). EfficientNet-Lite declares none because its body normalises its own input (TF
+style); ``digits_cnn`` has none. Both the image pipeline (:mod:`smile_ray.data.images`)
+and the in-memory datasets read it.
+
+Stages (DELTA's layers, RegSL's radii): a family declares them by name
+(:func:`declare_stages`, kept as the body's ``stage_names``); a body without a
+declaration gets :func:`smile_ray.methods.base.stages`'s rule.
 """
 from __future__ import annotations
 
 import copy
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,19 +75,90 @@ class BackboneSpec:
     # body; None when the body takes [0, 1] images (it normalises them itself, or was
     # trained here on the tensor datasets' own normalisation).
     input_norm: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None
+    # Resolves a weight tag (DEFAULT, IMAGENET1K_V1, ...; "imagenet" arrives as DEFAULT)
+    # to the published weights; None: the backbone has only ``imagenet_file`` (or nothing).
+    pretrained: Callable[[str], "Pretrained"] | None = None
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    """Published weights named by a tag: where they are cached and what they expect."""
+
+    tag: str  # the tag as the framework names it (DEFAULT resolved: IMAGENET1K_V2)
+    file: Path  # where the framework keeps (and downloads) the file
+    url: str  # where they come from (for the one-line message)
+    download: Callable[[], None]  # fetches the file into ``file`` (with a progress bar)
+    input_norm: tuple[tuple[float, ...], tuple[float, ...]] | None
+    # the file's state dict in this backbone's layout (None: read ``file`` as a weight file)
+    read: Callable[[Path], dict[str, Tensor]] | None = None
+
+
+#: the environment variable that forbids downloading weights ("1", "true", "yes")
+OFFLINE_ENV = "SMILE_RAY_OFFLINE"
+
+
+def offline() -> bool:
+    """Whether downloads are forbidden (``SMILE_RAY_OFFLINE=1``)."""
+    return os.environ.get(OFFLINE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def is_weight_tag(weights: str) -> bool:
+    """``imagenet`` or a tag as frameworks spell them (upper case: DEFAULT, IMAGENET1K_V2)."""
+    return weights == "imagenet" or (weights[:1].isupper() and weights.replace("_", "").isalnum()
+                                     and weights.upper() == weights)
+
+
+def declare_stages(body: nn.Module, names: list[str] | tuple[str, ...]) -> nn.Module:
+    """Record the qualified names of ``body``'s stages on it (deep copies keep them)."""
+    for name in names:
+        body.get_submodule(name)  # a family that names a missing stage is a bug: fail now
+    body.stage_names = tuple(names)
+    return body
+
+
+def pretrained_weights(backbone: str, tag: str) -> Pretrained:
+    """The published weights ``tag`` of ``backbone`` (``imagenet`` = ``DEFAULT``)."""
+    spec = BACKBONES.get(backbone)
+    tag = "DEFAULT" if tag == "imagenet" else tag
+    if spec.pretrained is None:
+        raise SmileError(f"weights={tag}: backbone {backbone!r} has no published weights by tag "
+                         f"(use weights=none, source or a file)")
+    return spec.pretrained(tag)
+
+
+def input_norm(backbone: str, weights: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The (mean, std) the backbone's weights expect of images in [0, 1] (None: it takes
+    them as they are): a weight tag's own, else the family's declaration."""
+    spec = BACKBONES.get(backbone)
+    if is_weight_tag(weights) and spec.pretrained is not None:
+        return pretrained_weights(backbone, weights).input_norm
+    return spec.input_norm
+
+
+def load_pretrained(backbone: str, tag: str) -> tuple["SourceModel", str]:
+    """The source model with the published weights ``tag``: read from the framework's
+    cache, downloaded there first when missing (unless offline)."""
+    weights = pretrained_weights(backbone, tag)
+    where = f"put {weights.file.name} (from {weights.url}) in {weights.file.parent}"
+    if not weights.file.is_file():
+        if offline():
+            raise SmileError(f"weights={tag}: {weights.file.name} is not in {weights.file.parent} and "
+                             f"{OFFLINE_ENV}=1 forbids downloading; {where}")
+        try:
+            weights.download()
+        except SmileError:
+            raise
+        except Exception as e:  # no network, a proxy, a hash mismatch: all one line
+            why = str(e).splitlines()[0] if str(e) else ""
+            raise SmileError(f"weights={tag}: downloading {weights.url} failed ({e.__class__.__name__}: {why}); "
+                             f"put {weights.file.name} in {weights.file.parent}") from None
+        weights = pretrained_weights(backbone, tag)  # where the download put it
+    state = weights.read(weights.file) if weights.read is not None else None
+    return load_source_model(backbone, weights.file, state=state), str(weights.file)
 
 
 #: torchvision's ImageNet normalisation (also Places365's)
 IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-
-
-def torch_hub_file(name: str) -> Callable[[], Path]:
-    """A torchvision weight file in torch's hub cache (where torchvision puts downloads)."""
-
-    def find() -> Path:
-        return Path(torch.hub.get_dir()) / "checkpoints" / name
-
-    return find
 
 
 def _adapt_channels(x: Tensor, in_channels: int) -> Tensor:
@@ -160,6 +250,8 @@ def build_source_model(backbone: str, num_source_classes: int) -> SourceModel:
 def imagenet_weights_path(backbone: str) -> Path:
     """Where ``backbone``'s ImageNet weights are read from for ``weights=imagenet``."""
     spec = BACKBONES.get(backbone)
+    if spec.pretrained is not None:
+        return pretrained_weights(backbone, "DEFAULT").file
     if spec.imagenet_file is None:
         raise SmileError(f"weights=imagenet: backbone {backbone!r} has no ImageNet weights")
     return spec.imagenet_file()
@@ -223,12 +315,13 @@ def _first_bad_shape(module: nn.Module, values: dict[str, Tensor]) -> str | None
     return None
 
 
-def load_source_model(backbone: str, path: str | Path) -> SourceModel:
-    """Build ``backbone`` and load a torchvision-layout weight file into body and fc.
+def load_source_model(backbone: str, path: str | Path, state: dict[str, Tensor] | None = None) -> SourceModel:
+    """Build ``backbone`` and load a torchvision-layout weight file into body and fc
+    (``state``: the file's state dict, already read).
 
     The number of source classes is read off the file's ``fc.weight``.
     """
-    state = read_weights(path)
+    state = read_weights(path) if state is None else state
     convert = BACKBONES.get(backbone).convert
     if convert is not None:
         try:
