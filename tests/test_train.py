@@ -1,5 +1,6 @@
 """The training recipe: determinism, checkpoints and resume."""
 import json
+import os
 import shutil
 from datetime import datetime, timedelta, timezone
 
@@ -184,6 +185,20 @@ def test_threads_are_set_and_recorded(tmp_path, cache_dir):
     before = torch.get_num_threads()
     try:
         m = train(make_config({**SHORT, "steps": 10, "method": "l2", "threads": 1}), tmp_path, cache_dir=cache_dir)
+        assert m["threads"] == 1 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_threads_zero_follow_the_cpus_this_process_may_use(tmp_path, cache_dir, monkeypatch):
+    """threads: 0 is the process's CPU share (affinity, Ray's reservation), set by the run,
+    not whatever count torch happened to hold (here 2: the run took 2 threads on 1 CPU)."""
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        torch.set_num_threads(2)
+        m = train(make_config({**SHORT, "steps": 2, "eval_every": 2, "method": "l2"}), tmp_path, cache_dir=cache_dir)
         assert m["threads"] == 1 == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
