@@ -7,6 +7,7 @@ file in its package and one line here.
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 from typing import Any, Generic, Mapping, TypeVar
 
@@ -25,7 +26,10 @@ class Registry(Generic[T]):
 
     def check(self, name: str) -> None:
         if name not in self._entries:
-            raise SmileError(f"unknown {self.kind} {name!r} (choose from: {', '.join(self.names())})")
+            same = [n for n in self.names() if n.lower() == str(name).lower()]
+            close = same or difflib.get_close_matches(str(name), self.names(), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise SmileError(f"unknown {self.kind} {name!r}{hint} (choose from: {', '.join(self.names())})")
 
     def get(self, name: str) -> T:
         self.check(name)

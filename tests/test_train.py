@@ -138,7 +138,8 @@ def test_the_public_api_can_be_called_again(tmp_path, cache_dir):
 def test_checkpoint_of_another_config_is_refused(tmp_path, cache_dir):
     cfg = make_config({**SHORT, "steps": 10})
     train(cfg, tmp_path, cache_dir=cache_dir)
-    with pytest.raises(SmileError, match="was made with mixup_alpha=0.2, not 0.5; start afresh"):
+    with pytest.raises(SmileError, match="was made with mixup_alpha=0.2, not 0.5; start afresh in another output "
+                       "directory, or add --overwrite to replace this run"):
         train(cfg.replace(mixup_alpha=0.5), tmp_path, cache_dir=cache_dir)
 
 
