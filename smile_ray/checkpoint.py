@@ -6,16 +6,20 @@ file or the new one, never half of one.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from smile_ray.config import Config, config_diff
 from smile_ray.errors import SmileError
 
 CHECKPOINT_FILE = "state.pt"
+LOCK_FILE = ".smile-ray.lock"
 
 
 def _read_umask() -> int:
@@ -44,6 +48,63 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def check_writable(folder: str | Path, flag: str = "--output", given: str | Path | None = None) -> None:
+    """One line, before anything starts, where ``folder`` could not be made and written
+    in: its nearest existing ancestor must be a folder this process can create a file in.
+    Probed with a temporary file made and removed there, not with permission bits (which
+    say nothing for root, a read-only mount or ``/proc``), so nothing is left behind.
+    ``given`` is what the user typed (default: ``folder``), for the message."""
+    path = Path(folder).absolute()
+    shown = f"{flag} {given if given is not None else folder}"
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise SmileError(f"{shown}: {probe} is not a folder")
+    try:
+        fd, name = tempfile.mkstemp(dir=probe, prefix=".smile-ray-probe-")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        where = "it" if probe == path else probe
+        raise SmileError(f"{shown}: cannot write in {where} ({e.strerror or e})") from None
+
+
+@contextmanager
+def folder_lock(folder: str | Path, flag: str = "--output") -> Iterator[None]:
+    """Hold ``folder`` for one run: a second run on it is refused in one line while the
+    first holds it (both would write the same files, the last writer winning).
+
+    An advisory ``fcntl.flock`` on ``folder/.smile-ray.lock``: the kernel drops it when
+    the holder's process ends however it ends, so a crashed or killed run leaves no
+    stuck lock (a lock file's mere existence would). The file names the holder. A folder
+    this call made and that holds nothing else at the end is removed again, so a run
+    refused on later checks leaves nothing behind. (flock is per machine: two nodes on
+    one shared folder are not kept apart.)"""
+    folder = Path(folder)
+    made = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode(errors="replace").strip()
+        os.close(fd)
+        raise SmileError(f"{flag} {folder} is in use by another run ({holder or 'a running process'}); "
+                         f"wait for it to end, or choose another {flag}") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        yield
+    finally:
+        if made and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
+            path.unlink(missing_ok=True)
+            folder.rmdir()
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def write_json(obj: Any, path: str | Path) -> Path:
@@ -96,5 +157,5 @@ def check_same_config(state: dict[str, Any], config: Config, path: Path) -> None
         k = changed[0]
         raise SmileError(
             f"checkpoint {path} was made with {k}={saved.get(k)!r}, not {getattr(config, k)!r}; "
-            "start afresh in another output directory"
+            "start afresh in another output directory, or add --overwrite to replace this run"
         )

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 import yaml
 
+from smile_ray.checkpoint import check_writable, folder_lock
 from smile_ray.config import KEYS, Config, parse_overrides, preset_names, resolve_config, shipped_names
 from smile_ray.errors import SmileError
 from smile_ray.registry import DATASETS, METHODS
@@ -65,7 +66,7 @@ def cli() -> None:
 @click.option(
     "--output", type=click.Path(file_okay=False, path_type=Path),
     help="Run directory for metrics.json, model.pt and the checkpoint [runs/METHOD-DATASET-TIME]. "
-    "A directory holding a checkpoint of the same config is resumed.",
+    "A directory holding a checkpoint of the same config is resumed; one that another train is using is refused.",
 )
 @click.option("--overwrite", is_flag=True,
               help="Start afresh even if --output holds a checkpoint (replaced at the new run's first evaluation).")
@@ -101,39 +102,44 @@ def train(method, dataset, config_file, overrides, output, overwrite, cache_dir,
     reliability.png its reliability diagram; model.pt the student's weights;
     checkpoint/state.pt the state to resume from.
     """
+    from smile_ray.methods import check_keys_read
+
     config = resolve_config(config_file, overrides, method=method, dataset=dataset)
+    check_keys_read(parse_overrides(overrides), [config])
     if output is None:
         output = Path("runs") / f"{config.method}-{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_writable(output)
     if workers is None and (gpu or address or cpus_per_worker or storage):
         raise SmileError("--gpu, --address, --storage and --cpus-per-worker need --workers N (they run on Ray Train)")
     if workers is not None and config.batch_size % workers:
         raise SmileError(f"batch_size={config.batch_size} does not split evenly over {workers} workers")
-    if workers is None:
-        from smile_ray.recipe import train as run_train
+    with folder_lock(output):  # a second train on this --output is refused while this one runs
+        if workers is None:
+            from smile_ray.recipe import train as run_train
 
-        metrics = run_train(config, output, cache_dir=cache_dir, progress=not quiet, fresh=overwrite)
-    else:
-        from smile_ray.orchestration.ray_train import train_distributed
+            metrics = run_train(config, output, cache_dir=cache_dir, progress=not quiet, fresh=overwrite)
+        else:
+            from smile_ray.orchestration.ray_train import train_distributed
 
-        metrics = train_distributed(
-            config, output, workers=workers, use_gpu=gpu, address=address, max_failures=max_failures,
-            cache_dir=cache_dir, progress=not quiet, cpus_per_worker=cpus_per_worker, fresh=overwrite,
-            storage_path=storage,
-        )
+            metrics = train_distributed(
+                config, output, workers=workers, use_gpu=gpu, address=address, max_failures=max_failures,
+                cache_dir=cache_dir, progress=not quiet, cpus_per_worker=cpus_per_worker, fresh=overwrite,
+                storage_path=storage,
+            )
+        from smile_ray.reports.plots import plot_run_reliability
+
+        plot = plot_run_reliability(metrics, output / "reliability.png")
     click.echo(
         f"{config.method} on {config.dataset}: val_acc {metrics['val_acc']:.4f}  test_acc {metrics['test_acc']:.4f}  "
         f"test_ece {metrics['test_ece']:.4f}  {metrics['steps']} steps in {metrics['seconds']:.1f} s"
     )
-    from smile_ray.reports.plots import plot_run_reliability
-
-    plot = plot_run_reliability(metrics, output / "reliability.png")
     click.echo(f"wrote {output / 'metrics.json'}, {plot}")
 
 
 @cli.command()
 @click.option("--space", "space_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Search-space YAML, or a shipped one by name: " + ", ".join(shipped_names("search_spaces"))
-              + ". With --resume, the saved one.")
+              + ". With --resume, the saved one (giving it again is fine).")
 @click.option("--num-samples", type=int, help="Number of trials [the file's num_samples].")
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path),
               help="Study directory [runs/tune-SPACE-TIME].")
@@ -158,7 +164,7 @@ def tune(space_file, num_samples, output, address, tracking_uri, experiment, res
     if resume:
         if output is None:
             raise SmileError("--resume needs --output DIR (the study to continue)")
-        given = [flag for flag, value in (("--space", space_file), ("--num-samples", num_samples),
+        given = [flag for flag, value in (("--num-samples", num_samples),
                                           ("--set", overrides), ("--tracking-uri", tracking_uri),
                                           ("--experiment", experiment), ("--storage", storage)) if value]
         if given:
@@ -232,6 +238,7 @@ def ablate(definitions, drops, all_components, seeds, max_seeds, base_file, over
     arms resolved (interval excluding zero) and at how many seeds.
     """
     from smile_ray.orchestration.ablate import run_ablation
+    from smile_ray.reports.tables import for_terminal
 
     if resume:
         if output is None:
@@ -251,7 +258,7 @@ def ablate(definitions, drops, all_components, seeds, max_seeds, base_file, over
                          base_file=base_file, overrides=parse_overrides(overrides), tune_budget=tune_budget,
                          address=address, tracking_uri=tracking_uri, experiment=experiment, cache_dir=cache_dir,
                          resume=resume, storage=storage)
-    click.echo(table, nl=False)
+    click.echo(for_terminal(table), nl=False)
     click.echo(f"wrote {output / 'ablation.parquet'}, {output / 'ablation.md'}, {output / 'ablation.png'}")
     echo_mlflow(output / "ablation.json")
 
@@ -263,7 +270,7 @@ def ablate(definitions, drops, all_components, seeds, max_seeds, base_file, over
               show_default=True, help="Comparison settings (base config, columns, seeds, per-method tune spaces), "
               "or a shipped file by name: " + ", ".join(shipped_names("compare")) + ".")
 @click.option("--seeds", type=int, help="Seeds per cell, 0..K-1, shared by every method [the file's seeds].")
-@set_option("the settings' base and columns, to every run")
+@set_option("the settings' base, to every run (a key the columns set is refused: the columns decide it)")
 @click.option("--tune-budget", type=int, default=0, show_default=True,
               help="First give each method this many HyperOpt trials per column (on validation) over its own knobs.")
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), help="Output directory [runs/compare-TIME].")
@@ -286,6 +293,7 @@ def compare(methods_text, settings_file, seeds, overrides, tune_budget, output, 
     A failed run is named on one line and left out; the rest are kept.
     """
     from smile_ray.orchestration.compare import parse_methods, run_compare
+    from smile_ray.reports.tables import for_terminal
 
     if resume:
         if output is None:
@@ -302,7 +310,7 @@ def compare(methods_text, settings_file, seeds, overrides, tune_budget, output, 
                         tune_budget=tune_budget, address=address, tracking_uri=tracking_uri, experiment=experiment,
                         cache_dir=cache_dir, resume=resume, on_failed=lambda line: click.echo(line, err=True),
                         storage=storage)
-    click.echo(table, nl=False)
+    click.echo(for_terminal(table), nl=False)
     click.echo(f"wrote {output / 'results.parquet'}, {output / 'table.md'}, {output / 'table.png'}")
     echo_mlflow(output / "compare.json")
 
@@ -321,6 +329,7 @@ def report(dirs, output) -> None:
     """
     from smile_ray.reports.report import build_report
 
+    check_writable(output.parent, given=output)
     path = build_report(list(dirs), output)
     click.echo(f"wrote {path} (images in {path.parent / (path.stem + '_files')})")
 
@@ -354,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"error: {e.format_message()}", err=True)
         return e.exit_code
     except (click.Abort, KeyboardInterrupt):
-        if argv_has(argv, "tune") or argv_has(argv, "ablate"):
+        if any(argv_has(argv, study) for study in ("tune", "ablate", "compare")):
             resume = "add --resume (with the same --output) to continue"
         else:
             resume = "rerun the same command (same --output) to resume from the last checkpoint"

@@ -190,8 +190,9 @@ class Config:
     )
     device: str = _key("auto", "auto, cpu, cuda or cuda:N")
     threads: int = _key(
-        0, "torch CPU threads; 0: torch's default (one per core). On a machine shared with other jobs, "
-        "1 or 2 avoids oversubscription (several times faster there)",
+        0, "torch CPU threads; 0: the CPUs this process may use (its CPU affinity, capped by the CPUs Ray "
+        "reserved for a trial or worker). On a machine shared with other jobs, 1 or 2 avoids oversubscription "
+        "(several times faster there)",
     )
     precision: str = _key(
         "auto", "auto (bf16 autocast on GPUs that have it natively, CUDA compute capability >= 8.0; fp32 on older "

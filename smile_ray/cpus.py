@@ -1,4 +1,5 @@
-"""The CPUs this process may use: one home for the count that DataLoader workers
+"""The CPUs this process may use: one home for the count that torch's CPU threads
+(``threads: 0``, set by :func:`smile_ray.recipe.setup`), DataLoader workers
 (``data_workers: -1``) and torch.compile's worker processes follow.
 
 A process on a Ray node sees the whole node in its CPU affinity; what Ray reserved for

@@ -33,7 +33,12 @@ from smile_ray.registry import BACKBONES, DATASETS
 
 # Bump when pre-training code changes what it produces: old cache entries are then unused.
 RECIPE_VERSION = 2
-RECIPE = {"steps": 1000, "batch_size": 64, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "seed": 0}
+#: ``threads``: torch's CPU threads while pre-training. A CPU's sums come out in an order
+#: that follows the thread count, so the weights would follow it too, and the cached model
+#: would depend on which command (a 1-thread Ray trial, a many-thread ``train``) filled
+#: the cache first; one fixed count makes the file a function of its key. One thread:
+#: the source task's small models gain little from more, and a shared machine loses none.
+RECIPE = {"steps": 1000, "batch_size": 64, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "seed": 0, "threads": 1}
 
 
 def default_cache_dir() -> Path:
@@ -45,7 +50,8 @@ def default_cache_dir() -> Path:
 
 def source_weights_path(config: Config, cache_dir: Path) -> Path:
     """The cache file of the source model for ``config`` (keyed by everything that
-    determines it: dataset, backbone, image size, data folder and the recipe)."""
+    determines it: dataset, backbone, image size, data folder and the recipe, its thread
+    count included)."""
     dataset, backbone, image_size = config.dataset, config.backbone, config.image_size
     key = {"dataset": dataset, "backbone": backbone, "image_size": image_size, "recipe": RECIPE, "v": RECIPE_VERSION}
     if config.data_root:
@@ -67,7 +73,17 @@ def accuracy(model: SourceModel, task: TensorTask, split: str) -> float:
 
 
 def pretrain_source(task: TensorTask, backbone: str, log=print, progress: bool = False) -> tuple[SourceModel, dict]:
-    """Supervised pre-training on the source task (SGD, Nesterov, cosine schedule)."""
+    """Supervised pre-training on the source task (SGD, Nesterov, cosine schedule), on
+    ``RECIPE["threads"]`` torch threads whatever the caller's, which are restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(RECIPE["threads"])
+    try:
+        return _pretrain(task, backbone, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain(task: TensorTask, backbone: str, progress: bool) -> tuple[SourceModel, dict]:
     r = RECIPE
     with torch.random.fork_rng():
         torch.manual_seed(rng.derive_seed(r["seed"], rng.INIT))

@@ -248,9 +248,13 @@ def setup(
     progress: bool = False,
 ) -> Run:
     """Build data, models, method and optimiser for ``config`` (``task`` overrides the
-    config's dataset, e.g. with synthetic batches for benchmarks)."""
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    config's dataset, e.g. with synthetic batches for benchmarks).
+
+    Torch's CPU threads: ``threads``, or with ``threads: 0`` the CPUs this process may use
+    (:func:`smile_ray.cpus.process_cpus`: its affinity, capped by what Ray reserved for
+    it), set here rather than left to torch's own guess (physical cores, as its OpenMP
+    saw them when it started)."""
+    torch.set_num_threads(config.threads or process_cpus())
     if config.batch_size % world_size:
         raise SmileError(f"batch_size={config.batch_size} does not split evenly over {world_size} workers")
     device = device or resolve_device(config.device)
@@ -522,6 +526,10 @@ def restore(run: Run, state: dict[str, Any], path: Path) -> None:
 # ------------------------------------------------------------------ the recipe
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def train(
     config: Config,
     output_dir: str | Path | None = None,
@@ -582,7 +590,7 @@ def train(
         from tqdm import tqdm
 
         log(f"{config.method} on {config.dataset}: {config.backbone}, {config.steps} steps, "
-            f"{run.device}, {torch.get_num_threads()} threads")
+            f"{run.device}, {plural(torch.get_num_threads(), 'thread')}")
         bar = tqdm(total=config.steps, initial=step, desc=f"{config.method} {config.dataset}", unit="step",
                    file=sys.stderr, dynamic_ncols=True)
     # on CUDA the in-memory tasks' batches are built ahead and pinned (the image-file

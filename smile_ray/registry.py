@@ -100,7 +100,8 @@ class Registry(Generic[T]):
         known = self.names()
         if self._more_names is not None:
             known += [n for n in self._more_names() if self._pattern(n) is not None]
-        close = difflib.get_close_matches(name, known, n=3)
+        same = [n for n in known if n.lower() == str(name).lower()]
+        close = same or difflib.get_close_matches(str(name), known, n=3)
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
         raise SmileError(f"unknown {self.kind} {name!r} (choose from: {', '.join(self.names())}"
                          f"{', ' + self._pattern_help if self._pattern_help else ''}){hint}")

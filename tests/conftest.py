@@ -80,12 +80,17 @@ def own_processes_named(word: str) -> list[int]:
     return [p for p in descendants(os.getpid()) if word in command_line(p)]
 
 
-def interrupt_after_rows(proc, row_pattern: str, rows: int, timeout: float = 240.0) -> tuple[str, list[Path]]:
+def interrupt_after_rows(proc, row_pattern: str, rows: int, timeout: float = 240.0,
+                         last_batch: bool = False) -> tuple[str, list[Path]]:
     """Read ``proc``'s stderr as it comes; once ``rows`` lines of the live table match
     ``row_pattern`` (a row is printed when Tune has recorded that trial's end), note the
     run directories' metrics.json files, send SIGINT and return (all of stderr, those
     files). Waiting for the rows, not for the files, matters: a run writes metrics.json a
-    moment before Tune hears of its end, and a run Tune has not seen end is resumed."""
+    moment before Tune hears of its end, and a run Tune has not seen end is resumed.
+
+    ``last_batch``: also wait until one more run than ``rows`` has reported an evaluation
+    (Tune's ``result.json``), so the Ctrl-C comes while that run trains: with ``rows`` one
+    less than the study's runs, no run is left waiting."""
     import re
     import signal
     import threading
@@ -100,8 +105,27 @@ def interrupt_after_rows(proc, row_pattern: str, rows: int, timeout: float = 240
         time.sleep(0.2)
     assert proc.poll() is None, "".join(lines)
     assert sum(bool(re.match(row_pattern, ln)) for ln in list(lines)) >= rows, "".join(lines)
-    finished = sorted(Path(proc.args[proc.args.index("--output") + 1]).glob("tune/*/run/metrics.json"))
+    out = Path(proc.args[proc.args.index("--output") + 1])
+    while (last_batch and proc.poll() is None and time.time() < deadline
+           and sum(p.stat().st_size > 0 for p in out.glob("tune/*/result.json")) < rows + 1):
+        time.sleep(0.2)
+    finished = sorted(out.glob("tune/*/run/metrics.json"))
+    if last_batch:
+        assert proc.poll() is None and len(finished) == rows, "".join(lines)
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
     reader.join(timeout=10)
     return "".join(lines), finished
+
+
+def assert_as_uninterrupted(metrics_json: Path, cache_dir: Path, tmp: Path) -> None:
+    """The run of ``metrics_json`` (interrupted, then resumed) ends where an uninterrupted
+    run of its config ends: the same validation and test numbers, bit for bit."""
+    import json
+
+    from smile_ray.recipe import train
+
+    resumed = json.loads(metrics_json.read_text())
+    direct = train(make_config(resumed["config"]), tmp, cache_dir=cache_dir)
+    for key in ("val_acc", "test_acc", "test_ece", "steps"):
+        assert resumed[key] == direct[key], (key, resumed[key], direct[key])

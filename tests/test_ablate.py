@@ -7,7 +7,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import interrupt_after_rows
+from conftest import assert_as_uninterrupted, interrupt_after_rows
 from smile_ray.orchestration.ablate import run_ablation
 from smile_ray.stats import paired_stats
 from smile_ray.cli import main
@@ -106,6 +106,8 @@ def test_tune_budget_searches_each_arm_over_what_it_still_uses(ray_local, tmp_pa
         (["--drop", "source_label"], {"components": {"x": "off"}}, "components.x must be a mapping"),
         (["--drop", "source_label"], {"oops": 1}, "unknown key 'oops'"),
         (["--drop", "source_label", "--set", "ema_decay=2"], {}, "ema_decay=2.0 is out of range"),
+        (["--drop", "source_label", "--set", "delta_weight=0.1"], {},
+         "--set delta_weight: smile does not read it with this config, so it would do nothing"),
         (["--drop", "source_label", "--seeds", "many"], {}, "--seeds='many': expected a number of seeds or auto"),
         (["--drop", "source_label", "--max-seeds", "8"], {}, "--max-seeds only goes with --seeds auto"),
         (["--drop", "source_label", "--seeds", "auto", "--max-seeds", "1"], {}, "--max-seeds=1 must be >= 2"),
@@ -120,6 +122,20 @@ def test_bad_input_is_one_line(tmp_path, capfd, monkeypatch, argv, changes, expe
     lines = capfd.readouterr().err.strip().splitlines()
     assert code != 0 and len(lines) == 1 and expect in lines[0], lines
     assert not (tmp_path / "o").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_shared_base_may_hold_a_knob_only_some_arm_reads_and_one_component_may_be_dropped(tmp_path):
+    """feature_weight is read by the full method though not by the arm without feature
+    mixup: legitimate in the shared base. A file naming one component: dropping it leaves
+    the method without that part, not an empty method."""
+    from smile_ray.orchestration.ablate import build_arms
+    from smile_ray.orchestration.spaces import load_definitions
+
+    defs = load_definitions(write_defs(tmp_path / "defs.yaml"), overrides={"feature_weight": 0.05})
+    assert build_arms(defs, ["feature_mixup"], False)["-feature_mixup"] == {"feature_mixup": False}
+    one = load_definitions(write_defs(tmp_path / "one.yaml", components={"source_label": {"source_label": False}}))
+    assert build_arms(one, ["source_label"], False) == {"full": {}, "-source_label": {"source_label": False}}
+    assert list(build_arms(one, [], True)) == ["full", "-source_label"]
 
 
 def test_bad_base_and_definitions_files(tmp_path, capfd, monkeypatch):
@@ -170,21 +186,30 @@ def test_runs_take_the_definitions_resources(ray_local, tmp_path, cache_dir, mon
 
 
 def test_an_interrupted_ablation_resumes_without_rerunning_finished_runs(tmp_path, cache_dir):
+    """Ctrl-C while the last run trains (no run left waiting: Tune hands back the stopped
+    run as TERMINATED, which used to end in a KeyError traceback with MLflow runs left
+    RUNNING): exit 130, one line naming --resume, the resumed run as an uninterrupted one."""
     import os
     import re
     import subprocess
     import sys
 
-    defs = write_defs(tmp_path / "defs.yaml", base={"method": "smile", "steps": 60, "eval_every": 20},
+    defs = write_defs(tmp_path / "defs.yaml", base={"method": "smile", "steps": 60, "eval_every": 20, "threads": 1},
                       max_concurrent=1)
     out = tmp_path / "abl"
     env = {**os.environ, "SMILE_RAY_CACHE": str(cache_dir)}
     cmd = [sys.executable, "-m", "smile_ray", "ablate", "--definitions", str(defs), "--output", str(out)]
     proc = subprocess.Popen(cmd + ["--drop", "source_label"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    err, finished = interrupt_after_rows(proc, r"\s*\d/4\s", 2)
-    assert proc.returncode != 0 and "add --resume" in err.strip().splitlines()[-1]
-    assert len(finished) >= 2
+    err, finished = interrupt_after_rows(proc, r"\s*\d/4\s", 3, last_batch=True)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("error: interrupted; add --resume"), err
+    assert "Traceback" not in err and len(finished) == 3
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent_id = json.loads((out / "ablation.json").read_text())["parent_run_id"]
+    assert client.get_run(parent_id).info.status == "KILLED"
+    exp_id = client.get_run(parent_id).info.experiment_id
+    assert sorted(k.info.status for k in client.search_runs(
+        [exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")) == ["FINISHED"] * 3 + ["KILLED"]
     # the live table names each run by its arm, data size and seed
     assert [ln.split() for ln in err.splitlines() if ln.split()[:2] == ["done", "elapsed"]] == [
         ["done", "elapsed", "arm", "samples_per_class", "seed", "val_acc", "test_acc", "s/run"]], err
@@ -205,7 +230,8 @@ def test_an_interrupted_ablation_resumes_without_rerunning_finished_runs(tmp_pat
                                                            ("full", 0), ("full", 1)]
     for path, mtime in before.items():  # finished runs were not run again
         assert path.stat().st_mtime_ns == mtime
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (interrupted,) = set(out.glob("tune/*/run/metrics.json")) - set(finished)
+    assert_as_uninterrupted(interrupted, cache_dir, tmp_path / "direct")
     exp = client.get_experiment_by_name("smile-ray-digits")
     parents = client.search_runs([exp.experiment_id], filter_string="tags.kind = 'ablation'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"

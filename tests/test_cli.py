@@ -68,11 +68,61 @@ def bad(tmp_path, capfd, cache_dir):
         (["--gpu"], "--gpu, --address, --storage and --cpus-per-worker need --workers N"),
         (["--workers", "5"], "batch_size=48 does not split evenly over 5 workers"),
         (["--workers", "0"], "--workers"),
+        (["--method", "l2sp", "--set", "delta_weight=0.1"],
+         "--set delta_weight: l2sp does not read it with this config, so it would do nothing (delta_weight is read by delta)"),
+        (["--method", "SMILE"], "); did you mean smile?"),
     ],
 )
 def test_bad_input_is_one_line(bad, argv, expect):
     out = bad(*argv, expect=expect)
     assert not (out / "metrics.json").exists()
+
+
+def test_an_unwritable_output_is_one_line_and_leaves_nothing(tmp_path, capfd, cache_dir):
+    """``/proc/x`` cannot be made, a file cannot hold a run: one line, exit 2 (these were
+    tracebacks of 37-62 lines, exit 1)."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    before = sorted(tmp_path.rglob("*"))
+    for argv, expect in [
+        (["train", "--output", "/proc/x", "--quiet"], "--output /proc/x: cannot write in /proc"),
+        (["train", "--output", str(a_file / "run"), "--quiet"], f"--output {a_file / 'run'}: {a_file} is not a folder"),
+        (["report", str(tmp_path), "--output", "/proc/x/r.md"], "--output /proc/x/r.md: cannot write in /proc"),
+    ]:
+        code, err = run(capfd, *argv, "--cache-dir", str(cache_dir)) if argv[0] == "train" else run(capfd, *argv)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {expect}"), err
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_second_train_on_a_held_output_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path, capfd, cache_dir):
+    """Two trains on one --output both ran and the last writer won; now the second is
+    refused while the first holds the folder, and a holder killed with SIGKILL (no
+    clean-up at all) leaves the folder free."""
+    import signal
+
+    from smile_ray.checkpoint import folder_lock
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom smile_ray.checkpoint import folder_lock\n"
+         "with folder_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(300)\n", str(out)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, err = run(capfd, "train", "--output", str(out), "--cache-dir", str(cache_dir), "--quiet")
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1, err
+        assert lines[0].startswith(f"error: --output {out} is in use by another run (pid {holder.pid} on "), err
+        assert sorted(p.name for p in out.iterdir()) == [".smile-ray.lock"]  # the refused run wrote nothing
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    with folder_lock(out):  # free again
+        pass
+    with folder_lock(tmp_path / "new"):  # a folder the lock made and nothing used is removed again
+        assert (tmp_path / "new").is_dir()
+    assert not (tmp_path / "new").exists()
 
 
 def test_bad_config_files(bad, tmp_path):

@@ -1,5 +1,8 @@
 """``smile-ray compare``: methods x settings x shared seeds, the paper's Table 2 form."""
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -7,6 +10,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from conftest import assert_as_uninterrupted, interrupt_after_rows
 from smile_ray.cli import main
 from smile_ray.orchestration.compare import run_compare
 from smile_ray.stats import paired_stats
@@ -69,6 +73,38 @@ def test_tiny_comparison_end_to_end(ray_local, tmp_path, cache_dir, monkeypatch)
     assert all(k.info.status == "FAILED" for k in kids if k.data.tags["setting"] == "diverging")
 
 
+def test_ctrl_c_while_the_last_run_trains_is_an_interrupt_and_resumes_as_uninterrupted(tmp_path, cache_dir):
+    """No run left waiting: Tune hands back the stopped run as TERMINATED; the comparison
+    used to exit 0 with that cell "(failed)". Now: exit 130, one line naming --resume, no
+    MLflow run left RUNNING, and the resumed run ends as an uninterrupted one."""
+    settings = write_settings(tmp_path / "settings.yaml", base={"steps": 60, "eval_every": 20, "threads": 1},
+                              columns={"samples_per_class": [3]}, max_concurrent=1, tune_spaces={})
+    out = tmp_path / "cmp"
+    env = {**os.environ, "SMILE_RAY_CACHE": str(cache_dir)}
+    cmd = [sys.executable, "-m", "smile_ray", "compare", "--methods", "l2", "--settings", str(settings),
+           "--output", str(out)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err, finished = interrupt_after_rows(proc, r"\s*\d/2\s", 1, last_batch=True)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("error: interrupted; add --resume"), err
+    assert "Traceback" not in err and not (out / "table.md").exists() and not (out / "results.parquet").exists()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent_id = json.loads((out / "compare.json").read_text())["parent_run_id"]
+    exp_id = client.get_run(parent_id).info.experiment_id
+    kids = f"tags.`mlflow.parentRunId` = '{parent_id}'"
+    assert client.get_run(parent_id).info.status == "KILLED"
+    assert sorted(k.info.status for k in client.search_runs([exp_id], filter_string=kids)) == ["FINISHED", "KILLED"]
+
+    resumed = subprocess.run(cmd[:4] + ["--output", str(out), "--resume"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr
+    rows = pq.read_table(out / "results.parquet").to_pylist()
+    assert sorted(r["seed"] for r in rows) == [0, 1] and "(failed)" not in (out / "table.md").read_text()
+    assert client.get_run(parent_id).info.status == "FINISHED"
+    assert [k.info.status for k in client.search_runs([exp_id], filter_string=kids)] == ["FINISHED"] * 2
+    (interrupted,) = set(out.glob("tune/*/run/metrics.json")) - set(finished)
+    assert_as_uninterrupted(interrupted, cache_dir, tmp_path / "direct")
+
+
 def run_cli(capfd, *argv):
     code = main(list(argv))
     return code, capfd.readouterr().err
@@ -76,7 +112,7 @@ def run_cli(capfd, *argv):
 
 @pytest.mark.parametrize("argv, changes, expect", [
     (["--methods", "l2,nope"], {}, "unknown method 'nope'"),
-    (["--methods", "l2,smile", "--set", "bss_weight=0.1"], {}, "no method in --methods (l2, smile) reads bss_weight"),
+    (["--methods", "l2,smile", "--set", "bss_weight=0.1"], {}, "--set bss_weight: none of l2, smile reads it"),
     (["--methods", "l2,smile", "--set", "seed=1"], {}, "--set seed"),
     (["--methods", "l2"], {"columns": {"samples_per_class": []}}, "columns.samples_per_class: expected a non-empty"),
     (["--methods", "l2"], {"columns": [1, 2]}, "columns must be"),
@@ -85,6 +121,9 @@ def run_cli(capfd, *argv):
     (["--methods", "l2"], {"tune_spaces": {"nope": {}}}, "unknown method 'nope'"),
     (["--methods", "l2"], {"colums": {}}, "unknown key 'colums'"),
     (["--methods", "l2", "--seeds", "1"], {}, "at least 2 seeds"),
+    (["--methods", "l2", "--output", "/proc/x"], {}, "--output /proc/x: cannot write in /proc"),
+    (["--methods", "l2,"], {}, "--methods 'l2,': an empty method name"),
+    (["--methods", "l2,smile", "--set", "samples_per_class=5"], {}, "--set samples_per_class: the columns of"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capfd, monkeypatch, argv, changes, expect):
     monkeypatch.chdir(tmp_path)

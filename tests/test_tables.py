@@ -1,7 +1,7 @@
 """Markdown tables: the MDE beside every paired difference, the IQM from 8 runs a cell."""
 import numpy as np
 
-from smile_ray.reports.tables import ablation_table, compare_table, il_table
+from smile_ray.reports.tables import ablation_table, compare_table, for_terminal, il_table
 from smile_ray.stats import iqm, min_detectable_effect, stratified_bootstrap_ci
 
 
@@ -49,6 +49,15 @@ def test_compare_table_gives_the_mde_per_cell_and_the_iqm_over_columns():
     # fewer than 8 seeds: no IQM anywhere, and a line saying why
     few = compare_table([r for r in rows if r["seed"] < 5], ["l2", "smile"], ["a", "b"], "l2")
     assert "IQM" not in few.splitlines()[0] and "<br>IQM" not in few and "smallest cell here has 5" in few
+
+
+def test_a_table_printed_on_a_terminal_has_no_markup_in_its_cells():
+    rows = [{"method": m, "setting": "a", "seed": s, "test_acc": 0.5 + 0.1 * i + 0.01 * s}
+            for i, m in enumerate(["l2", "smile"]) for s in range(3)]
+    table = compare_table(rows, ["l2", "smile"], ["a"], "l2")
+    assert "<br>" in table  # a rendered Markdown table breaks the cell there
+    shown = for_terminal(table)
+    assert "<br>" not in shown and line_of(shown, "| smile |") == line_of(table, "| smile |").replace("<br>", "; ")
 
 
 def test_il_table_by_hand():

@@ -1,5 +1,6 @@
 """The training recipe: determinism, checkpoints and resume."""
 import json
+import os
 import shutil
 from datetime import datetime, timedelta, timezone
 
@@ -137,7 +138,8 @@ def test_the_public_api_can_be_called_again(tmp_path, cache_dir):
 def test_checkpoint_of_another_config_is_refused(tmp_path, cache_dir):
     cfg = make_config({**SHORT, "steps": 10})
     train(cfg, tmp_path, cache_dir=cache_dir)
-    with pytest.raises(SmileError, match="was made with mixup_alpha=0.2, not 0.5; start afresh"):
+    with pytest.raises(SmileError, match="was made with mixup_alpha=0.2, not 0.5; start afresh in another output "
+                       "directory, or add --overwrite to replace this run"):
         train(cfg.replace(mixup_alpha=0.5), tmp_path, cache_dir=cache_dir)
 
 
@@ -184,6 +186,20 @@ def test_threads_are_set_and_recorded(tmp_path, cache_dir):
     before = torch.get_num_threads()
     try:
         m = train(make_config({**SHORT, "steps": 10, "method": "l2", "threads": 1}), tmp_path, cache_dir=cache_dir)
+        assert m["threads"] == 1 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_threads_zero_follow_the_cpus_this_process_may_use(tmp_path, cache_dir, monkeypatch):
+    """threads: 0 is the process's CPU share (affinity, Ray's reservation), set by the run,
+    not whatever count torch happened to hold (here 2: the run took 2 threads on 1 CPU)."""
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        torch.set_num_threads(2)
+        m = train(make_config({**SHORT, "steps": 2, "eval_every": 2, "method": "l2"}), tmp_path, cache_dir=cache_dir)
         assert m["threads"] == 1 == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)

@@ -13,8 +13,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import interrupt_after_rows
+from conftest import assert_as_uninterrupted, interrupt_after_rows
 from smile_ray.cli import main
+from smile_ray.errors import SmileError
 from smile_ray.orchestration.tune import run_study
 
 TINY = {
@@ -195,9 +196,10 @@ def test_bad_command_lines(tmp_path, capfd, monkeypatch):
         (["--space", str(space), "--set", "mixup_alpha=-1"], "mixup_alpha=-1.0 is out of range"),
         (["--space", str(space), "--resume"], "--resume needs --output"),
         (["--resume", "--output", str(tmp_path / "none")], "holds no study to resume"),
-        (["--space", str(space), "--resume", "--output", str(tmp_path / "none")], "drop --space"),
+        (["--space", str(space), "--resume", "--output", str(tmp_path / "none")], "holds no study to resume"),
         (["--resume", "--output", str(tmp_path / "none"), "--num-samples", "9"], "drop --num-samples"),
         ([], "tune needs --space FILE"),
+        (["--space", str(space), "--output", "/proc/x"], "--output /proc/x: cannot write in /proc"),
     ]:
         code, err = run_cli(capfd, "tune", *argv)
         lines = err.strip().splitlines()
@@ -244,6 +246,79 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path, c
     kids = children(client, parent_id)
     assert len(kids) == 4 and all(k.info.status == "FINISHED" for k in kids)
     assert client.get_run(parent_id).info.status == "FINISHED"
+
+
+def test_ctrl_c_while_the_last_trial_runs_is_an_interrupt_and_resumes_as_uninterrupted(tmp_path, cache_dir):
+    """Ctrl-C with no trial left waiting: Tune returns its stopped trials as TERMINATED, so
+    the study used to end as if complete (exit 0, a partial trial in the table)."""
+    space = write_space(tmp_path / "space.yaml", num_samples=2, max_concurrent=1, search="random",
+                        base={"method": "smile", "steps": 60, "eval_every": 20, "samples_per_class": 3, "threads": 1})
+    out = tmp_path / "study"
+    env = {**os.environ, "SMILE_RAY_CACHE": str(cache_dir)}
+    cmd = [sys.executable, "-m", "smile_ray", "tune", "--space", str(space), "--output", str(out)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err, finished = interrupt_after_rows(proc, r"\s*\d/2\s+\d+m\d\ds\s+\w{8,}\s", 1, last_batch=True)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("error: interrupted; add --resume"), err
+    assert "Traceback" not in err and not (out / "trials.parquet").exists() and not (out / "best.json").exists()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent_id = json.loads((out / "study.json").read_text())["parent_run_id"]
+    assert client.get_run(parent_id).info.status == "KILLED"
+    assert sorted(k.info.status for k in children(client, parent_id)) == ["FINISHED", "KILLED"]
+
+    resume = [sys.executable, "-m", "smile_ray", "tune", "--output", str(out), "--resume"]
+    resumed = subprocess.run(resume, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr
+    rows = pq.read_table(out / "trials.parquet").to_pylist()
+    assert len(rows) == 2 and all(r["status"] == "TERMINATED" and r["steps"] == 60 for r in rows)
+    assert client.get_run(parent_id).info.status == "FINISHED"
+    assert [k.info.status for k in children(client, parent_id)] == ["FINISHED"] * 2
+    (interrupted,) = set(out.glob("tune/*/run/metrics.json")) - set(finished)
+    assert_as_uninterrupted(interrupted, cache_dir, tmp_path / "direct")
+
+
+def test_a_study_started_by_a_shipped_name_resumes(ray_local, tmp_path, cache_dir, monkeypatch):
+    """``--space smile`` names a shipped file: the study saves that file, resolved, not
+    ``$PWD/smile`` (where ``--resume`` found nothing), and resumes with or without
+    ``--space`` given again; another file, or the saved one changed, is refused."""
+    from smile_ray import config
+
+    shipped = tmp_path / "shipped"
+    (shipped / "search_spaces").mkdir(parents=True)
+    write_space(shipped / "search_spaces" / "tiny.yaml", num_samples=1, search="random")
+    monkeypatch.setattr(config, "SHIPPED", shipped)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "study"
+    first = run_study("tiny", out, cache_dir=cache_dir, verbose=0)
+    saved = json.loads((out / "study.json").read_text())
+    assert saved["space_file"] == str((shipped / "search_spaces" / "tiny.yaml").resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert run_study(None, out, resume=True, cache_dir=cache_dir, verbose=0)["val_acc"] == first["val_acc"]
+    assert run_study("tiny", out, resume=True, cache_dir=cache_dir, verbose=0)["val_acc"] == first["val_acc"]
+    with pytest.raises(SmileError, match="drop --space"):
+        run_study(write_space(tmp_path / "other.yaml"), out, resume=True, cache_dir=cache_dir, verbose=0)
+    (shipped / "search_spaces" / "tiny.yaml").write_text(yaml.safe_dump({**TINY, "num_samples": 5}))
+    with pytest.raises(SmileError, match="changed since the study started"):
+        run_study(None, out, resume=True, cache_dir=cache_dir, verbose=0)
+
+
+def test_a_trial_that_no_node_can_hold_is_refused_at_once(ray_local, tmp_path, cache_dir, monkeypatch):
+    """A local Ray has no autoscaler: a trial asking more than any node has (a GPU on a
+    machine without one, more CPUs than it has) would wait for ever; it is one line."""
+    import ray
+
+    monkeypatch.chdir(tmp_path)
+    asks = [({"cpus": 512}, "asks for 512 CPU per process")]
+    if not ray.cluster_resources().get("GPU"):
+        asks.append(({"gpus": 1}, "asks for 1 CPU + 1 GPU per process"))
+    for resources, expect in asks:
+        space = write_space(tmp_path / "space.yaml", resources=resources)
+        with pytest.raises(SmileError, match="no node of the Ray cluster has that") as e:
+            run_study(space, tmp_path / "study", cache_dir=cache_dir, verbose=0)
+        assert expect in str(e.value) and "\n" not in str(e.value)
+        assert not (tmp_path / "study").exists()
 
 
 def test_trials_with_two_workers_report_every_evaluation(ray_local, tmp_path, cache_dir, monkeypatch):

@@ -38,14 +38,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray import tune
 
-from smile_ray.checkpoint import write_json
-from smile_ray.config import make_config
+from smile_ray.checkpoint import check_writable, write_json
+from smile_ray.config import find_config_file, make_config
 from smile_ray.errors import SmileError
 from smile_ray.metrics import IL_METRICS
 from smile_ray.orchestration import tracking
 from smile_ray.orchestration.cluster import check_address, connect
 from smile_ray.orchestration.progress import ablation_progress
-from smile_ray.orchestration.runner import EXPERIMENT_DIR, can_resume, check_cluster, finish, run_trials, storage_root
+from smile_ray.orchestration.runner import (EXPERIMENT_DIR, can_resume, check_cluster, closing_on_error, file_digest,
+                                            finish, run_trials, saved_file, storage_root)
 from smile_ray.orchestration.storage import check_storage, join
 from smile_ray.orchestration.spaces import Definitions, load_definitions
 from smile_ray.orchestration.tune import tune_config
@@ -69,7 +70,9 @@ def build_arms(defs: Definitions, drops: list[str], all_components: bool) -> dic
         for c in spec:
             if c not in defs.components:
                 raise SmileError(f"unknown component {c!r} (valid: {', '.join(valid)})")
-        if set(spec) == set(valid):
+        if len(spec) > 1 and set(spec) == set(valid):
+            # one arm without every part the file names; an arm dropping a file's only
+            # component is the method without that part, and is allowed
             raise SmileError(f"dropping every component ({'+'.join(spec)}) leaves an empty method")
         overrides: dict[str, Any] = {}
         for c in spec:
@@ -148,8 +151,12 @@ def run_ablation(
         if not saved or not can_resume(saved.get("storage_root") or out, round_dir(0)):
             raise SmileError(f"--resume: {out} holds no ablation to resume")
         storage = saved.get("storage")
-        definitions, drops, all_components = saved["definitions"], saved["drops"], saved["all_components"]
-        seeds, base_file, overrides = saved["seeds"], saved["base_file"], saved["overrides"]
+        definitions = saved_file(saved["definitions"], saved.get("definitions_sha256"), None, "--definitions",
+                                 "ablations")
+        drops, all_components = saved["drops"], saved["all_components"]
+        seeds, overrides = saved["seeds"], saved["overrides"]
+        base_file = saved["base_file"] and saved_file(saved["base_file"], saved.get("base_sha256"), None, "--base",
+                                                      "presets")
         max_seeds = saved.get("max_seeds")
         tune_budget, tracking_uri, experiment = saved["tune_budget"], saved["tracking_uri"], saved["experiment"]
     elif (out / STATE_FILE).exists() or (out / "ablation.parquet").exists():
@@ -164,6 +171,7 @@ def run_ablation(
         raise SmileError(f"--max-seeds={max_seeds} must be at least the first round's seeds ({defs.seeds})")
     if tune_budget and not defs.tune_space:
         raise SmileError(f"--tune-budget needs a tune_space in {defs.path}")
+    check_writable(out, given=output_dir)
     check_address(address)  # before the tracking store, which a sqlite URI creates
     root = storage_root(out, storage)
     if storage:
@@ -172,7 +180,7 @@ def run_ablation(
     client = tracking.connect(uri)
     experiment = experiment or f"smile-ray-{defs.base.dataset}"
     connect(address)
-    check_cluster(storage)
+    check_cluster(storage, defs.resources, address)
     load_source(defs.base, cache_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -201,9 +209,11 @@ def run_ablation(
             {"arms": ",".join(arms), "seeds": "auto" if max_seeds else defs.seeds,
              **({"max_seeds": max_seeds} if max_seeds else {}), "samples_per_class": ",".join(map(str, defs.samples)),
              "tune_budget": tune_budget, **defs.resources.summary(), **{f"base.{k}": v for k, v in base.items()}}))
-    state = {"definitions": str(Path(definitions).resolve()), "drops": list(drops),
+    base_path = find_config_file(base_file).resolve() if base_file else None
+    state = {"definitions": str(defs.path.resolve()), "definitions_sha256": file_digest(defs.path), "drops": list(drops),
              "all_components": all_components, "seeds": defs.seeds, "max_seeds": max_seeds,
-             "base_file": str(Path(base_file).resolve()) if base_file else None, "overrides": overrides or {},
+             "base_file": str(base_path) if base_path else None,
+             "base_sha256": file_digest(base_path) if base_path else None, "overrides": overrides or {},
              "tune_budget": tune_budget, "tracking_uri": uri, "experiment": experiment,
              "parent_run_id": parent_id, "mlflow_ui": tracking.ui_link(uri, exp_id, parent_id),
              "arm_configs": arm_configs, "rounds": rounds, "runs": runs, "storage": storage, "storage_root": root}
@@ -245,20 +255,21 @@ def run_ablation(
                 runs += new
                 write_json({**state, "rounds": rounds, "runs": runs}, out / STATE_FILE)
 
-    rows.sort(key=lambda r: (r["samples_per_class"], arm_names.index(r["arm"]), r["seed"]))
-    pq.write_table(pa.Table.from_pylist(rows), out / "ablation.parquet")
-    table = ablation_table(rows, arm_names, FULL)
-    b = defs.base
-    what = f"{b.method} on {b.dataset} ({b.backbone}, {b.steps} steps)"
-    header = (f"# Ablation of {what}\n\n"
-              f"{seeds_text(rows, defs.seeds, max_seeds)}, {len(runs)} runs, {time.perf_counter() - started:.0f} s"
-              f"{f', each arm tuned with {tune_budget} trials' if tune_budget else ''}. "
-              f"Reference: the full method. {ABLATION_LEGEND}\n\n")
-    if max_seeds:
-        table += "\n" + resolution_text(rows, arm_names, max_seeds)
-    (out / "ablation.md").write_text(header + table)
-    plot = plot_ablation(rows, arm_names, out / "ablation.png", f"Ablation of {what}: test accuracy per arm")
-    finish(logger, [out / "ablation.parquet", out / "ablation.md", plot, defs.path])
+    with closing_on_error(logger):
+        rows.sort(key=lambda r: (r["samples_per_class"], arm_names.index(r["arm"]), r["seed"]))
+        pq.write_table(pa.Table.from_pylist(rows), out / "ablation.parquet")
+        table = ablation_table(rows, arm_names, FULL)
+        b = defs.base
+        what = f"{b.method} on {b.dataset} ({b.backbone}, {b.steps} steps)"
+        header = (f"# Ablation of {what}\n\n"
+                  f"{seeds_text(rows, defs.seeds, max_seeds)}, {len(runs)} runs, {time.perf_counter() - started:.0f} s"
+                  f"{f', each arm tuned with {tune_budget} trials' if tune_budget else ''}. "
+                  f"Reference: the full method. {ABLATION_LEGEND}\n\n")
+        if max_seeds:
+            table += "\n" + resolution_text(rows, arm_names, max_seeds)
+        (out / "ablation.md").write_text(header + table)
+        plot = plot_ablation(rows, arm_names, out / "ablation.png", f"Ablation of {what}: test accuracy per arm")
+        finish(logger, [out / "ablation.parquet", out / "ablation.md", plot, defs.path])
     return table
 
 

@@ -64,6 +64,51 @@ def connect(address: str | None = None) -> None:
         raise SmileError(f"cannot reach a Ray cluster at --address {address!r}: {detail}") from None
 
 
+def _fits(need: dict[str, float], have: dict[str, float]) -> bool:
+    return all(have.get(k, 0) >= v for k, v in need.items())
+
+
+def _shown(resources: dict[str, float]) -> str:
+    return " + ".join(f"{v:g} {k}" for k, v in sorted(resources.items()) if k in ("CPU", "GPU") and v > 0) or "nothing"
+
+
+def autoscaler_node_types() -> list[dict[str, float]] | None:
+    """The resources of each node type the cluster's autoscaler may still add (max_count
+    not 0), or None where the cluster publishes no autoscaler config (a local Ray, or a
+    cluster started by hand; also an autoscaler this Ray cannot read)."""
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception:  # an internal API: unreadable means unknown, not refused
+        return None
+    if config is None:
+        return None
+    return [dict(group.resources) for group in config.node_group_configs if group.max_count != 0]
+
+
+def check_fits(bundles: list[dict[str, float]], what: str, started_here: bool) -> None:
+    """Refuse at once a run whose processes no node could ever hold: no live node has a
+    process's resources (``bundles``: one per kind of process, e.g. ``{"CPU": 1, "GPU":
+    1}``) and no node type of the autoscaler can add one. Ray would otherwise wait for
+    ever, printing "No available node types can fulfill..." every 30 s. A cluster that
+    publishes no autoscaler config is refused only where this process started it
+    (``started_here``: a local Ray has no autoscaler); elsewhere an autoscaler we cannot
+    see may still add the node, so the run waits as Ray makes it."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    types = autoscaler_node_types()
+    for bundle in bundles:
+        need = {k: v for k, v in bundle.items() if v > 0}
+        if any(_fits(need, r) for r in nodes) or any(_fits(need, t) for t in types or []):
+            continue
+        if types is None and not started_here:
+            continue
+        biggest = ", ".join(dict.fromkeys(_shown(r) for r in nodes)) or "none"
+        scaler = "; its autoscaler adds none that has it" if types is not None else ""
+        raise SmileError(f"{what} asks for {_shown(need)} per process, and no node of the Ray cluster has that "
+                         f"(its nodes: {biggest}{scaler})")
+
+
 def cluster_cpus() -> int:
     return int(ray.cluster_resources().get("CPU", 1))
 

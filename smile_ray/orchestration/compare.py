@@ -26,14 +26,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray import tune
 
-from smile_ray.checkpoint import write_json
+from smile_ray.checkpoint import check_writable, write_json
 from smile_ray.config import make_config
 from smile_ray.errors import SmileError
 from smile_ray.metrics import IL_METRICS
 from smile_ray.orchestration import tracking
 from smile_ray.orchestration.cluster import check_address, connect
 from smile_ray.orchestration.progress import runs_progress
-from smile_ray.orchestration.runner import can_resume, check_cluster, finish, run_trials, storage_root
+from smile_ray.orchestration.runner import (can_resume, check_cluster, closing_on_error, file_digest, finish, run_trials,
+                                            saved_file, storage_root)
 from smile_ray.orchestration.storage import check_storage, join
 from smile_ray.orchestration.spaces import load_settings
 from smile_ray.orchestration.tune import tune_config
@@ -47,9 +48,13 @@ REFERENCE = "l2"
 
 
 def parse_methods(text: str) -> list[str]:
-    methods = [m.strip() for m in text.split(",") if m.strip()]
-    if not methods:
+    """``--methods l2,mixup,smile`` -> the names; an empty name (``l2,``, ``l2,,smile``) is
+    refused: it is a typo more often than a wish to compare one method."""
+    methods = [m.strip() for m in text.split(",")]
+    if not any(methods):
         raise SmileError("--methods: give a comma-separated list, e.g. l2,mixup,smile")
+    if not all(methods):
+        raise SmileError(f"--methods {text!r}: an empty method name between commas; e.g. l2,mixup,smile")
     for m in methods:
         METHODS.check(m)
     dupes = sorted({m for m in methods if methods.count(m) > 1})
@@ -84,7 +89,8 @@ def run_compare(
         if not saved or not can_resume(saved.get("storage_root") or out):
             raise SmileError(f"--resume: {out} holds no comparison to resume")
         storage = saved.get("storage")
-        methods, settings_file, seeds = saved["methods"], saved["settings"], saved["seeds"]
+        settings_file = saved_file(saved["settings"], saved.get("settings_sha256"), None, "--settings", "compare")
+        methods, seeds = saved["methods"], saved["seeds"]
         overrides, tune_budget = saved["overrides"], saved["tune_budget"]
         tracking_uri, experiment = saved["tracking_uri"], saved["experiment"]
     elif (out / STATE_FILE).exists() or (out / "results.parquet").exists():
@@ -96,6 +102,7 @@ def run_compare(
         raise SmileError(f"--tune-budget={tune_budget} must be >= 0")
     if tune_budget and not any(m in settings.tune_spaces for m in methods):
         raise SmileError(f"--tune-budget needs tune_spaces for the methods in {settings.path}")
+    check_writable(out, given=output_dir)
     check_address(address)  # before the tracking store, which a sqlite URI creates
     root = storage_root(out, storage)
     if storage:
@@ -104,7 +111,7 @@ def run_compare(
     client = tracking.connect(uri)
     experiment = experiment or f"smile-ray-{settings.base.dataset}"
     connect(address)
-    check_cluster(storage)
+    check_cluster(storage, settings.resources, address)
     load_source(settings.base, cache_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -134,7 +141,8 @@ def run_compare(
         client.log_batch(parent_id, params=tracking.flat_params(
             {"methods": ",".join(methods), "settings": ",".join(settings.columns), "seeds": settings.seeds,
              "tune_budget": tune_budget, **settings.resources.summary(), **{f"base.{k}": v for k, v in base.items()}}))
-        write_json({"methods": methods, "settings": str(Path(settings.path).resolve()), "seeds": settings.seeds,
+        write_json({"methods": methods, "settings": str(Path(settings.path).resolve()),
+                    "settings_sha256": file_digest(settings.path), "seeds": settings.seeds,
                     "overrides": overrides or {}, "tune_budget": tune_budget, "tracking_uri": uri,
                     "experiment": experiment, "parent_run_id": parent_id,
                     "mlflow_ui": tracking.ui_link(uri, exp_id, parent_id), "runs": runs, "storage": storage,
@@ -148,43 +156,44 @@ def run_compare(
                          table=runs_progress(runs, ["method", "setting", "seed"], len(runs)) if verbose else None,
                          tune_config=tune.TuneConfig(max_concurrent_trials=settings.max_concurrent))
 
-    rows, failed = [], []
-    searched = sorted({k for space in settings.tune_spaces.values() for k in space}) if tune_budget else []
-    for res in results:
-        spec = runs[res.config["run"]]
-        m = res.metrics or {}
-        if res.error or "test_acc" not in m:
-            tags = spec["tags"]
-            line = (f"run failed: {tags['method']} {tags['setting']} seed {tags['seed']}: "
-                    f"{str(res.error).strip().splitlines()[-1] if res.error else 'no test metrics'} (see {res.path})")
-            failed.append(line)
-            if on_failed is not None:
-                on_failed(line)
-            continue
-        rows.append({**spec["tags"], **{k: spec["config"].get(k) for k in searched},
-                     "config": json.dumps(spec["config"], sort_keys=True),
-                     "val_acc": m["val_acc"], "test_acc": m["test_acc"], "test_ece": m["test_ece"],
-                     "seconds": m["seconds"], **{k: m.get(k) for k in IL_METRICS}})
-    if not rows:
-        logger.close_open_runs("FAILED")
-        client.set_terminated(parent_id, status="FAILED")
-        raise SmileError(f"every run of {out} failed; see {join(root, 'tune')}")
-    order = {(t["method"], t["setting"], t["seed"]): i for i, t in enumerate(r["tags"] for r in runs)}
-    rows.sort(key=lambda r: order[r["method"], r["setting"], r["seed"]])
-    pq.write_table(pa.Table.from_pylist(rows), out / "results.parquet")
-    reference = REFERENCE if REFERENCE in methods else methods[0]
-    table = compare_table(rows, methods, list(settings.columns), reference)
-    b = settings.base
-    run_desc = f"{b.backbone}, weights={b.weights}, {b.steps} steps"
-    what = f"{b.dataset} ({run_desc})"
-    header = (f"# Methods compared on {what}\n\n"
-              f"{settings.seeds} seeds per cell, {len(runs)} runs ({len(failed)} failed), "
-              f"{time.perf_counter() - started:.0f} s"
-              f"{f', each method tuned with {tune_budget} trials per column' if tune_budget else ', reference settings'}. "
-              f"Reference: {reference}. {COMPARE_LEGEND}\n\n")
-    (out / "table.md").write_text(header + table + "".join(f"\n{line}" for line in failed))
-    plot = plot_compare(rows, methods, list(settings.columns), out / "table.png",
-                        f"Test accuracy on {b.dataset} ({run_desc}, {settings.seeds} seeds)")
-    finish(logger, [out / "results.parquet", out / "table.md", plot, Path(settings.path)])
+    with closing_on_error(logger):
+        rows, failed = [], []
+        searched = sorted({k for space in settings.tune_spaces.values() for k in space}) if tune_budget else []
+        for res in results:
+            spec = runs[res.config["run"]]
+            m = res.metrics or {}
+            if res.error or "test_acc" not in m:
+                tags = spec["tags"]
+                line = (f"run failed: {tags['method']} {tags['setting']} seed {tags['seed']}: "
+                        f"{str(res.error).strip().splitlines()[-1] if res.error else 'no test metrics'} (see {res.path})")
+                failed.append(line)
+                if on_failed is not None:
+                    on_failed(line)
+                continue
+            rows.append({**spec["tags"], **{k: spec["config"].get(k) for k in searched},
+                         "config": json.dumps(spec["config"], sort_keys=True),
+                         "val_acc": m["val_acc"], "test_acc": m["test_acc"], "test_ece": m["test_ece"],
+                         "seconds": m["seconds"], **{k: m.get(k) for k in IL_METRICS}})
+        if not rows:
+            logger.close_open_runs("FAILED")
+            client.set_terminated(parent_id, status="FAILED")
+            raise SmileError(f"every run of {out} failed; see {join(root, 'tune')}")
+        order = {(t["method"], t["setting"], t["seed"]): i for i, t in enumerate(r["tags"] for r in runs)}
+        rows.sort(key=lambda r: order[r["method"], r["setting"], r["seed"]])
+        pq.write_table(pa.Table.from_pylist(rows), out / "results.parquet")
+        reference = REFERENCE if REFERENCE in methods else methods[0]
+        table = compare_table(rows, methods, list(settings.columns), reference)
+        b = settings.base
+        run_desc = f"{b.backbone}, weights={b.weights}, {b.steps} steps"
+        what = f"{b.dataset} ({run_desc})"
+        header = (f"# Methods compared on {what}\n\n"
+                  f"{settings.seeds} seeds per cell, {len(runs)} runs ({len(failed)} failed), "
+                  f"{time.perf_counter() - started:.0f} s"
+                  f"{f', each method tuned with {tune_budget} trials per column' if tune_budget else ', reference settings'}. "
+                  f"Reference: {reference}. {COMPARE_LEGEND}\n\n")
+        (out / "table.md").write_text(header + table + "".join(f"\n{line}" for line in failed))
+        plot = plot_compare(rows, methods, list(settings.columns), out / "table.png",
+                            f"Test accuracy on {b.dataset} ({run_desc}, {settings.seeds} seeds)")
+        finish(logger, [out / "results.parquet", out / "table.md", plot, Path(settings.path)])
     return table
 

@@ -13,23 +13,31 @@ come home to the output folder once the trials have ended.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric
 from ray import tune
 
+from smile_ray.config import find_shipped
 from smile_ray.errors import SmileError
 from smile_ray.orchestration import storage
-from smile_ray.orchestration.cluster import alive_nodes
+from smile_ray.orchestration.cluster import alive_nodes, check_fits
 from smile_ray.orchestration.progress import TrialTable
 from smile_ray.orchestration.tracking import StudyLogger
 from smile_ray.orchestration.trainable import trainable
 
 EXPERIMENT_DIR = "tune"
 NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"
+#: Tune's own Ctrl-C handler is off (:func:`interrupts_to_tune`): ours notes the interrupt
+#: and hands it to Tune's graceful stop, which Tune keeps on SIGUSR1
+TUNE_SIGINT_ENV = "TUNE_DISABLE_SIGINT_HANDLER"
 #: a finished trial's process runs the next trial that asks for the same resources, so
 #: only the first trial of each concurrent slot pays the fresh process and its imports
 #: (torch, torch._dynamo, the core: 3-5 s here; ``benchmarks/tune_overhead.py``)
@@ -43,14 +51,80 @@ def can_resume(root: str | Path, experiment_dir: str = EXPERIMENT_DIR) -> bool:
         raise SmileError(f"--resume: cannot read the study's storage {root}: {str(e).splitlines()[0]}") from None
 
 
+def file_digest(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def saved_file(saved: str, digest: str | None, given: str | Path | None, flag: str, kind: str) -> str:
+    """For ``--resume``: the file a study started with. Its path was saved resolved (a
+    shipped name like ``smile`` as the shipped file it named), with its content's digest:
+    a resumed study must draw from the file its first trials drew from. ``given`` (the
+    flag repeated on the resume command) must name that same file."""
+    path = Path(saved)
+    if given is not None and find_shipped(given, kind).resolve() != path:
+        raise SmileError(f"--resume continues with the saved {flag} {path}; drop {flag} {given}")
+    if not path.is_file():
+        raise SmileError(f"--resume: {path} ({flag} of the study) is gone; restore it to continue")
+    if digest and file_digest(path) != digest:
+        raise SmileError(f"--resume: {path} ({flag} of the study) changed since the study started; "
+                         "restore it to continue, or start a new study in another --output")
+    return str(path)
+
+
 def storage_root(out: Path, store: str | None) -> str:
     """Where the study in ``out`` keeps its trials: ``out`` itself without ``--storage``."""
     return storage.study_root(store, out) if store else str(out)
 
 
-def check_cluster(store: str | None) -> None:
-    """After connecting: a cluster of several nodes needs ``--storage``."""
+def check_cluster(store: str | None, resources=None, address: str | None = None) -> None:
+    """After connecting: a cluster of several nodes needs ``--storage``, and some node
+    (or node type of its autoscaler) must hold a trial's ``resources``
+    (:func:`~smile_ray.orchestration.cluster.check_fits`)."""
     storage.require_for_cluster(store, alive_nodes())
+    if resources is not None:
+        check_fits(resources.bundles(), "each trial (resources: " + ", ".join(
+            f"{k.removeprefix('resources_')}: {v:g}" for k, v in resources.summary().items()) + ")",
+            started_here=address is None)
+
+
+@contextmanager
+def interrupts_to_tune():
+    """While Tune fits: the first Ctrl-C is noted and handed to Tune's graceful stop (it
+    saves the experiment and returns), a second one stops at once. Yields a list that
+    holds the signal number once an interrupt came.
+
+    Why not Tune's own handler: after Tune's graceful stop the trials that were running
+    come back TERMINATED, like finished ones, so when no trial was left waiting (Ctrl-C
+    in the last batch) the returned results look like a finished study. Whether the user
+    interrupted is a fact we note ourselves. Tune stops gracefully on SIGUSR1 too, with
+    the same handler; ours calls that handler."""
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got  # signals reach only the main thread; Tune installs nothing here either
+        return
+
+    def on_interrupt(signum, frame):
+        if got:
+            raise KeyboardInterrupt
+        got.append(signum)
+        tune_stop = signal.getsignal(signal.SIGUSR1)
+        if not callable(tune_stop):  # Tune's loop has not started (or has ended): stop at once
+            raise KeyboardInterrupt
+        tune_stop(signum, frame)
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGUSR1)}
+    saved_env = os.environ.get(TUNE_SIGINT_ENV)
+    os.environ[TUNE_SIGINT_ENV] = "1"
+    signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield got
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        if saved_env is None:
+            os.environ.pop(TUNE_SIGINT_ENV, None)
+        else:
+            os.environ[TUNE_SIGINT_ENV] = saved_env
 
 
 def run_trials(
@@ -67,7 +141,9 @@ def run_trials(
     root: str | None = None,
 ):
     """Fit (or restore and finish) the experiment ``out/experiment_dir``; returns Tune's ResultGrid once every
-    one of its ``expected`` trials has ended. An interrupted fit raises KeyboardInterrupt.
+    one of its ``expected`` trials has ended. An interrupted fit, at any moment (the last
+    trials running included), marks the open child runs and the parent KILLED and raises
+    KeyboardInterrupt; Tune has saved the experiment, so ``--resume`` continues it.
     Ray Tune's own console table is off; ``table`` prints a row per ended trial instead."""
     client, parent_id = logger.client, logger.parent_run_id
     root = root or str(out)
@@ -92,7 +168,8 @@ def run_trials(
                     failure_config=tune.FailureConfig(max_failures=1),
                 ),
             )
-        results = tuner.fit()
+        with interrupts_to_tune() as interrupted:
+            results = tuner.fit()
     except KeyboardInterrupt:
         logger.close_open_runs("KILLED")
         client.set_terminated(parent_id, status="KILLED")
@@ -101,13 +178,30 @@ def run_trials(
         logger.close_open_runs("FAILED")
         client.set_terminated(parent_id, status="FAILED")
         raise
-    if results.num_terminated + results.num_errors < len(results) or len(results) < expected:
-        # Tune catches Ctrl-C itself, saves the experiment and returns: that is an interrupt.
+    if interrupted or results.num_terminated + results.num_errors < len(results) or len(results) < expected:
+        # Tune stopped on Ctrl-C, saved the experiment and returned: that is an interrupt.
         logger.close_open_runs("KILLED")
         client.set_terminated(parent_id, status="KILLED")
         raise KeyboardInterrupt
     storage.bring_home(experiment, out / experiment_dir)
     return results
+
+
+@contextmanager
+def closing_on_error(logger: StudyLogger):
+    """Around a study's work after its trials (tables, plots, artifacts): an interrupt
+    marks the parent and any open child KILLED, an error FAILED, so that no run is left
+    RUNNING whenever the Ctrl-C comes."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        logger.close_open_runs("KILLED")
+        logger.client.set_terminated(logger.parent_run_id, status="KILLED")
+        raise
+    except BaseException:
+        logger.close_open_runs("FAILED")
+        logger.client.set_terminated(logger.parent_run_id, status="FAILED")
+        raise
 
 
 def finish(logger: StudyLogger, artifacts: list[Path], metrics: dict[str, float] | None = None) -> None:

@@ -82,6 +82,13 @@ class Resources:
     def summary(self) -> dict[str, float]:
         return {"resources_cpus": self.cpus, "resources_gpus": self.gpus, "resources_workers": self.workers}
 
+    def bundles(self) -> list[dict[str, float]]:
+        """What each process of a trial asks Ray for (Ray's resource names): the trial
+        itself, or with ``workers`` > 1 each Ray Train worker (the trial only drives them)."""
+        if self.workers == 1:
+            return [{"CPU": self.cpus, "GPU": self.gpus}]
+        return [{"CPU": self.cpus / self.workers, "GPU": 1 if self.gpus else 0}]
+
 
 @dataclass(frozen=True)
 class Study:
@@ -244,6 +251,10 @@ def load_study(path: str | Path, overrides: dict[str, Any] | None = None, num_sa
     if not isinstance(space_raw, dict) or not space_raw:
         raise SmileError(f"{path}: space must map config keys to distributions")
     space = tuple(parse_param(path, name, spec, base) for name, spec in space_raw.items())
+    from smile_ray.methods import check_keys_read
+
+    check_keys_read(overrides or {}, [base] + [make_config({**base.to_dict(), p.name: v}) for p in space
+                                               if p.kind in ("choice", "grid") for v in p.args])
     if search == "hyperopt" and any(p.kind == "grid" for p in space):
         raise SmileError(f"{path}: grid values need search: grid or random (hyperopt samples)")
     if replicates > 1 and "seed" in space_raw:
@@ -293,6 +304,10 @@ def load_definitions(path: str | Path, base_file: str | Path | None = None, over
         if not isinstance(off, dict) or not off:
             raise SmileError(f"{path}: components.{name} must be a mapping of config overrides")
         make_config({**base.to_dict(), **off}, where=f"{path}: components.{name}")
+    from smile_ray.methods import check_keys_read
+
+    # the base is shared by every arm: a knob is fine where some arm reads it
+    check_keys_read(overrides, [base] + [make_config({**base.to_dict(), **off}) for off in components.values()])
 
     if seeds is not None:
         n = check_int(seeds, "--seeds", 2, "a paired test needs at least 2 seeds")
@@ -351,8 +366,7 @@ def load_settings(path: str | Path, methods: list[str], overrides: dict[str, Any
     for ``methods``. ``overrides`` (``--set``) apply to every run; seeds are 0..K-1, so
     ``--set seed`` and ``--set method`` are refused, and a method's own knob must belong
     to one of ``methods``."""
-    from smile_ray.methods import method_class
-    from smile_ray.methods.base import Method
+    from smile_ray.methods import check_keys_read, method_class
 
     path = find_shipped(path, "compare")
     raw = read_sections(path, COMPARE_TOP_LEVEL, "columns")
@@ -370,9 +384,12 @@ def load_settings(path: str | Path, methods: list[str], overrides: dict[str, Any
     for m in methods:
         for name, col in columns.items():
             configs[m, name] = make_config({**base.to_dict(), **col, "method": m}, where=f"{path}: columns.{name}")
-    for key in overrides:  # a knob of a method that is not in the run would silently do nothing
-        if key in Method.METHOD_KEYS and not any(key in method_class(m).used_keys(c) for (m, _), c in configs.items()):
-            raise SmileError(f"--set {key}: no method in --methods ({', '.join(methods)}) reads {key}")
+    for key in overrides:  # a column's value overrides the base, --set included
+        setters = [name for name, col in columns.items() if key in col]
+        if setters:
+            raise SmileError(f"--set {key}: the columns of {path} set {key} ({', '.join(setters)}), and a run takes "
+                             "its column's value; change it in the file's columns")
+    check_keys_read(overrides, configs.values())  # a knob of a method not in the run would do nothing
     if seeds is not None:
         n = check_int(seeds, "--seeds", 2, "a paired comparison needs at least 2 seeds")
     else:

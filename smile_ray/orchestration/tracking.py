@@ -70,7 +70,9 @@ def connect(tracking_uri: str | None) -> MlflowClient:
 
 def _cause(e: BaseException) -> str:
     """The innermost reason of a (chained) exception, on one line: for a dead server,
-    "Connection refused" rather than MLflow's retry wrapper around it."""
+    "Connection refused" rather than MLflow's retry wrapper around it. Otherwise the
+    whole first message, not cut short: MLflow's own fix is often at its end (for a
+    ``file:`` store, "set `MLFLOW_ALLOW_FILE_STORE=true`")."""
     chain = [e]
     while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
         nxt = chain[-1].__cause__ or chain[-1].__context__
@@ -82,7 +84,7 @@ def _cause(e: BaseException) -> str:
         if known in text:
             return known
     first = next((str(x).strip().splitlines()[0] for x in chain if str(x).strip()), e.__class__.__name__)
-    return re.sub(r"\s+", " ", first)[:300]
+    return re.sub(r"\s+", " ", first)
 
 
 #: MLflow 3's UI opens an experiment by its kind: without this tag it guesses, and shows a

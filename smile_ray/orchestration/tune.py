@@ -27,15 +27,15 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 from ray.tune.search.hyperopt import HyperOptSearch
 
-from smile_ray.checkpoint import write_json
+from smile_ray.checkpoint import check_writable, write_json
 from smile_ray.config import make_config
 from smile_ray.errors import SmileError
 from smile_ray.methods import method_class
 from smile_ray.orchestration import tracking
 from smile_ray.orchestration.cluster import check_address, connect, user_error
 from smile_ray.orchestration.progress import study_progress
-from smile_ray.orchestration.runner import (EXPERIMENT_DIR, can_resume, check_cluster, fail, finish, run_trials,
-                                            storage_root)
+from smile_ray.orchestration.runner import (EXPERIMENT_DIR, can_resume, check_cluster, closing_on_error, fail,
+                                            file_digest, finish, run_trials, saved_file, storage_root)
 from smile_ray.orchestration.storage import check_storage, join
 from smile_ray.orchestration.spaces import Param, Study, load_study
 from smile_ray.orchestration.trainable import SPREAD_KEYS
@@ -114,7 +114,8 @@ def run_study(
         saved = json.loads(state_file.read_text()) if state_file.is_file() else {}
         if not saved or not can_resume(saved.get("storage_root") or out):
             raise SmileError(f"--resume: {out} holds no study to resume")
-        space_file, num_samples, overrides = saved["space_file"], saved["num_samples"], saved["overrides"]
+        space_file = saved_file(saved["space_file"], saved.get("space_sha256"), space_file, "--space", "search_spaces")
+        num_samples, overrides = saved["num_samples"], saved["overrides"]
         tracking_uri, experiment = saved["tracking_uri"], saved["experiment"]
         storage, root = saved.get("storage"), saved.get("storage_root")
     elif (out / EXPERIMENT_DIR).exists():
@@ -122,6 +123,7 @@ def run_study(
 
     # Everything is validated before a single thing is created.
     study = load_study(space_file, overrides, num_samples)
+    check_writable(out, given=output_dir)
     check_address(address)  # before the tracking store, which a sqlite URI creates
     if storage and not root:
         root = storage_root(out, storage)
@@ -131,7 +133,7 @@ def run_study(
     client = tracking.connect(uri)
     experiment = experiment or f"smile-ray-{study.base.dataset}"
     connect(address)
-    check_cluster(storage or (root if root != str(out) else None))
+    check_cluster(storage or (root if root != str(out) else None), study.resources, address)
     if study.base.weights == "source":
         load_source(study.base, cache_dir)  # pre-train once, before trials race for it
 
@@ -147,7 +149,8 @@ def run_study(
         parent_id = parent.info.run_id
         client.log_batch(parent_id, params=tracking.flat_params(
             {**study.summary(), **{f"base.{k}": v for k, v in study.base.to_dict().items()}}))
-        write_json({"space_file": str(Path(space_file).resolve()), "num_samples": study.num_samples,
+        write_json({"space_file": str(study.path.resolve()), "space_sha256": file_digest(study.path),
+                    "num_samples": study.num_samples,
                     "overrides": overrides or {}, "tracking_uri": uri, "experiment": experiment,
                     "parent_run_id": parent_id, "address": address, "storage": storage, "storage_root": root,
                     "mlflow_ui": tracking.ui_link(uri, exp_id, parent_id)}, state_file)
@@ -173,27 +176,28 @@ def run_study(
         wall = earlier + time.perf_counter() - started
         write_json({**json.loads(state_file.read_text()), "wall_seconds": wall}, state_file)
 
-    rows = _rows(results, study)
-    if not any(r["status"] == "TERMINATED" and r.get(study.metric) is not None for r in rows):
-        # a trial's own one-line error (e.g. a GPU where CUDA does not work) says it best
-        causes = [c for c in map(user_error, results.errors) if c is not None]
-        why = f": {causes[0]}" if causes else f"; see {join(root, EXPERIMENT_DIR)} for the trials' errors"
-        raise fail(logger, f"no trial of {out} finished{why}")
-    best = _best(rows, study)
-    pq.write_table(pa.Table.from_pylist(rows), out / "trials.parquet")
-    record = {
-        "trial_id": best["trial_id"], "metric": study.metric, "mode": study.mode,
-        **{k: best.get(k) for k in RESULT_KEYS},
-        **({"replicates": _replicates(best, study)} if study.replicates > 1 else {}),
-        "study": {**study.summary(), "trials": len(rows), "wall_seconds": wall,
-                  "trial_seconds": sum(r.get("seconds") or 0.0 for r in rows)},
-        "config": make_config({**base, **{p: best[p] for p in study.searched}}).to_dict(),
-    }
-    write_json(record, out / "best.json")
-    plot = plot_study(rows, study, out / f"{study.metric}_vs_params.png")
-    finish(logger, [Path(study.path), out / "trials.parquet", out / "best.json", plot], {
-        f"best_{study.metric}": best[study.metric], "best_test_acc": best.get("test_acc") or float("nan"),
-        "trials": len(rows)})
+    with closing_on_error(logger):
+        rows = _rows(results, study)
+        if not any(r["status"] == "TERMINATED" and r.get(study.metric) is not None for r in rows):
+            # a trial's own one-line error (e.g. a GPU where CUDA does not work) says it best
+            causes = [c for c in map(user_error, results.errors) if c is not None]
+            why = f": {causes[0]}" if causes else f"; see {join(root, EXPERIMENT_DIR)} for the trials' errors"
+            raise fail(logger, f"no trial of {out} finished{why}")
+        best = _best(rows, study)
+        pq.write_table(pa.Table.from_pylist(rows), out / "trials.parquet")
+        record = {
+            "trial_id": best["trial_id"], "metric": study.metric, "mode": study.mode,
+            **{k: best.get(k) for k in RESULT_KEYS},
+            **({"replicates": _replicates(best, study)} if study.replicates > 1 else {}),
+            "study": {**study.summary(), "trials": len(rows), "wall_seconds": wall,
+                      "trial_seconds": sum(r.get("seconds") or 0.0 for r in rows)},
+            "config": make_config({**base, **{p: best[p] for p in study.searched}}).to_dict(),
+        }
+        write_json(record, out / "best.json")
+        plot = plot_study(rows, study, out / f"{study.metric}_vs_params.png")
+        finish(logger, [Path(study.path), out / "trials.parquet", out / "best.json", plot], {
+            f"best_{study.metric}": best[study.metric], "best_test_acc": best.get("test_acc") or float("nan"),
+            "trials": len(rows)})
     return record
 
 

@@ -22,6 +22,12 @@ ABLATION_LEGEND = ("diff = arm - reference in test accuracy (points), paired ove
                    f"P(>ref): probability of improvement; p: paired t-test. {MDE_LEGEND} {IQM_LEGEND}")
 
 
+def for_terminal(markdown: str) -> str:
+    """A Markdown table as printed on a terminal: a cell's ``<br>`` (a line break in a
+    rendered table, markup on a terminal) becomes ``; ``."""
+    return markdown.replace("<br>", "; ")
+
+
 def _fmt(x: float, spec: str = ".2f") -> str:
     return "n/a" if x is None or not math.isfinite(x) else format(x, spec)
 
