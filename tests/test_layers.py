@@ -45,7 +45,7 @@ def layer(name: str) -> str:
         return "orchestration"
     if name.startswith("smile_ray.reports"):
         return "reports"
-    if name == "smile_ray.cli" or name == "smile_ray.__main__":
+    if name in ("smile_ray.cli", "smile_ray.__main__", "smile_ray.docs"):  # docs.py reads the CLI's --help
         return "cli"
     return "core"
 
