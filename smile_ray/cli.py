@@ -7,6 +7,7 @@ bugs.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,59 @@ STORAGE_HELP = ("Where runs keep their files on a cluster of several nodes: s3:/
                 "stay in storage. [none: everything under --output, for one machine]")
 storage_option = click.option("--storage", metavar="URI", help=STORAGE_HELP)
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record comes (click's test runner and
+    Ray swap it), not to the stream of the moment the handler was made."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def _set_log_level(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """``--log-level``: the level of smile-ray's own log records (logger ``smile_ray``) and
+    the one handler that prints them on stderr. The CLI owns its process, so this is where
+    logging is configured; the library itself never configures logging."""
+    logger = logging.getLogger("smile_ray")
+    logger.setLevel(value.upper())
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    return value
+
+
+def common_options(f):
+    """``--quiet`` and ``--log-level``, on every command."""
+    f = click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="warning",
+                     show_default=True, expose_value=False, callback=_set_log_level,
+                     help="Level of smile-ray's own log messages on stderr (Ray's and MLflow's keep theirs).")(f)
+    return click.option("--quiet", is_flag=True,
+                        help="No progress bar or live trial table: only the result lines and errors.")(f)
+
+
+def assignments_argument(f):
+    """Bare ``KEY=VALUE`` arguments beside ``--set KEY=VALUE`` (as Hydra and torchtune
+    take them); applied after the ``--set`` ones."""
+    return click.argument("assignments", nargs=-1, metavar="[KEY=VALUE]...")(f)
+
+
+def all_overrides(overrides: tuple[str, ...], assignments: tuple[str, ...]) -> tuple[str, ...]:
+    """``--set`` pairs, then the bare ``KEY=VALUE`` arguments; a bare argument without
+    ``=`` is not an override and fails naming it."""
+    for word in assignments:
+        key, sep, _ = word.partition("=")
+        if not sep or not key.strip():
+            raise SmileError(f"unexpected argument {word!r}: config overrides are KEY=VALUE (or --set KEY=VALUE)")
+    return tuple(overrides) + tuple(assignments)
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="smile-ray")
@@ -73,7 +127,6 @@ def cli() -> None:
     "--cache-dir", type=click.Path(file_okay=False, path_type=Path),
     help="Where pre-trained source models are cached [$SMILE_RAY_CACHE or ~/.cache/smile-ray].",
 )
-@click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option(
     "--workers", type=click.IntRange(min=1),
     help="Run data-parallel on N Ray Train workers (DDP; gloo on CPU, nccl with --gpu). "
@@ -90,8 +143,10 @@ def cli() -> None:
 @storage_option
 @click.option("--cpus-per-worker", type=click.IntRange(min=1),
               help="CPUs (and torch threads) per Ray Train worker [CPU workers share the cluster's CPUs].")
+@assignments_argument
+@common_options
 def train(method, dataset, config_file, overrides, output, overwrite, cache_dir, quiet, workers, gpu, address, storage,
-          max_failures, cpus_per_worker) -> None:
+          max_failures, cpus_per_worker, assignments) -> None:
     """Fine-tune one model and write OUTPUT/metrics.json.
 
     metrics.json holds the method, the full config, validation and test accuracy, test
@@ -101,6 +156,7 @@ def train(method, dataset, config_file, overrides, output, overwrite, cache_dir,
     reliability.png its reliability diagram; model.pt the student's weights;
     checkpoint/state.pt the state to resume from.
     """
+    overrides = all_overrides(overrides, assignments)
     config = resolve_config(config_file, overrides, method=method, dataset=dataset)
     if output is None:
         output = Path("runs") / f"{config.method}-{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -144,8 +200,10 @@ def train(method, dataset, config_file, overrides, output, overwrite, cache_dir,
 @storage_option
 @set_option("the space file's base")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Source-model cache.")
+@assignments_argument
+@common_options
 def tune(space_file, num_samples, output, address, tracking_uri, experiment, resume, storage, overrides,
-         cache_dir) -> None:
+         cache_dir, assignments, quiet) -> None:
     """Search hyper-parameters with Ray Tune + HyperOpt; track everything in MLflow.
 
     Tuning optimises the validation metric; test accuracy is recorded per trial but never
@@ -155,6 +213,7 @@ def tune(space_file, num_samples, output, address, tracking_uri, experiment, res
     """
     from smile_ray.orchestration.tune import run_study
 
+    overrides = all_overrides(overrides, assignments)
     if resume:
         if output is None:
             raise SmileError("--resume needs --output DIR (the study to continue)")
@@ -169,7 +228,7 @@ def tune(space_file, num_samples, output, address, tracking_uri, experiment, res
         output = Path("runs") / f"tune-{space_file.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     best = run_study(space_file, output, num_samples=num_samples, overrides=parse_overrides(overrides),
                      address=address, tracking_uri=tracking_uri, experiment=experiment, resume=resume,
-                     cache_dir=cache_dir, storage=storage)
+                     cache_dir=cache_dir, storage=storage, verbose=0 if quiet else 1)
     s = best["study"]
     click.echo(f"best trial {best['trial_id']}: {best['metric']} {best[best['metric']]:.4f}  "
                f"test_acc {best['test_acc']:.4f}  ({s['trials']} trials, {s['wall_seconds']:.0f} s in all)")
@@ -221,8 +280,10 @@ def parse_seeds(seeds: str | None, max_seeds: int | None) -> tuple[int | None, i
 @click.option("--resume", is_flag=True,
               help="Continue the interrupted ablation in --output with its saved settings; finished runs are kept.")
 @storage_option
+@assignments_argument
+@common_options
 def ablate(definitions, drops, all_components, seeds, max_seeds, base_file, overrides, tune_budget, output, address,
-           tracking_uri, experiment, cache_dir, resume, storage) -> None:
+           tracking_uri, experiment, cache_dir, resume, storage, assignments, quiet) -> None:
     """Compare the full method with arms that drop components, over shared seeds.
 
     Writes OUTPUT/ablation.parquet (a row per arm x seed), OUTPUT/ablation.md (mean ± std
@@ -233,6 +294,7 @@ def ablate(definitions, drops, all_components, seeds, max_seeds, base_file, over
     """
     from smile_ray.orchestration.ablate import run_ablation
 
+    overrides = all_overrides(overrides, assignments)
     if resume:
         if output is None:
             raise SmileError("--resume needs --output DIR (the ablation to continue)")
@@ -250,7 +312,7 @@ def ablate(definitions, drops, all_components, seeds, max_seeds, base_file, over
                          max_seeds=max_seeds,
                          base_file=base_file, overrides=parse_overrides(overrides), tune_budget=tune_budget,
                          address=address, tracking_uri=tracking_uri, experiment=experiment, cache_dir=cache_dir,
-                         resume=resume, storage=storage)
+                         resume=resume, storage=storage, verbose=0 if quiet else 1)
     click.echo(table, nl=False)
     click.echo(f"wrote {output / 'ablation.parquet'}, {output / 'ablation.md'}, {output / 'ablation.png'}")
     echo_mlflow(output / "ablation.json")
@@ -274,8 +336,10 @@ def ablate(definitions, drops, all_components, seeds, max_seeds, base_file, over
 @click.option("--resume", is_flag=True,
               help="Continue the interrupted comparison in --output with its saved settings; finished runs are kept.")
 @storage_option
+@assignments_argument
+@common_options
 def compare(methods_text, settings_file, seeds, overrides, tune_budget, output, address, tracking_uri, experiment,
-            cache_dir, resume, storage) -> None:
+            cache_dir, resume, storage, assignments, quiet) -> None:
     """Compare fine-tuning methods over shared seeds: the paper's Table 2 from one command.
 
     Every (method, column, seed) is a Ray Tune trial. Writes OUTPUT/table.md (rows =
@@ -287,6 +351,7 @@ def compare(methods_text, settings_file, seeds, overrides, tune_budget, output, 
     """
     from smile_ray.orchestration.compare import parse_methods, run_compare
 
+    overrides = all_overrides(overrides, assignments)
     if resume:
         if output is None:
             raise SmileError("--resume needs --output DIR (the comparison to continue)")
@@ -301,7 +366,7 @@ def compare(methods_text, settings_file, seeds, overrides, tune_budget, output, 
     table = run_compare(methods, settings_file, output, seeds=seeds, overrides=parse_overrides(overrides),
                         tune_budget=tune_budget, address=address, tracking_uri=tracking_uri, experiment=experiment,
                         cache_dir=cache_dir, resume=resume, on_failed=lambda line: click.echo(line, err=True),
-                        storage=storage)
+                        storage=storage, verbose=0 if quiet else 1)
     click.echo(table, nl=False)
     click.echo(f"wrote {output / 'results.parquet'}, {output / 'table.md'}, {output / 'table.png'}")
     echo_mlflow(output / "compare.json")
@@ -311,7 +376,8 @@ def compare(methods_text, settings_file, seeds, overrides, tune_budget, output, 
 @click.argument("dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("report.md"),
               show_default=True, help="The Markdown report; its images go to <stem>_files/ beside it.")
-def report(dirs, output) -> None:
+@common_options
+def report(dirs, output, quiet) -> None:
     """One Markdown report, with plots, of output directories of train, tune, ablate or compare.
 
     DIR is a run (metrics.json), a study (trials.parquet, best.json), an ablation
@@ -328,9 +394,11 @@ def report(dirs, output) -> None:
 @cli.command("config")
 @config_option
 @set_option("--config")
-def show_config(config_file, overrides) -> None:
+@assignments_argument
+@common_options
+def show_config(config_file, overrides, assignments, quiet) -> None:
     """Print the resolved config as YAML (a starting point for --config files)."""
-    config: Config = resolve_config(config_file, overrides)
+    config: Config = resolve_config(config_file, all_overrides(overrides, assignments))
     click.echo(yaml.safe_dump(config.to_dict(), sort_keys=False), nl=False)
 
 

@@ -57,15 +57,28 @@ def connect(tracking_uri: str | None) -> MlflowClient:
     """A client for ``tracking_uri`` (default: :func:`default_tracking_uri`), checked with
     one cheap request so that a bad URI fails before anything is created."""
     uri = tracking_uri or default_tracking_uri()
-    for name in ("mlflow", "alembic"):  # schema set-up chatter of a new sqlite store
-        logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        with _fail_fast():
+        with _fail_fast(), _quiet_loggers("mlflow", "alembic"):  # a new sqlite store's schema set-up chatter
             client = MlflowClient(tracking_uri=uri)
             client.search_experiments(max_results=1)
     except Exception as e:  # mlflow raises many types for bad URIs and dead servers
         raise SmileError(f"--tracking-uri {uri!r} is not usable: {_cause(e)}") from None
     return client
+
+
+@contextmanager
+def _quiet_loggers(*names: str) -> Iterator[None]:
+    """Those loggers at WARNING for the block, then as they were: the library leaves the
+    process's logging configuration as it found it."""
+    loggers = [logging.getLogger(n) for n in names]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, saved):
+            lg.setLevel(level)
 
 
 def _cause(e: BaseException) -> str:
