@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 import click
 import yaml
 
-from smile_ray.config import KEYS, Config, parse_overrides, preset_names, resolve_config, shipped_names
+from smile_ray import api
+from smile_ray.config import KEYS, Config, preset_names, resolve_config, shipped_names
 from smile_ray.errors import SmileError
 from smile_ray.registry import DATASETS, METHODS
 
@@ -143,10 +143,13 @@ def cli() -> None:
 @storage_option
 @click.option("--cpus-per-worker", type=click.IntRange(min=1),
               help="CPUs (and torch threads) per Ray Train worker [CPU workers share the cluster's CPUs].")
+@click.option("--tracking-uri", help="Record the run in MLflow: params, curves, test metrics, reliability diagram, "
+              "the model (e.g. sqlite:///mlflow.db or http://host:5000) [not recorded].")
+@click.option("--experiment", help="MLflow experiment name, with --tracking-uri [smile-ray-DATASET].")
 @assignments_argument
 @common_options
 def train(method, dataset, config_file, overrides, output, overwrite, cache_dir, quiet, workers, gpu, address, storage,
-          max_failures, cpus_per_worker, assignments) -> None:
+          max_failures, cpus_per_worker, tracking_uri, experiment, assignments) -> None:
     """Fine-tune one model and write OUTPUT/metrics.json.
 
     metrics.json holds the method, the full config, validation and test accuracy, test
@@ -156,34 +159,19 @@ def train(method, dataset, config_file, overrides, output, overwrite, cache_dir,
     reliability.png its reliability diagram; model.pt the student's weights;
     checkpoint/state.pt the state to resume from.
     """
-    overrides = all_overrides(overrides, assignments)
-    config = resolve_config(config_file, overrides, method=method, dataset=dataset)
-    if output is None:
-        output = Path("runs") / f"{config.method}-{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if workers is None and (gpu or address or cpus_per_worker or storage):
-        raise SmileError("--gpu, --address, --storage and --cpus-per-worker need --workers N (they run on Ray Train)")
-    if workers is not None and config.batch_size % workers:
-        raise SmileError(f"batch_size={config.batch_size} does not split evenly over {workers} workers")
-    if workers is None:
-        from smile_ray.recipe import train as run_train
-
-        metrics = run_train(config, output, cache_dir=cache_dir, progress=not quiet, fresh=overwrite)
-    else:
-        from smile_ray.orchestration.ray_train import train_distributed
-
-        metrics = train_distributed(
-            config, output, workers=workers, use_gpu=gpu, address=address, max_failures=max_failures,
-            cache_dir=cache_dir, progress=not quiet, cpus_per_worker=cpus_per_worker, fresh=overwrite,
-            storage_path=storage,
-        )
+    run = api.train(config_file, output, method=method, dataset=dataset,
+                    overrides=all_overrides(overrides, assignments), cache_dir=cache_dir, overwrite=overwrite,
+                    progress=not quiet, workers=workers, gpu=gpu, address=address, storage=storage,
+                    max_failures=max_failures, cpus_per_worker=cpus_per_worker, tracking_uri=tracking_uri,
+                    experiment=experiment)
+    config, metrics = run.config, run.metrics
     click.echo(
         f"{config.method} on {config.dataset}: val_acc {metrics['val_acc']:.4f}  test_acc {metrics['test_acc']:.4f}  "
         f"test_ece {metrics['test_ece']:.4f}  {metrics['steps']} steps in {metrics['seconds']:.1f} s"
     )
-    from smile_ray.reports.plots import plot_run_reliability
-
-    plot = plot_run_reliability(metrics, output / "reliability.png")
-    click.echo(f"wrote {output / 'metrics.json'}, {plot}")
+    click.echo(f"wrote {run.output / 'metrics.json'}, {run.reliability_png}")
+    if run.mlflow_run_id:
+        click.echo(f"MLflow: run {run.mlflow_run_id} (its model: runs:/{run.mlflow_run_id}/model)")
 
 
 @cli.command()
@@ -211,49 +199,16 @@ def tune(space_file, num_samples, output, address, tracking_uri, experiment, res
     (the best trial's full config and metrics: use it as `train --config`) and a PNG of the
     metric against each searched parameter.
     """
-    from smile_ray.orchestration.tune import run_study
-
-    overrides = all_overrides(overrides, assignments)
-    if resume:
-        if output is None:
-            raise SmileError("--resume needs --output DIR (the study to continue)")
-        given = [flag for flag, value in (("--space", space_file), ("--num-samples", num_samples),
-                                          ("--set", overrides), ("--tracking-uri", tracking_uri),
-                                          ("--experiment", experiment), ("--storage", storage)) if value]
-        if given:
-            raise SmileError(f"--resume continues the study with its saved settings; drop {', '.join(given)}")
-    elif space_file is None:
-        raise SmileError("tune needs --space FILE (a search-space YAML; see search_spaces/)")
-    if output is None:
-        output = Path("runs") / f"tune-{space_file.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    best = run_study(space_file, output, num_samples=num_samples, overrides=parse_overrides(overrides),
-                     address=address, tracking_uri=tracking_uri, experiment=experiment, resume=resume,
-                     cache_dir=cache_dir, storage=storage, verbose=0 if quiet else 1)
+    study = api.tune(space_file, output, num_samples=num_samples, overrides=all_overrides(overrides, assignments),
+                     address=address,
+                     tracking_uri=tracking_uri, experiment=experiment, resume=resume, cache_dir=cache_dir,
+                     storage=storage, progress=not quiet)
+    best, output = study.best, study.output
     s = best["study"]
     click.echo(f"best trial {best['trial_id']}: {best['metric']} {best[best['metric']]:.4f}  "
                f"test_acc {best['test_acc']:.4f}  ({s['trials']} trials, {s['wall_seconds']:.0f} s in all)")
     click.echo(f"wrote {output / 'trials.parquet'}, {output / 'best.json'}")
     echo_mlflow(output / "study.json")
-
-
-AUTO_MAX_SEEDS = 20
-
-
-def parse_seeds(seeds: str | None, max_seeds: int | None) -> tuple[int | None, int | None]:
-    """``--seeds K|auto`` and ``--max-seeds M`` -> (K or None for the file's, M or None
-    for fixed seeds)."""
-    if seeds == "auto":
-        if max_seeds is not None and max_seeds < 2:
-            raise SmileError(f"--max-seeds={max_seeds} must be >= 2")
-        return None, max_seeds or AUTO_MAX_SEEDS
-    if max_seeds is not None:
-        raise SmileError("--max-seeds only goes with --seeds auto")
-    if seeds is None:
-        return None, None
-    try:
-        return int(seeds), None
-    except ValueError:
-        raise SmileError(f"--seeds={seeds!r}: expected a number of seeds or auto") from None
 
 
 @cli.command()
@@ -292,27 +247,11 @@ def ablate(definitions, drops, all_components, seeds, max_seeds, base_file, over
     OUTPUT/ablation.png; prints the table. With --seeds auto the table also says which
     arms resolved (interval excluding zero) and at how many seeds.
     """
-    from smile_ray.orchestration.ablate import run_ablation
-
-    overrides = all_overrides(overrides, assignments)
-    if resume:
-        if output is None:
-            raise SmileError("--resume needs --output DIR (the ablation to continue)")
-        given = [flag for flag, value in (("--drop", drops), ("--all", all_components), ("--seeds", seeds),
-                                          ("--max-seeds", max_seeds),
-                                          ("--base", base_file), ("--set", overrides), ("--tune-budget", tune_budget),
-                                          ("--storage", storage))
-                 if value]
-        if given:
-            raise SmileError(f"--resume continues the ablation with its saved settings; drop {', '.join(given)}")
-    seeds, max_seeds = parse_seeds(seeds, max_seeds)
-    if output is None:
-        output = Path("runs") / f"ablate-{time.strftime('%Y%m%d-%H%M%S')}"
-    table = run_ablation(definitions, output, drops=list(drops), all_components=all_components, seeds=seeds,
-                         max_seeds=max_seeds,
-                         base_file=base_file, overrides=parse_overrides(overrides), tune_budget=tune_budget,
-                         address=address, tracking_uri=tracking_uri, experiment=experiment, cache_dir=cache_dir,
-                         resume=resume, storage=storage, verbose=0 if quiet else 1)
+    result = api.ablate(definitions, output, drop=drops, all_components=all_components, seeds=seeds,
+                        max_seeds=max_seeds, base=base_file, overrides=all_overrides(overrides, assignments),
+                        tune_budget=tune_budget, address=address, tracking_uri=tracking_uri, experiment=experiment,
+                        cache_dir=cache_dir, resume=resume, storage=storage, progress=not quiet)
+    table, output = result.table, result.output
     click.echo(table, nl=False)
     click.echo(f"wrote {output / 'ablation.parquet'}, {output / 'ablation.md'}, {output / 'ablation.png'}")
     echo_mlflow(output / "ablation.json")
@@ -349,24 +288,11 @@ def compare(methods_text, settings_file, seeds, overrides, tune_budget, output, 
     OUTPUT/table.png, and an MLflow parent run with a child per run; prints the table.
     A failed run is named on one line and left out; the rest are kept.
     """
-    from smile_ray.orchestration.compare import parse_methods, run_compare
-
-    overrides = all_overrides(overrides, assignments)
-    if resume:
-        if output is None:
-            raise SmileError("--resume needs --output DIR (the comparison to continue)")
-        given = [flag for flag, value in (("--seeds", seeds), ("--set", overrides), ("--tune-budget", tune_budget),
-                                          ("--tracking-uri", tracking_uri), ("--experiment", experiment),
-                                          ("--storage", storage)) if value]
-        if given:
-            raise SmileError(f"--resume continues the comparison with its saved settings; drop {', '.join(given)}")
-    methods = parse_methods(methods_text)
-    if output is None:
-        output = Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
-    table = run_compare(methods, settings_file, output, seeds=seeds, overrides=parse_overrides(overrides),
-                        tune_budget=tune_budget, address=address, tracking_uri=tracking_uri, experiment=experiment,
-                        cache_dir=cache_dir, resume=resume, on_failed=lambda line: click.echo(line, err=True),
-                        storage=storage, verbose=0 if quiet else 1)
+    result = api.compare(methods_text, settings_file, output, seeds=seeds,
+                         overrides=all_overrides(overrides, assignments), tune_budget=tune_budget, address=address,
+                         tracking_uri=tracking_uri, experiment=experiment, cache_dir=cache_dir, resume=resume,
+                         storage=storage, progress=not quiet, on_failed=lambda line: click.echo(line, err=True))
+    table, output = result.table, result.output
     click.echo(table, nl=False)
     click.echo(f"wrote {output / 'results.parquet'}, {output / 'table.md'}, {output / 'table.png'}")
     echo_mlflow(output / "compare.json")
@@ -385,9 +311,7 @@ def report(dirs, output, quiet) -> None:
     holds the tables (recomputed, with MDE and IQM), training curves, reliability diagrams,
     interpolation losses and, where the data size varies, accuracy against it.
     """
-    from smile_ray.reports.report import build_report
-
-    path = build_report(list(dirs), output)
+    path = api.report(dirs, output)
     click.echo(f"wrote {path} (images in {path.parent / (path.stem + '_files')})")
 
 
