@@ -7,17 +7,18 @@ bugs.
 from __future__ import annotations
 
 import json
+import logging
 import sys
-import time
 from pathlib import Path
 
 import click
 import yaml
 
-from smile_ray.checkpoint import check_writable, folder_lock
-from smile_ray.config import KEYS, Config, parse_overrides, preset_names, resolve_config, shipped_names
+from smile_ray import api
+from smile_ray.config import KEYS, Config, preset_names, resolve_config, shipped_names
 from smile_ray.errors import SmileError
 from smile_ray.registry import DATASETS, METHODS
+from smile_ray.reports.tables import for_terminal
 
 
 def _keys_help() -> str:
@@ -48,6 +49,59 @@ STORAGE_HELP = ("Where runs keep their files on a cluster of several nodes: s3:/
                 "stay in storage. [none: everything under --output, for one machine]")
 storage_option = click.option("--storage", metavar="URI", help=STORAGE_HELP)
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record comes (click's test runner and
+    Ray swap it), not to the stream of the moment the handler was made."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def _set_log_level(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """``--log-level``: the level of smile-ray's own log records (logger ``smile_ray``) and
+    the one handler that prints them on stderr. The CLI owns its process, so this is where
+    logging is configured; the library itself never configures logging."""
+    logger = logging.getLogger("smile_ray")
+    logger.setLevel(value.upper())
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    return value
+
+
+def common_options(f):
+    """``--quiet`` and ``--log-level``, on every command."""
+    f = click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="warning",
+                     show_default=True, expose_value=False, callback=_set_log_level,
+                     help="Level of smile-ray's own log messages on stderr (Ray's and MLflow's keep theirs).")(f)
+    return click.option("--quiet", is_flag=True,
+                        help="No progress bar or live trial table: only the result lines and errors.")(f)
+
+
+def assignments_argument(f):
+    """Bare ``KEY=VALUE`` arguments beside ``--set KEY=VALUE`` (as Hydra and torchtune
+    take them); applied after the ``--set`` ones."""
+    return click.argument("assignments", nargs=-1, metavar="[KEY=VALUE]...")(f)
+
+
+def all_overrides(overrides: tuple[str, ...], assignments: tuple[str, ...]) -> tuple[str, ...]:
+    """``--set`` pairs, then the bare ``KEY=VALUE`` arguments; a bare argument without
+    ``=`` is not an override and fails naming it."""
+    for word in assignments:
+        key, sep, _ = word.partition("=")
+        if not sep or not key.strip():
+            raise SmileError(f"unexpected argument {word!r}: config overrides are KEY=VALUE (or --set KEY=VALUE)")
+    return tuple(overrides) + tuple(assignments)
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="smile-ray")
@@ -74,7 +128,6 @@ def cli() -> None:
     "--cache-dir", type=click.Path(file_okay=False, path_type=Path),
     help="Where pre-trained source models are cached [$SMILE_RAY_CACHE or ~/.cache/smile-ray].",
 )
-@click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option(
     "--workers", type=click.IntRange(min=1),
     help="Run data-parallel on N Ray Train workers (DDP; gloo on CPU, nccl with --gpu). "
@@ -91,8 +144,13 @@ def cli() -> None:
 @storage_option
 @click.option("--cpus-per-worker", type=click.IntRange(min=1),
               help="CPUs (and torch threads) per Ray Train worker [CPU workers share the cluster's CPUs].")
+@click.option("--tracking-uri", help="Record the run in MLflow: params, curves, test metrics, reliability diagram, "
+              "the model (e.g. sqlite:///mlflow.db or http://host:5000) [not recorded].")
+@click.option("--experiment", help="MLflow experiment name, with --tracking-uri [smile-ray-DATASET].")
+@assignments_argument
+@common_options
 def train(method, dataset, config_file, overrides, output, overwrite, cache_dir, quiet, workers, gpu, address, storage,
-          max_failures, cpus_per_worker) -> None:
+          max_failures, cpus_per_worker, tracking_uri, experiment, assignments) -> None:
     """Fine-tune one model and write OUTPUT/metrics.json.
 
     metrics.json holds the method, the full config, validation and test accuracy, test
@@ -102,38 +160,19 @@ def train(method, dataset, config_file, overrides, output, overwrite, cache_dir,
     reliability.png its reliability diagram; model.pt the student's weights;
     checkpoint/state.pt the state to resume from.
     """
-    from smile_ray.methods import check_keys_read
-
-    config = resolve_config(config_file, overrides, method=method, dataset=dataset)
-    check_keys_read(parse_overrides(overrides), [config])
-    if output is None:
-        output = Path("runs") / f"{config.method}-{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    check_writable(output)
-    if workers is None and (gpu or address or cpus_per_worker or storage):
-        raise SmileError("--gpu, --address, --storage and --cpus-per-worker need --workers N (they run on Ray Train)")
-    if workers is not None and config.batch_size % workers:
-        raise SmileError(f"batch_size={config.batch_size} does not split evenly over {workers} workers")
-    with folder_lock(output):  # a second train on this --output is refused while this one runs
-        if workers is None:
-            from smile_ray.recipe import train as run_train
-
-            metrics = run_train(config, output, cache_dir=cache_dir, progress=not quiet, fresh=overwrite)
-        else:
-            from smile_ray.orchestration.ray_train import train_distributed
-
-            metrics = train_distributed(
-                config, output, workers=workers, use_gpu=gpu, address=address, max_failures=max_failures,
-                cache_dir=cache_dir, progress=not quiet, cpus_per_worker=cpus_per_worker, fresh=overwrite,
-                storage_path=storage,
-            )
-        from smile_ray.reports.plots import plot_run_reliability
-
-        plot = plot_run_reliability(metrics, output / "reliability.png")
+    run = api.train(config_file, output, method=method, dataset=dataset,
+                    overrides=all_overrides(overrides, assignments), cache_dir=cache_dir, overwrite=overwrite,
+                    progress=not quiet, workers=workers, gpu=gpu, address=address, storage=storage,
+                    max_failures=max_failures, cpus_per_worker=cpus_per_worker, tracking_uri=tracking_uri,
+                    experiment=experiment)
+    config, metrics = run.config, run.metrics
     click.echo(
         f"{config.method} on {config.dataset}: val_acc {metrics['val_acc']:.4f}  test_acc {metrics['test_acc']:.4f}  "
         f"test_ece {metrics['test_ece']:.4f}  {metrics['steps']} steps in {metrics['seconds']:.1f} s"
     )
-    click.echo(f"wrote {output / 'metrics.json'}, {plot}")
+    click.echo(f"wrote {run.output / 'metrics.json'}, {run.reliability_png}")
+    if run.mlflow_run_id:
+        click.echo(f"MLflow: run {run.mlflow_run_id} (its model: runs:/{run.mlflow_run_id}/model)")
 
 
 @cli.command()
@@ -150,8 +189,10 @@ def train(method, dataset, config_file, overrides, output, overwrite, cache_dir,
 @storage_option
 @set_option("the space file's base")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Source-model cache.")
+@assignments_argument
+@common_options
 def tune(space_file, num_samples, output, address, tracking_uri, experiment, resume, storage, overrides,
-         cache_dir) -> None:
+         cache_dir, assignments, quiet) -> None:
     """Search hyper-parameters with Ray Tune + HyperOpt; track everything in MLflow.
 
     Tuning optimises the validation metric; test accuracy is recorded per trial but never
@@ -159,48 +200,16 @@ def tune(space_file, num_samples, output, address, tracking_uri, experiment, res
     (the best trial's full config and metrics: use it as `train --config`) and a PNG of the
     metric against each searched parameter.
     """
-    from smile_ray.orchestration.tune import run_study
-
-    if resume:
-        if output is None:
-            raise SmileError("--resume needs --output DIR (the study to continue)")
-        given = [flag for flag, value in (("--num-samples", num_samples),
-                                          ("--set", overrides), ("--tracking-uri", tracking_uri),
-                                          ("--experiment", experiment), ("--storage", storage)) if value]
-        if given:
-            raise SmileError(f"--resume continues the study with its saved settings; drop {', '.join(given)}")
-    elif space_file is None:
-        raise SmileError("tune needs --space FILE (a search-space YAML; see search_spaces/)")
-    if output is None:
-        output = Path("runs") / f"tune-{space_file.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    best = run_study(space_file, output, num_samples=num_samples, overrides=parse_overrides(overrides),
-                     address=address, tracking_uri=tracking_uri, experiment=experiment, resume=resume,
-                     cache_dir=cache_dir, storage=storage)
+    study = api.tune(space_file, output, num_samples=num_samples, overrides=all_overrides(overrides, assignments),
+                     address=address,
+                     tracking_uri=tracking_uri, experiment=experiment, resume=resume, cache_dir=cache_dir,
+                     storage=storage, progress=not quiet)
+    best, output = study.best, study.output
     s = best["study"]
     click.echo(f"best trial {best['trial_id']}: {best['metric']} {best[best['metric']]:.4f}  "
                f"test_acc {best['test_acc']:.4f}  ({s['trials']} trials, {s['wall_seconds']:.0f} s in all)")
     click.echo(f"wrote {output / 'trials.parquet'}, {output / 'best.json'}")
     echo_mlflow(output / "study.json")
-
-
-AUTO_MAX_SEEDS = 20
-
-
-def parse_seeds(seeds: str | None, max_seeds: int | None) -> tuple[int | None, int | None]:
-    """``--seeds K|auto`` and ``--max-seeds M`` -> (K or None for the file's, M or None
-    for fixed seeds)."""
-    if seeds == "auto":
-        if max_seeds is not None and max_seeds < 2:
-            raise SmileError(f"--max-seeds={max_seeds} must be >= 2")
-        return None, max_seeds or AUTO_MAX_SEEDS
-    if max_seeds is not None:
-        raise SmileError("--max-seeds only goes with --seeds auto")
-    if seeds is None:
-        return None, None
-    try:
-        return int(seeds), None
-    except ValueError:
-        raise SmileError(f"--seeds={seeds!r}: expected a number of seeds or auto") from None
 
 
 @cli.command()
@@ -227,8 +236,10 @@ def parse_seeds(seeds: str | None, max_seeds: int | None) -> tuple[int | None, i
 @click.option("--resume", is_flag=True,
               help="Continue the interrupted ablation in --output with its saved settings; finished runs are kept.")
 @storage_option
+@assignments_argument
+@common_options
 def ablate(definitions, drops, all_components, seeds, max_seeds, base_file, overrides, tune_budget, output, address,
-           tracking_uri, experiment, cache_dir, resume, storage) -> None:
+           tracking_uri, experiment, cache_dir, resume, storage, assignments, quiet) -> None:
     """Compare the full method with arms that drop components, over shared seeds.
 
     Writes OUTPUT/ablation.parquet (a row per arm x seed), OUTPUT/ablation.md (mean ± std
@@ -237,27 +248,11 @@ def ablate(definitions, drops, all_components, seeds, max_seeds, base_file, over
     OUTPUT/ablation.png; prints the table. With --seeds auto the table also says which
     arms resolved (interval excluding zero) and at how many seeds.
     """
-    from smile_ray.orchestration.ablate import run_ablation
-    from smile_ray.reports.tables import for_terminal
-
-    if resume:
-        if output is None:
-            raise SmileError("--resume needs --output DIR (the ablation to continue)")
-        given = [flag for flag, value in (("--drop", drops), ("--all", all_components), ("--seeds", seeds),
-                                          ("--max-seeds", max_seeds),
-                                          ("--base", base_file), ("--set", overrides), ("--tune-budget", tune_budget),
-                                          ("--storage", storage))
-                 if value]
-        if given:
-            raise SmileError(f"--resume continues the ablation with its saved settings; drop {', '.join(given)}")
-    seeds, max_seeds = parse_seeds(seeds, max_seeds)
-    if output is None:
-        output = Path("runs") / f"ablate-{time.strftime('%Y%m%d-%H%M%S')}"
-    table = run_ablation(definitions, output, drops=list(drops), all_components=all_components, seeds=seeds,
-                         max_seeds=max_seeds,
-                         base_file=base_file, overrides=parse_overrides(overrides), tune_budget=tune_budget,
-                         address=address, tracking_uri=tracking_uri, experiment=experiment, cache_dir=cache_dir,
-                         resume=resume, storage=storage)
+    result = api.ablate(definitions, output, drop=drops, all_components=all_components, seeds=seeds,
+                        max_seeds=max_seeds, base=base_file, overrides=all_overrides(overrides, assignments),
+                        tune_budget=tune_budget, address=address, tracking_uri=tracking_uri, experiment=experiment,
+                        cache_dir=cache_dir, resume=resume, storage=storage, progress=not quiet)
+    table, output = result.table, result.output
     click.echo(for_terminal(table), nl=False)
     click.echo(f"wrote {output / 'ablation.parquet'}, {output / 'ablation.md'}, {output / 'ablation.png'}")
     echo_mlflow(output / "ablation.json")
@@ -281,8 +276,10 @@ def ablate(definitions, drops, all_components, seeds, max_seeds, base_file, over
 @click.option("--resume", is_flag=True,
               help="Continue the interrupted comparison in --output with its saved settings; finished runs are kept.")
 @storage_option
+@assignments_argument
+@common_options
 def compare(methods_text, settings_file, seeds, overrides, tune_budget, output, address, tracking_uri, experiment,
-            cache_dir, resume, storage) -> None:
+            cache_dir, resume, storage, assignments, quiet) -> None:
     """Compare fine-tuning methods over shared seeds: the paper's Table 2 from one command.
 
     Every (method, column, seed) is a Ray Tune trial. Writes OUTPUT/table.md (rows =
@@ -292,24 +289,11 @@ def compare(methods_text, settings_file, seeds, overrides, tune_budget, output, 
     OUTPUT/table.png, and an MLflow parent run with a child per run; prints the table.
     A failed run is named on one line and left out; the rest are kept.
     """
-    from smile_ray.orchestration.compare import parse_methods, run_compare
-    from smile_ray.reports.tables import for_terminal
-
-    if resume:
-        if output is None:
-            raise SmileError("--resume needs --output DIR (the comparison to continue)")
-        given = [flag for flag, value in (("--seeds", seeds), ("--set", overrides), ("--tune-budget", tune_budget),
-                                          ("--tracking-uri", tracking_uri), ("--experiment", experiment),
-                                          ("--storage", storage)) if value]
-        if given:
-            raise SmileError(f"--resume continues the comparison with its saved settings; drop {', '.join(given)}")
-    methods = parse_methods(methods_text)
-    if output is None:
-        output = Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
-    table = run_compare(methods, settings_file, output, seeds=seeds, overrides=parse_overrides(overrides),
-                        tune_budget=tune_budget, address=address, tracking_uri=tracking_uri, experiment=experiment,
-                        cache_dir=cache_dir, resume=resume, on_failed=lambda line: click.echo(line, err=True),
-                        storage=storage)
+    result = api.compare(methods_text, settings_file, output, seeds=seeds,
+                         overrides=all_overrides(overrides, assignments), tune_budget=tune_budget, address=address,
+                         tracking_uri=tracking_uri, experiment=experiment, cache_dir=cache_dir, resume=resume,
+                         storage=storage, progress=not quiet, on_failed=lambda line: click.echo(line, err=True))
+    table, output = result.table, result.output
     click.echo(for_terminal(table), nl=False)
     click.echo(f"wrote {output / 'results.parquet'}, {output / 'table.md'}, {output / 'table.png'}")
     echo_mlflow(output / "compare.json")
@@ -319,7 +303,8 @@ def compare(methods_text, settings_file, seeds, overrides, tune_budget, output, 
 @click.argument("dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("report.md"),
               show_default=True, help="The Markdown report; its images go to <stem>_files/ beside it.")
-def report(dirs, output) -> None:
+@common_options
+def report(dirs, output, quiet) -> None:
     """One Markdown report, with plots, of output directories of train, tune, ablate or compare.
 
     DIR is a run (metrics.json), a study (trials.parquet, best.json), an ablation
@@ -327,19 +312,18 @@ def report(dirs, output) -> None:
     holds the tables (recomputed, with MDE and IQM), training curves, reliability diagrams,
     interpolation losses and, where the data size varies, accuracy against it.
     """
-    from smile_ray.reports.report import build_report
-
-    check_writable(output.parent, given=output)
-    path = build_report(list(dirs), output)
+    path = api.report(dirs, output)
     click.echo(f"wrote {path} (images in {path.parent / (path.stem + '_files')})")
 
 
 @cli.command("config")
 @config_option
 @set_option("--config")
-def show_config(config_file, overrides) -> None:
+@assignments_argument
+@common_options
+def show_config(config_file, overrides, assignments, quiet) -> None:
     """Print the resolved config as YAML (a starting point for --config files)."""
-    config: Config = resolve_config(config_file, overrides)
+    config: Config = resolve_config(config_file, all_overrides(overrides, assignments))
     click.echo(yaml.safe_dump(config.to_dict(), sort_keys=False), nl=False)
 
 

@@ -236,3 +236,78 @@ def test_ctrl_c_leaves_the_progress_bar_above_the_error_line(tmp_path, cache_dir
     tail = err[err.rindex("error: interrupted"):]
     assert tail.count("\n") == 1 and tail.endswith("\n") and "\r" not in tail, repr(err[-400:])
     assert "Traceback" not in err
+
+
+def test_bare_key_value_arguments_are_overrides_like_set(capfd):
+    assert main(["config", "--set", "method=l2", "--set", "seed=3"]) == 0
+    set_yaml = capfd.readouterr().out
+    assert main(["config", "method=l2", "seed=3"]) == 0
+    bare_yaml = capfd.readouterr().out
+    assert bare_yaml == set_yaml and "method: l2" in bare_yaml and "seed: 3" in bare_yaml
+    # bare arguments come after --set, and mix with options in any order
+    assert main(["config", "seed=4", "--set", "seed=3", "--set", "mixup_alpha=0.4"]) == 0
+    out = capfd.readouterr().out
+    assert "seed: 4" in out and "mixup_alpha: 0.4" in out
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["l2"], "unexpected argument 'l2': config overrides are KEY=VALUE"),
+    (["=3"], "unexpected argument '=3'"),
+    (["mixup_alpa=0.3"], "unknown config key 'mixup_alpa' (did you mean 'mixup_alpha'?)"),
+])
+def test_a_bad_bare_argument_is_one_line(bad, argv, expect):
+    out = bad(*argv, expect=expect)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["train", "tune", "ablate", "compare", "report", "config"])
+def test_every_command_takes_log_level_and_quiet(capfd, command):
+    assert main([command, "--help"]) == 0
+    text = capfd.readouterr().out
+    assert "--log-level" in text and "--quiet" in text
+    if command != "report":  # the commands that take --set take bare KEY=VALUE too
+        assert "--set KEY=VALUE" in text and "[KEY=VALUE]..." in text.splitlines()[0]
+
+
+@pytest.fixture
+def smile_logger():
+    import logging
+
+    logger = logging.getLogger("smile_ray")
+    level, handlers = logger.level, list(logger.handlers)
+    yield logger
+    logger.setLevel(level)
+    logger.handlers[:] = handlers
+
+
+def test_log_level_sets_what_smile_ray_logs_on_stderr(capfd, smile_logger):
+    assert main(["config", "--log-level", "info"]) == 0
+    capfd.readouterr()
+    smile_logger.getChild("somewhere").info("an info line")
+    assert "INFO smile_ray.somewhere: an info line" in capfd.readouterr().err
+    assert main(["config", "--log-level", "error"]) == 0
+    capfd.readouterr()
+    smile_logger.getChild("somewhere").warning("a warning")
+    assert capfd.readouterr().err == ""
+    assert sum(type(h).__name__ == "_StderrHandler" for h in smile_logger.handlers) == 1
+    code, err = run(capfd, "config", "--log-level", "loud")
+    assert code == 2 and err.count("\n") == 1 and "loud" in err
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_study_commands_pass_bare_overrides_and_quiet_to_the_library(monkeypatch, tmp_path, capfd, quiet):
+    import smile_ray.orchestration.tune as tune_module
+
+    seen = {}
+
+    def fake_study(space, output, **kwargs):  # the study itself is tested in test_tune.py
+        seen.update(kwargs)
+        raise SmileError("stop here")
+
+    from smile_ray.errors import SmileError
+
+    monkeypatch.setattr(tune_module, "run_study", fake_study)
+    argv = ["tune", "--space", "smile", "--output", str(tmp_path / "s"), "--set", "steps=5", "seed=3"]
+    code, err = run(capfd, *argv, *(["--quiet"] if quiet else []))
+    assert code == 2 and "stop here" in err
+    assert seen["overrides"] == {"steps": 5, "seed": 3} and seen["verbose"] == (0 if quiet else 1)

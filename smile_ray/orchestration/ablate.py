@@ -204,7 +204,8 @@ def run_ablation(
             arm_configs[arm] = config
         runs = make_runs(arm_configs, [(spc, arm) for spc in defs.samples for arm in arms], range(defs.seeds))
         rounds = [list(range(len(runs)))]
-        parent_id = client.create_run(exp_id, run_name=out.name, tags={"study": out.name, "kind": "ablation"}).info.run_id
+        parent_id = client.create_run(exp_id, run_name=out.name, tags={"study": out.name, "kind": "ablation",
+                                                                       **tracking.code_version()}).info.run_id
         client.log_batch(parent_id, params=tracking.flat_params(
             {"arms": ",".join(arms), "seeds": "auto" if max_seeds else defs.seeds,
              **({"max_seeds": max_seeds} if max_seeds else {}), "samples_per_class": ",".join(map(str, defs.samples)),

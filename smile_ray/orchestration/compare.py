@@ -137,7 +137,8 @@ def run_compare(
              "config": make_config({**cell_configs[m, column], "seed": seed}).to_dict()}
             for column in settings.columns for m in methods for seed in range(settings.seeds)
         ]
-        parent_id = client.create_run(exp_id, run_name=out.name, tags={"study": out.name, "kind": "comparison"}).info.run_id
+        parent_id = client.create_run(exp_id, run_name=out.name, tags={"study": out.name, "kind": "comparison",
+                                                                       **tracking.code_version()}).info.run_id
         client.log_batch(parent_id, params=tracking.flat_params(
             {"methods": ",".join(methods), "settings": ",".join(settings.columns), "seeds": settings.seeds,
              "tune_budget": tune_budget, **settings.resources.summary(), **{f"base.{k}": v for k, v in base.items()}}))

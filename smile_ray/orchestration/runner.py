@@ -151,7 +151,9 @@ def run_trials(
     fn = trainable({**setup, "experiment_path": experiment})
     # Tune's newer console output prints its experiment box and paths on stdout even at
     # verbose=0; the older engine at verbose=0 prints nothing, leaving stdout to the
-    # results and stderr to ``table``.
+    # results and stderr to ``table``. Set for the fit only: the caller's environment is
+    # left as it was.
+    saved_output = os.environ.get(NEW_OUTPUT_ENV)
     os.environ[NEW_OUTPUT_ENV] = "0"
     tune_config = dataclasses.replace(tune_config or tune.TuneConfig(), reuse_actors=REUSE_ACTORS)
     try:
@@ -178,6 +180,11 @@ def run_trials(
         logger.close_open_runs("FAILED")
         client.set_terminated(parent_id, status="FAILED")
         raise
+    finally:
+        if saved_output is None:
+            os.environ.pop(NEW_OUTPUT_ENV, None)
+        else:
+            os.environ[NEW_OUTPUT_ENV] = saved_output
     if interrupted or results.num_terminated + results.num_errors < len(results) or len(results) < expected:
         # Tune stopped on Ctrl-C, saved the experiment and returned: that is an interrupt.
         logger.close_open_runs("KILLED")

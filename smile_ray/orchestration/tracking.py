@@ -9,13 +9,29 @@ carries its test split's reliability bins; the driver draws the reliability diag
 logs it as the child run's artifact ``reliability.png``, on a thread of its own: Tune's
 controller starts no trial while a callback runs, and a diagram is about half a second
 of matplotlib.
+
+Models: every finished trial's ``model.pt`` and ``metrics.json`` are logged, on the same
+thread, as its child run's artifact folder ``model/`` (a replicated trial's replicate 0,
+which is ``train`` on the trial's config); a study's parent run gets its best trial's as
+``best_model/`` and the tag ``best_model_uri``. A ``train --tracking-uri`` run is one
+top-level run (:func:`log_train_run`) with the same folder. Load either with
+``smile_ray.load_model("runs:/<run id>/model", tracking_uri=...)``: the files are the
+run's own, not an ``mlflow.pytorch`` flavour, because the network's class and its input
+transform are rebuilt from ``metrics.json`` by :func:`smile_ray.api.load_model`.
+
+Every run carries the code that made it: MLflow's ``mlflow.source.git.commit`` tag when
+the package sits in a git work tree (``smile_ray.git_dirty`` says whether tracked files
+had changes), and ``smile_ray.version``.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import re
+import shutil
+import subprocess
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -57,15 +73,28 @@ def connect(tracking_uri: str | None) -> MlflowClient:
     """A client for ``tracking_uri`` (default: :func:`default_tracking_uri`), checked with
     one cheap request so that a bad URI fails before anything is created."""
     uri = tracking_uri or default_tracking_uri()
-    for name in ("mlflow", "alembic"):  # schema set-up chatter of a new sqlite store
-        logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        with _fail_fast():
+        with _fail_fast(), _quiet_loggers("mlflow", "alembic"):  # a new sqlite store's schema set-up chatter
             client = MlflowClient(tracking_uri=uri)
             client.search_experiments(max_results=1)
     except Exception as e:  # mlflow raises many types for bad URIs and dead servers
         raise SmileError(f"--tracking-uri {uri!r} is not usable: {_cause(e)}") from None
     return client
+
+
+@contextmanager
+def _quiet_loggers(*names: str) -> Iterator[None]:
+    """Those loggers at WARNING for the block, then as they were: the library leaves the
+    process's logging configuration as it found it."""
+    loggers = [logging.getLogger(n) for n in names]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, saved):
+            lg.setLevel(level)
 
 
 def _cause(e: BaseException) -> str:
@@ -117,12 +146,112 @@ def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
     if uri.startswith("sqlite:///"):
         # Artifacts beside the database, by absolute path (MLflow's default is ./mlruns
         # relative to whichever process happens to log).
-        location = (Path(uri[len("sqlite:///"):]).parent / "mlruns").as_uri()
+        location = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlruns").as_uri()  # a relative URI too
     return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
 def flat_params(values: dict[str, Any]) -> list[Param]:
     return [Param(k, str(v)) for k, v in sorted(values.items())]
+
+
+MODEL_DIR = "model"  # a run's artifact folder holding model.pt and metrics.json
+MODEL_FILES = ("model.pt", "metrics.json")
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> dict[str, str]:
+    """Tags naming the code that runs: the git commit of the package's work tree (under
+    MLflow's own tag name, which its UI shows) and whether tracked files had changes;
+    only the version where the package is not in a git work tree (an installed wheel)."""
+    from smile_ray import __version__
+
+    tags = {"smile_ray.version": __version__}
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode == 0 and (root / ".git").exists():
+            tags["mlflow.source.git.commit"] = head.stdout.strip()
+            dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=10)
+            tags["smile_ray.git_dirty"] = str(bool(dirty.stdout.strip())).lower()
+    except (OSError, subprocess.SubprocessError):
+        pass  # no git: the version alone
+    return tags
+
+
+def run_metrics(metrics: dict[str, Any]) -> list[Metric]:
+    """A run's curves (every evaluation of ``history``, at its step) and its final
+    numbers (at the last step): what a trial's child run holds, from a metrics.json."""
+    ts = 0
+    out = [Metric(k, float(v), ts, int(h["step"])) for h in metrics.get("history", [])
+           for k, v in h.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    last = int(metrics.get("steps", 0))
+    finals = {k: v for k, v in metrics.items() if k in REPORTED or k.endswith(("_il_train", "_il_test"))}
+    out += [Metric(k, float(v), ts, last) for k, v in finals.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return out
+
+
+def log_model_files(client: MlflowClient, run_id: str, folder: Path, artifact_path: str = MODEL_DIR) -> bool:
+    """Log ``folder``'s model.pt and metrics.json as the run's ``artifact_path``; False
+    when the folder holds no model."""
+    if not (folder / "model.pt").is_file():
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in MODEL_FILES:
+            if (folder / name).is_file():
+                shutil.copy2(folder / name, Path(tmp) / name)
+        client.log_artifacts(run_id, tmp, artifact_path)
+    return True
+
+
+def log_train_run(client: MlflowClient, uri: str, experiment: str | None, out: Path, metrics: dict[str, Any]) -> str:
+    """Record a finished ``train`` run as one MLflow run: the full config as params, the
+    curves and final metrics, the code version, ``reliability.png``, ``metrics.json``
+    and the model (``model/``). Returns the run's id; a failure while logging marks the
+    run FAILED and is one line."""
+    config = metrics["config"]
+    exp_id = experiment_id(client, experiment or f"smile-ray-{config['dataset']}", uri)
+    run = client.create_run(exp_id, run_name=Path(out).name, tags={
+        "kind": "train", "method": str(config["method"]), "dataset": str(config["dataset"]), **code_version()})
+    run_id = run.info.run_id
+    try:
+        client.log_batch(run_id, params=flat_params(config))
+        batch = run_metrics(metrics)
+        for i in range(0, len(batch), 1000):  # MLflow's limit per batch
+            client.log_batch(run_id, metrics=batch[i:i + 1000])
+        if (Path(out) / "reliability.png").is_file():
+            client.log_artifact(run_id, str(Path(out) / "reliability.png"))
+        log_model_files(client, run_id, Path(out))
+    except Exception as e:
+        client.set_terminated(run_id, status="FAILED")
+        raise SmileError(f"--tracking-uri {uri!r}: logging the run failed: {_cause(e)}") from None
+    client.set_terminated(run_id, status="FINISHED")
+    return run_id
+
+
+def trial_run_folder(trial, tmp: Path) -> Path | None:
+    """A local copy of a finished trial's run folder's model files (``run/``, or
+    ``run/replicate-0`` for a replicated trial), read from the study's storage (a local
+    folder or a URI) through the trial's own filesystem; None where it has no model."""
+    import pyarrow.fs
+
+    from smile_ray.orchestration.trainable import RUN_DIR
+
+    storage = getattr(trial, "storage", None)
+    if storage is None:
+        return None
+    fs, base = storage.storage_filesystem, f"{storage.trial_fs_path.rstrip('/')}/{RUN_DIR}"
+    for folder in (base, f"{base}/replicate-0"):
+        if fs.get_file_info(f"{folder}/model.pt").type != pyarrow.fs.FileType.File:
+            continue
+        for name in MODEL_FILES:
+            if fs.get_file_info(f"{folder}/{name}").type == pyarrow.fs.FileType.File:
+                with fs.open_input_stream(f"{folder}/{name}") as src, open(tmp / name, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+        return tmp
+    return None
 
 
 class StudyLogger(tune.Callback):
@@ -146,7 +275,7 @@ class StudyLogger(tune.Callback):
         self._drawn: set[str] = set()  # trials whose reliability diagram is logged
         self._client: MlflowClient | None = None
         self._drawer: ThreadPoolExecutor | None = None  # draws and logs the diagrams
-        self._drawing: list[tuple[str, Future]] = []  # (trial, its diagram) not yet waited for
+        self._drawing: list[tuple[str, str, Future]] = []  # (trial, what, its future) not yet waited for
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks with the experiment; a restored logger must read the
@@ -185,7 +314,8 @@ class StudyLogger(tune.Callback):
                 run_name="-".join([self.study_name, *(v for k, v in extra.items() if k != "seed")]
                                   + ([f"s{extra['seed']}"] if "seed" in extra else []) + [trial.trial_id]),
                 tags={PARENT_TAG: self.parent_run_id, "trial_id": trial.trial_id, "study": self.study_name,
-                      "method": str(config.get("method")), "dataset": str(config.get("dataset")), **extra},
+                      "method": str(config.get("method")), "dataset": str(config.get("dataset")), **extra,
+                      **code_version()},
             )
             client.log_batch(run.info.run_id, params=flat_params(config))
             self.runs[trial.trial_id] = run.info.run_id
@@ -216,11 +346,36 @@ class StudyLogger(tune.Callback):
             self._drawn.add(trial.trial_id)
             self._log_reliability(run_id, trial, json.loads(result["reliability"]))
 
-    def _log_reliability(self, run_id: str, trial, reliability: dict[str, Any]) -> None:
+    def _submit(self, trial_id: str, what: str, fn, *args) -> None:
         if self._drawer is None:
             self._drawer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smile-ray-reliability")
-        config = self._config_of(trial)[0]
-        self._drawing.append((trial.trial_id, self._drawer.submit(self._draw, run_id, config, reliability)))
+        self._drawing.append((trial_id, what, self._drawer.submit(fn, *args)))
+
+    def _log_reliability(self, run_id: str, trial, reliability: dict[str, Any]) -> None:
+        self._submit(trial.trial_id, "reliability diagram", self._draw, run_id, self._config_of(trial)[0], reliability)
+
+    def _log_model(self, run_id: str, trial) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = trial_run_folder(trial, Path(tmp))
+            if folder is not None:
+                log_model_files(self.client, run_id, folder)
+
+    def log_best_model(self, trial_id: str) -> str | None:
+        """Give the parent run the best trial's model: its files as ``best_model/`` and
+        the tag ``best_model_uri`` (``runs:/<child>/model``). After :meth:`drain`."""
+        child = self.runs.get(trial_id) or next(
+            (r.info.run_id for r in self.children() if r.data.tags.get("trial_id") == trial_id), None)
+        if child is None:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                folder = self.client.download_artifacts(child, MODEL_DIR, tmp)
+            except Exception:  # the trial logged no model (an older study resumed)
+                return None
+            self.client.log_artifacts(self.parent_run_id, folder, "best_model")
+        uri = f"runs:/{child}/{MODEL_DIR}"
+        self.client.set_tag(self.parent_run_id, "best_model_uri", uri)
+        return uri
 
     def _draw(self, run_id: str, config: dict[str, Any], reliability: dict[str, Any]) -> None:
         from smile_ray.reports.plots import plot_run_reliability
@@ -230,15 +385,15 @@ class StudyLogger(tune.Callback):
             self.client.log_artifact(run_id, str(path))
 
     def drain(self) -> None:
-        """Wait until every reliability diagram handed to the drawing thread is logged (at
-        the experiment's end, before the study's own plots and its final state). A
-        diagram that fails to draw or log must not stop the study: it is a warning."""
+        """Wait until every reliability diagram and model handed to the drawing thread is
+        logged (at the experiment's end, before the study's own plots and its final
+        state). One that fails to draw or log must not stop the study: it is a warning."""
         drawing, self._drawing = self._drawing, []
-        for trial_id, future in drawing:
+        for trial_id, what, future in drawing:
             try:
                 future.result()
             except Exception as e:
-                logging.getLogger(__name__).warning("no reliability diagram for trial %s: %s", trial_id, e)
+                logging.getLogger(__name__).warning("no %s for trial %s: %s", what, trial_id, e)
         if self._drawer is not None:
             self._drawer.shutdown()
             self._drawer = None
@@ -247,7 +402,9 @@ class StudyLogger(tune.Callback):
         self.drain()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.client.set_terminated(self._run_for(trial), status="FINISHED")
+        run_id = self._run_for(trial)
+        self.client.set_terminated(run_id, status="FINISHED")
+        self._submit(trial.trial_id, "model", self._log_model, run_id, trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.client.set_terminated(self._run_for(trial), status="FAILED")

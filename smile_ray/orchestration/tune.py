@@ -145,7 +145,8 @@ def run_study(
     else:
         parent = client.create_run(exp_id, run_name=out.name, tags={"study": out.name, "kind": "study",
                                                                     "method": study.base.method,
-                                                                    "dataset": study.base.dataset})
+                                                                    "dataset": study.base.dataset,
+                                                                    **tracking.code_version()})
         parent_id = parent.info.run_id
         client.log_batch(parent_id, params=tracking.flat_params(
             {**study.summary(), **{f"base.{k}": v for k, v in study.base.to_dict().items()}}))
@@ -195,6 +196,7 @@ def run_study(
         }
         write_json(record, out / "best.json")
         plot = plot_study(rows, study, out / f"{study.metric}_vs_params.png")
+        logger.log_best_model(best["trial_id"])  # the best trial's model/ as the parent's best_model/
         finish(logger, [Path(study.path), out / "trials.parquet", out / "best.json", plot], {
             f"best_{study.metric}": best[study.metric], "best_test_acc": best.get("test_acc") or float("nan"),
             "trials": len(rows)})
