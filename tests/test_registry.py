@@ -132,7 +132,7 @@ def test_register_in_the_process_and_clashes(tmp_path):
     config = smile_ray.make_config({"method": "half_here", "dataset": "noise_here", "backbone": "tiny_here",
                                     "weights": "none", "steps": 2, "eval_every": 2, "batch_size": 4,
                                     "image_size": 8})
-    metrics = smile_ray.train(config, tmp_path / "run", cache_dir=tmp_path / "cache", log=lambda msg: None)
+    metrics = smile_ray.train(config, tmp_path / "run", cache_dir=tmp_path / "cache")
     assert (tmp_path / "run" / "metrics.json").is_file() and metrics is not None
     for register, name, what in ((smile_ray.register_method, "smile", "smile_ray.methods.smile:Smile"),
                                  (smile_ray.register_dataset, "noise_here", "a DatasetSpec registered in this process"),
