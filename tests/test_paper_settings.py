@@ -6,8 +6,7 @@ goes end to end through ``smile-ray compare`` under Ray with ``--storage``.
 
 Sizes are overridden so that a run is small (2 steps of batch 4 at 32 px on the CPU,
 random weights, the C:25%/N:Y cells' N cut to the fixture's images); everything else is
-the file's. The Food-101 files need the ``efficientnet_b4`` backbone, which another
-change registers: their tests skip until it is there.
+the file's.
 """
 from __future__ import annotations
 
@@ -32,10 +31,10 @@ TABLE2_CELLS = {"c25_n400": {"class_fraction": 0.25, "train_images": 400},
 TABLE3_CELLS = {"rate30": {"sample_rate": 0.3}, "rate50": {"sample_rate": 0.5}, "rate100": {"sample_rate": 1.0}}
 #: dataset -> (cells, methods, backbone, weights, fixture writer)
 DATASETS = {
-    "cub200": (TABLE2_CELLS, TABLE2, "resnet50", "imagenet", lambda root: nl.write_cub(root, classes=4, train=8)),
-    "stanford_cars": (TABLE2_CELLS, TABLE2, "resnet50", "imagenet",
+    "cub200": (TABLE2_CELLS, TABLE2, "resnet50", "IMAGENET1K_V1", lambda root: nl.write_cub(root, classes=4, train=8)),
+    "stanford_cars": (TABLE2_CELLS, TABLE2, "resnet50", "IMAGENET1K_V1",
                       lambda root: nl.write_cars_folders(root, classes=3, train=6, test=2)),
-    "fgvc_aircraft": (TABLE2_CELLS, TABLE2, "resnet50", "imagenet", lambda root: nl.write_aircraft(root)),
+    "fgvc_aircraft": (TABLE2_CELLS, TABLE2, "resnet50", "IMAGENET1K_V1", lambda root: nl.write_aircraft(root)),
     "mit_indoor67": (TABLE3_CELLS, TABLE3, "resnet50", "/data/weights/resnet50_places365.pth.tar",
                      lambda root: nl.write_indoor(root)),
     "food101": (TABLE3_CELLS, TABLE3, "efficientnet_b4", "imagenet", lambda root: nl.write_food101(root, train=6)),
@@ -48,9 +47,7 @@ SMALL = {"steps": 2, "eval_every": 2, "image_size": 32, "batch_size": 4, "device
 
 
 def needs_backbone(ds):
-    backbone = DATASETS[ds][2]
-    if backbone not in BACKBONES.names():
-        pytest.skip(f"backbone {backbone!r} is not registered yet (the backbones issue adds it)")
+    BACKBONES.check(DATASETS[ds][2])  # torchvision's names, built by pattern
 
 
 def test_every_cell_of_tables_2_and_3_has_one_file():
