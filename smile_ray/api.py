@@ -119,6 +119,16 @@ class TrainResult:
         return self.output / "reliability.png"
 
 
+def check_resume(kind: str, output, *given: tuple[str, Any]) -> None:
+    """Refuse a ``--resume`` without ``--output`` or with options the saved study already
+    fixes (``given``: each option's flag and value, a value that is set is refused)."""
+    if output is None:
+        raise SmileError(f"--resume needs --output DIR (the {kind} to continue)")
+    set_flags = [flag for flag, value in given if value]
+    if set_flags:
+        raise SmileError(f"--resume continues the {kind} with its saved settings; drop {', '.join(set_flags)}")
+
+
 def default_output(kind: str) -> Path:
     return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -260,13 +270,9 @@ def tune(
 
     sets = _overrides(overrides, keys)
     if resume:
-        if output is None:
-            raise SmileError("--resume needs --output DIR (the study to continue)")
-        given = [flag for flag, value in (("--num-samples", num_samples), ("--set", sets),
-                                          ("--tracking-uri", tracking_uri), ("--experiment", experiment),
-                                          ("--storage", storage)) if value]
-        if given:
-            raise SmileError(f"--resume continues the study with its saved settings; drop {', '.join(given)}")
+        check_resume("study", output, ("--num-samples", num_samples), ("--set", sets),
+                     ("--tracking-uri", tracking_uri), ("--experiment", experiment),
+                     ("--storage", storage))
     elif space is None:
         raise SmileError("tune needs --space FILE (a search-space YAML; see search_spaces/)")
     name = Path(space).stem if isinstance(space, (str, Path)) else "space"
@@ -324,13 +330,9 @@ def ablate(
     sets = _overrides(overrides, keys)
     drops = [drop] if isinstance(drop, str) else list(drop)
     if resume:
-        if output is None:
-            raise SmileError("--resume needs --output DIR (the ablation to continue)")
-        given = [flag for flag, value in (("--drop", drops), ("--all", all_components), ("--seeds", seeds),
-                                          ("--max-seeds", max_seeds), ("--base", base), ("--set", sets),
-                                          ("--tune-budget", tune_budget), ("--storage", storage)) if value]
-        if given:
-            raise SmileError(f"--resume continues the ablation with its saved settings; drop {', '.join(given)}")
+        check_resume("ablation", output, ("--drop", drops), ("--all", all_components), ("--seeds", seeds),
+                     ("--max-seeds", max_seeds), ("--base", base), ("--set", sets),
+                     ("--tune-budget", tune_budget), ("--storage", storage))
     n_seeds, max_seeds = parse_seeds(seeds, max_seeds)
     out = Path(output) if output is not None else default_output("ablate")
     if not resume:
@@ -392,13 +394,9 @@ def compare(
 
     sets = _overrides(overrides, keys)
     if resume:
-        if output is None:
-            raise SmileError("--resume needs --output DIR (the comparison to continue)")
-        given = [flag for flag, value in (("--seeds", seeds), ("--set", sets), ("--tune-budget", tune_budget),
-                                          ("--tracking-uri", tracking_uri), ("--experiment", experiment),
-                                          ("--storage", storage)) if value]
-        if given:
-            raise SmileError(f"--resume continues the comparison with its saved settings; drop {', '.join(given)}")
+        check_resume("comparison", output, ("--seeds", seeds), ("--set", sets), ("--tune-budget", tune_budget),
+                     ("--tracking-uri", tracking_uri), ("--experiment", experiment),
+                     ("--storage", storage))
     names = parse_methods(methods if isinstance(methods, str) else ",".join(methods))
     out = Path(output) if output is not None else default_output("compare")
     if not resume:
