@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from smile_ray.config import make_config  # noqa: E402
 from smile_ray.data.images import auto_workers  # noqa: E402
-from smile_ray.pretrain import default_cache_dir  # noqa: E402
+from smile_ray.paths import default_cache_dir  # noqa: E402
 from smile_ray.models import build_source_model  # noqa: E402
 from smile_ray.recipe import resolve_device, setup, train, train_step, uses_bf16, uses_channels_last  # noqa: E402
 from smile_ray.registry import METHODS  # noqa: E402

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -24,11 +23,12 @@ import torch.nn.functional as F
 from smile_ray import rng
 from smile_ray.checkpoint import atomic_write, write_json
 from smile_ray.config import Config
-from smile_ray.data import TensorTask
+from smile_ray.data import Task
 from smile_ray.errors import SmileError
 from smile_ray.models import (SourceModel, build_source_model, imagenet_weights_path, is_weight_tag, load_pretrained,
                               load_source_model)
 from smile_ray.optim import build_sgd
+from smile_ray.paths import cache_root
 from smile_ray.registry import BACKBONES, DATASETS
 
 # Bump when pre-training code changes what it produces: old cache entries are then unused.
@@ -40,12 +40,6 @@ RECIPE_VERSION = 2
 #: the source task's small models gain little from more, and a shared machine loses none.
 RECIPE = {"steps": 1000, "batch_size": 64, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "seed": 0, "threads": 1}
 
-
-def default_cache_dir() -> Path:
-    if os.environ.get("SMILE_RAY_CACHE"):
-        return Path(os.environ["SMILE_RAY_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "smile-ray"
 
 
 def source_weights_path(config: Config, cache_dir: Path) -> Path:
@@ -62,7 +56,7 @@ def source_weights_path(config: Config, cache_dir: Path) -> Path:
 
 
 @torch.no_grad()
-def accuracy(model: SourceModel, task: TensorTask, split: str) -> float:
+def accuracy(model: SourceModel, task: Task, split: str) -> float:
     model.eval()
     correct = total = 0
     for x, y in task.eval_batches(split):
@@ -72,7 +66,7 @@ def accuracy(model: SourceModel, task: TensorTask, split: str) -> float:
     return correct / total
 
 
-def pretrain_source(task: TensorTask, backbone: str, log=print, progress: bool = False) -> tuple[SourceModel, dict]:
+def pretrain_source(task: Task, backbone: str, log=print, progress: bool = False) -> tuple[SourceModel, dict]:
     """Supervised pre-training on the source task (SGD, Nesterov, cosine schedule), on
     ``RECIPE["threads"]`` torch threads whatever the caller's, which are restored after."""
     threads = torch.get_num_threads()
@@ -83,7 +77,7 @@ def pretrain_source(task: TensorTask, backbone: str, log=print, progress: bool =
         torch.set_num_threads(threads)
 
 
-def _pretrain(task: TensorTask, backbone: str, progress: bool) -> tuple[SourceModel, dict]:
+def _pretrain(task: Task, backbone: str, progress: bool) -> tuple[SourceModel, dict]:
     r = RECIPE
     with torch.random.fork_rng():
         torch.manual_seed(rng.derive_seed(r["seed"], rng.INIT))
@@ -128,10 +122,10 @@ def load_source(config: Config, cache_dir: str | Path | None = None, log=print,
             raise SmileError(
                 f"weights=source: dataset {config.dataset!r} has no source task; use weights=imagenet or a weight file"
             )
-        path = source_weights_path(config, Path(cache_dir or default_cache_dir()))
+        path = source_weights_path(config, cache_root(cache_dir))
         if not path.is_file():
             log(f"pre-training {config.backbone} on the {config.dataset} source task (cached at {path})")
-            model, info = pretrain_source(spec.build_source(config, cache_dir), config.backbone, progress=progress)
+            model, info = pretrain_source(spec.source(config, cache_dir), config.backbone, progress=progress)
             save_weights(model, path, info)
             log(f"source model: {info['source_val_acc']:.1%} held-out source accuracy, {info['seconds']:.1f} s")
         return load_source_model(config.backbone, path), str(path)

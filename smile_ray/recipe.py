@@ -44,7 +44,7 @@ from smile_ray.checkpoint import (CHECKPOINT_FILE, atomic_write, check_same_conf
                                   write_json)
 from smile_ray.config import Config
 from smile_ray.cpus import process_cpus
-from smile_ray.data import TensorTask, build_task
+from smile_ray.data import Task, build_task
 from smile_ray.errors import SmileError
 from smile_ray.methods import Method, build_method, unwrap
 from smile_ray.metrics import classification_metrics, interpolation_losses, reliability_bins
@@ -62,7 +62,7 @@ class Run:
 
     config: Config
     device: torch.device
-    task: TensorTask
+    task: Task
     model: nn.Module  # the TransferNet, possibly wrapped for data parallelism
     method: Method
     optimizer: SGD | torch.optim.Optimizer  # build_sgd's: fused torch SGD on CUDA, smile_ray.optim.SGD elsewhere
@@ -98,7 +98,7 @@ class Prefetcher:
     batches are the task's keyed ones, so results do not change. Asking for a step other
     than the next one (a resumed run) restarts the pipeline there."""
 
-    def __init__(self, task: TensorTask, batch_size: int, rank: int = 0, world_size: int = 1, pin: bool = False):
+    def __init__(self, task: Task, batch_size: int, rank: int = 0, world_size: int = 1, pin: bool = False):
         from concurrent.futures import ThreadPoolExecutor
 
         self.task, self.batch_size, self.rank, self.world_size, self.pin = task, batch_size, rank, world_size, pin
@@ -243,7 +243,7 @@ def setup(
     world_size: int = 1,
     device: torch.device | None = None,
     prepare_model: Callable[[nn.Module], nn.Module] | None = None,
-    task: TensorTask | None = None,
+    task: Task | None = None,
     log: Callable[[str], None] = print,
     progress: bool = False,
 ) -> Run:
@@ -275,10 +275,7 @@ def setup(
         model = prepare_model(model)
     if config.compile:  # after the DDP wrapper: see compile_student
         model = compile_student(model, method, config.threads)
-    if hasattr(task, "device"):  # the image tasks pin for CUDA only, and decode=device decodes there
-        task.device = device
-    if device.type == "cuda" and hasattr(task, "uint8_batches"):
-        task.uint8_batches = True  # after the methods' preparations, which read float batches
+    task.train_on(device)  # after the methods' preparations, which read float batches
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
     # only what trains: a method's frozen parameters (LwF's source head) get no update and no weight decay
@@ -597,7 +594,7 @@ def train(
     # tasks' DataLoader already prefetches and pins); on CPU a builder thread would only
     # take cores from the step
     prefetch = (Prefetcher(run.task, config.batch_size, rank, world_size, pin=True)
-                if run.device.type == "cuda" and isinstance(run.task, TensorTask) else None)
+                if run.device.type == "cuda" and not run.task.builds_ahead else None)
     next_batch = prefetch.batch if prefetch is not None else \
         (lambda s: run.task.train_batch(s, config.batch_size, rank, world_size))
     checkpoints = Checkpoints(ckpt_dir, handed_on=on_eval is not None)

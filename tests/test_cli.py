@@ -53,7 +53,7 @@ def bad(tmp_path, capfd, cache_dir):
         (["--set", "ema_decay=1"], "ema_decay=1.0 is out of range"),
         (["--set", "feature_weight=-1"], "feature_weight=-1.0 is out of range"),
         (["--set", "steps=ten"], "steps='ten' is not a valid int"),
-        (["--set", "samples_per_class=1000"], "samples_per_class=1000 is larger than the digits training pool"),
+        (["--set", "samples_per_class=1000"], "samples_per_class=1000 needs 1000 training images of digits class"),
         (["--method", "maml"], "unknown method 'maml'"),
         (["--dataset", "cifar"], "unknown dataset 'cifar'"),
         (["--set", "backbone=vgg16"], "unknown backbone 'vgg16'"),
@@ -212,7 +212,7 @@ def test_overwrite_keeps_the_checkpoint_until_the_new_run_replaces_it(bad, tmp_p
     (ckpt / "state.pt").write_bytes(b"old run")
     bad("--overwrite", "--gpu", expect="need --workers N")
     bad("--overwrite", "--workers", "5", expect="does not split evenly")
-    bad("--overwrite", "--set", "samples_per_class=1000", expect="larger than the digits training pool")
+    bad("--overwrite", "--set", "samples_per_class=1000", expect="needs 1000 training images of digits class")
     assert (ckpt / "state.pt").read_bytes() == b"old run"  # nothing lost to a run that never started
 
 

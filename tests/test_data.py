@@ -76,7 +76,7 @@ def test_batches_are_a_function_of_step_and_shards_partition_them():
 
 
 def test_samples_per_class_larger_than_the_pool():
-    with pytest.raises(SmileError, match="samples_per_class=500 is larger than the digits training pool"):
+    with pytest.raises(SmileError, match="samples_per_class=500 needs 500 training images of digits class '5', but its pool holds 73 after holding out 40% for test and 20% for validation"):
         build_task(make_config({"samples_per_class": 500}))
 
 

@@ -107,7 +107,7 @@ def test_train_and_val_never_overlap_and_val_is_fixed(fake):
     assert len({i for _, i in decode(a.splits["train"][0], "fashion_mnist", root)}) == 200
     # the index-level helper on the real class sizes
     labels = np.repeat(np.arange(10), 6000)
-    train, val = fm.target_indices(labels, tuple(range(10)), 50, seed=9, name="x")
+    train, val = fm.target_indices(labels, tuple(range(10)), make_config({"samples_per_class": 50, "seed": 9}), name="x")
     assert len(val) == 1000 and len(train) == 500 and not set(train) & set(val)
 
 
@@ -163,7 +163,7 @@ def test_fashion_mnist5_source_is_classes_0_to_4(fake):
 
 def test_samples_per_class_larger_than_the_pool(fake):
     root, _ = fake
-    with pytest.raises(SmileError, match=r"samples_per_class=21 is larger than the fashion_mnist training pool \(20"):
+    with pytest.raises(SmileError, match=r"samples_per_class=21 needs 21 training images of fashion_mnist class .*pool holds 20"):
         task(root, samples_per_class=21)
 
 

@@ -268,7 +268,7 @@ def test_stochnorm_keeps_timms_fused_activation():
 # ---------------------------------------------------------------- every method on them
 
 
-def tiny_rgb_target(config):
+def tiny_rgb_target(config, cache_dir=None):
     """Three classes of random 3-channel images, two per class and split: a task every
     method can run a few steps on in seconds."""
     g = torch.Generator().manual_seed(0)

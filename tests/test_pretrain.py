@@ -11,7 +11,7 @@ def test_pretraining_gives_the_same_weights_whatever_the_callers_thread_count(mo
     (they did: a 1-thread Ray trial and a 2-thread ``train`` cached different models)."""
     monkeypatch.setitem(pretrain.RECIPE, "steps", 30)
     config = make_config()
-    task = DATASETS.get(config.dataset).build_source(config, tmp_path)
+    task = DATASETS.get(config.dataset).source(config, tmp_path)
     saved = torch.get_num_threads()
     weights = []
     try:

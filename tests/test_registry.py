@@ -39,7 +39,7 @@ class HalfLoss(Method):
         return 0.5 * loss, parts
 
 
-def target(config):
+def target(config, cache_dir=None):
     g = torch.Generator().manual_seed(0)
 
     def split(n):

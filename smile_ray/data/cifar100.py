@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from smile_ray.config import Config
-from smile_ray.data import DatasetSpec
+from smile_ray.data.task import DatasetSpec
 from smile_ray.data.catalog import ArrayImages, Catalog, dataset_root, find_base, need
 from smile_ray.data.images import ImageTask, image_task
 from smile_ray.errors import SmileError
@@ -85,7 +85,7 @@ def catalog(data_root: str) -> Catalog:
     return _load(os.path.abspath(base))
 
 
-def cifar100_target(config: Config) -> ImageTask:
+def cifar100_target(config: Config, cache_dir: str | Path | None = None) -> ImageTask:
     return image_task(config, catalog(config.data_root))
 
 

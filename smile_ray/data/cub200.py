@@ -15,8 +15,10 @@ pipeline are :mod:`smile_ray.data.images`'.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from smile_ray.config import Config
-from smile_ray.data import DatasetSpec
+from smile_ray.data.task import DatasetSpec
 from smile_ray.data.catalog import Catalog, FileImages, dataset_root, find_base, split_pairs, to_int
 from smile_ray.data.images import ImageTask, image_task
 from smile_ray.errors import SmileError
@@ -50,7 +52,7 @@ def catalog(data_root: str) -> Catalog:
     return Catalog(NAME, base, names, FileImages(train), train_labels, FileImages(test), test_labels)
 
 
-def cub200_target(config: Config) -> ImageTask:
+def cub200_target(config: Config, cache_dir: str | Path | None = None) -> ImageTask:
     return image_task(config, catalog(config.data_root))
 
 

@@ -27,23 +27,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from smile_ray import rng
 from smile_ray.checkpoint import atomic_write
 from smile_ray.config import Config
-from smile_ray.data import DatasetSpec, TensorTask, normalise_rgb, weights_norm
-from smile_ray.data.subsets import draw, kept_classes, subset_counts
-from smile_ray.errors import SmileError
+from smile_ray.data.task import DatasetSpec
+from smile_ray.data.tensor_task import TensorTask, normalise_rgb, weights_norm
+from smile_ray.data.subsets import draw, fixed_split, kept_classes, subset_counts
+from smile_ray.paths import cache_root
 
-SPLIT_SEED = 0  # the test/val/pool split is fixed: every run is scored on the same images
 DIGITS_SOURCE_CLASSES = (0, 1, 2, 3, 4)
 DIGITS_TARGET_CLASSES = (5, 6, 7, 8, 9)
 DIGITS_TEST_FRACTION, DIGITS_VAL_FRACTION = 0.4, 0.2
 
 
 def digits_cache_path(cache_dir: str | Path | None) -> Path:
-    from smile_ray.pretrain import default_cache_dir  # pretrain imports the datasets
-
-    return Path(cache_dir or default_cache_dir()) / f"digits-{metadata.version('scikit-learn')}.npz"
+    return cache_root(cache_dir) / f"digits-{metadata.version('scikit-learn')}.npz"
 
 
 def digits_arrays(cache_dir: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -87,16 +84,13 @@ def _digits_images(image_size: int, cache_dir: str | Path | None = None,
     return x.contiguous(), labels
 
 
-def _split_per_class(labels: np.ndarray, classes: tuple[int, ...], fractions: tuple[float, ...]) -> list[np.ndarray]:
-    """Fixed per-class split of the indices of ``classes`` into len(fractions)+1 parts."""
-    g = rng.numpy_rng(SPLIT_SEED, rng.SPLIT)
-    parts: list[list[int]] = [[] for _ in range(len(fractions) + 1)]
-    for c in classes:
-        idx = g.permutation(np.flatnonzero(labels == c))
-        cuts = np.cumsum([int(round(f * len(idx))) for f in fractions])
-        for part, chunk in zip(parts, np.split(idx, cuts)):
-            part.extend(chunk.tolist())
-    return [np.asarray(p) for p in parts]
+def _split(labels: np.ndarray, classes: tuple[int, ...], fractions: tuple[float, ...]) -> list[np.ndarray]:
+    """Fixed per-class split of the indices of ``classes`` into len(fractions)+1 parts,
+    each the classes' parts one after another, in permutation order
+    (:func:`~smile_ray.data.subsets.fixed_split` with one stream for all classes)."""
+    parts = fixed_split(labels, classes, lambda n: [int(round(f * n)) for f in fractions], shared_stream=True,
+                        sort=False)
+    return [np.concatenate(p) for p in parts]
 
 
 def _relabel(labels: np.ndarray, classes: tuple[int, ...]) -> Tensor:
@@ -108,21 +102,12 @@ def digits_target(config: Config, cache_dir: str | Path | None = None) -> Tensor
     x, labels = _digits_images(config.image_size, cache_dir, weights_norm(config))
     # the splits are made over all five target classes, then cut to the kept ones, so a
     # class's test and validation images do not depend on class_fraction
-    test, val, pool = _split_per_class(labels, DIGITS_TARGET_CLASSES, (DIGITS_TEST_FRACTION, DIGITS_VAL_FRACTION))
+    test, val, pool = _split(labels, DIGITS_TARGET_CLASSES, (DIGITS_TEST_FRACTION, DIGITS_VAL_FRACTION))
     classes = tuple(DIGITS_TARGET_CLASSES[i] for i in kept_classes(len(DIGITS_TARGET_CLASSES), config))
     test, val = test[np.isin(labels[test], classes)], val[np.isin(labels[val], classes)]
     pools = [pool[labels[pool] == c] for c in classes]
-    if config.train_images or config.sample_rate:
-        counts = subset_counts([len(p) for p in pools], [str(c) for c in classes], config, "digits",
-                               held_out=f"{DIGITS_TEST_FRACTION:.0%} for test and {DIGITS_VAL_FRACTION:.0%}")
-    else:
-        smallest = min(len(p) for p in pools)
-        if config.samples_per_class > smallest:
-            raise SmileError(
-                f"samples_per_class={config.samples_per_class} is larger than the digits training "
-                f"pool ({smallest} images in its smallest class)"
-            )
-        counts = [config.samples_per_class] * len(classes)
+    counts = subset_counts([len(p) for p in pools], [str(c) for c in classes], config, "digits",
+                           held_out=f"{DIGITS_TEST_FRACTION:.0%} for test and {DIGITS_VAL_FRACTION:.0%}")
     train = np.concatenate(draw(pools, counts, config.seed))
     splits = {
         name: (x[idx], _relabel(labels[idx], classes))
@@ -136,13 +121,13 @@ def digits_source(config: Config, cache_dir: str | Path | None = None) -> Tensor
     image_size = config.image_size
     x, labels = _digits_images(image_size, cache_dir)
     classes = DIGITS_SOURCE_CLASSES
-    val, train = _split_per_class(labels, classes, (0.1,))
+    val, train = _split(labels, classes, (0.1,))
     splits = {
         name: (x[idx], _relabel(labels[idx], classes)) for name, idx in (("train", train), ("val", val))
     }
     return TensorTask(splits, len(classes), seed=0, shift=max(1, image_size // 16))
 
 
-DIGITS = DatasetSpec(target=digits_target, source=digits_source, cached=True)
+DIGITS = DatasetSpec(target=digits_target, source=digits_source)
 
 

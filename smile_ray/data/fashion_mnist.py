@@ -65,11 +65,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from smile_ray import rng
 from smile_ray.config import Config
-from smile_ray.data import DatasetSpec, TensorTask, normalise_rgb, weights_norm
-from smile_ray.data.subsets import draw, kept_classes, subset_counts
-from smile_ray.errors import SmileError
+from smile_ray.data.task import DatasetSpec
+from smile_ray.data.tensor_task import TensorTask, normalise_rgb, weights_norm
+from smile_ray.data.subsets import draw, fixed_split, kept_classes, subset_counts
+from smile_ray.errors import SmileError, one_line
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 TRAIN_IMAGES, TRAIN_LABELS = "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"
@@ -83,7 +83,6 @@ CLASS_NAMES = (
 )
 SOURCE_CLASSES = (0, 1, 2, 3, 4)
 TARGET5_CLASSES = (5, 6, 7, 8, 9)
-SPLIT_SEED = 0  # the validation hold-out is fixed: every run is scored on the same images
 VAL_PER_CLASS = 100
 SOURCE_VAL_FRACTION = 0.1
 _CHUNK = 4096  # images converted and resized at a time (bounds the temporaries)
@@ -101,11 +100,6 @@ def _missing_message(root: Path, missing: list[str]) -> str:
         f"Fashion-MNIST: missing {', '.join(str(root / m) for m in missing)}; "
         f"data_root={str(root)!r} must hold {', '.join(FILES)}: {GET_IT}"
     )
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return f"{e.__class__.__name__}: {text}" if text else e.__class__.__name__
 
 
 def read_idx(path: str | Path, magic: int) -> np.ndarray:
@@ -126,7 +120,7 @@ def read_idx(path: str | Path, magic: int) -> np.ndarray:
     except EOFError:
         raise SmileError(f"{path}: truncated gzip file (it ends before its end-of-stream marker)") from None
     except (OSError, zlib.error) as e:  # gzip.BadGzipFile, CRC errors, directories, permissions
-        raise SmileError(f"{path}: not a readable gzip file ({_one_line(e)})") from None
+        raise SmileError(f"{path}: not a readable gzip file ({one_line(e)})") from None
 
 
 def _read_exactly(f: gzip.GzipFile, view: memoryview) -> int:
@@ -247,40 +241,15 @@ def _labels(labels: np.ndarray, classes: tuple[int, ...]) -> Tensor:
     return torch.from_numpy(lut[labels])
 
 
-def holdout(labels: np.ndarray, classes: tuple[int, ...], per_class: int | None = None,
-            fraction: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Fixed per-class split of the indices of ``classes`` into (held out, pool): the
-    first ``per_class`` (or ``fraction``) of a permutation keyed by the class alone, so
-    a class's held-out images are the same in every task that contains it."""
-    held, pool = [], []
-    for c in classes:
-        idx = rng.numpy_rng(SPLIT_SEED, rng.SPLIT, c).permutation(np.flatnonzero(labels == c))
-        k = per_class if per_class is not None else int(round(fraction * len(idx)))
-        held.append(np.sort(idx[:k]))
-        pool.append(np.sort(idx[k:]))
-    return np.concatenate(held), np.concatenate(pool)
-
-
-def target_indices(labels: np.ndarray, classes: tuple[int, ...], samples_per_class: int, seed: int,
-                   name: str, config: Config | None = None) -> tuple[np.ndarray, np.ndarray]:
+def target_indices(labels: np.ndarray, classes: tuple[int, ...], config: Config,
+                   name: str) -> tuple[np.ndarray, np.ndarray]:
     """(train, val) indices into the training images: ``VAL_PER_CLASS`` per class held
-    out once, ``samples_per_class`` per class drawn by ``seed`` from the rest (or, when
-    ``config`` sets ``train_images`` or ``sample_rate``, the counts those keys give:
-    :mod:`smile_ray.data.subsets`)."""
-    val, pool = holdout(labels, classes, per_class=VAL_PER_CLASS)
-    pools = [pool[labels[pool] == c] for c in classes]
-    if config is not None and (config.train_images or config.sample_rate):
-        counts = subset_counts([len(p) for p in pools], [CLASS_NAMES[c] for c in classes], config, name,
-                               held_out=f"{VAL_PER_CLASS} per class")
-    else:
-        smallest = min(len(p) for p in pools)
-        if samples_per_class > smallest:
-            raise SmileError(
-                f"samples_per_class={samples_per_class} is larger than the {name} training pool "
-                f"({smallest} images in its smallest class after holding out {VAL_PER_CLASS} per class for validation)"
-            )
-        counts = [samples_per_class] * len(classes)
-    return np.concatenate(draw(pools, counts, seed)), val
+    out once (:func:`~smile_ray.data.subsets.fixed_split`), the training images drawn by
+    ``seed`` from the rest as the subset keys say (:mod:`smile_ray.data.subsets`)."""
+    val, pools = fixed_split(labels, classes, lambda n: [VAL_PER_CLASS])
+    counts = subset_counts([len(p) for p in pools], [CLASS_NAMES[c] for c in classes], config, name,
+                           held_out=f"{VAL_PER_CLASS} per class")
+    return np.concatenate(draw(pools, counts, config.seed)), np.concatenate(val)
 
 
 def _target(config: Config, classes: tuple[int, ...], name: str,
@@ -291,7 +260,7 @@ def _target(config: Config, classes: tuple[int, ...], name: str,
     if weights is not None:  # the weights' statistics, not the dataset's (one home)
         norm = _raw(data)
     classes = tuple(classes[i] for i in kept_classes(len(classes), config))
-    train, val = target_indices(data.train_labels, classes, config.samples_per_class, config.seed, name, config)
+    train, val = target_indices(data.train_labels, classes, config, name)
     test = np.flatnonzero(np.isin(data.test_labels, classes))
     size = config.image_size
     splits = {
@@ -313,22 +282,23 @@ def _stats(data: FashionArrays) -> Callable[[Tensor], Tensor]:
     return lambda x: x.sub_(data.mean).div_(data.std)
 
 
-def fashion_mnist_target(config: Config) -> TensorTask:
+def fashion_mnist_target(config: Config, cache_dir: str | Path | None = None) -> TensorTask:
     return _target(config, tuple(range(NUM_CLASSES)), "fashion_mnist", _raw)
 
 
-def fashion_mnist5_target(config: Config) -> TensorTask:
+def fashion_mnist5_target(config: Config, cache_dir: str | Path | None = None) -> TensorTask:
     return _target(config, TARGET5_CLASSES, "fashion_mnist5", _stats)
 
 
-def fashion_mnist5_source(config: Config) -> TensorTask:
+def fashion_mnist5_source(config: Config, cache_dir: str | Path | None = None) -> TensorTask:
     """Classes 0-4: 90 % of their training images to train on, 10 % per class (fixed)
     held out for validation."""
     image_size = config.image_size
     data = load(config.data_root)
     norm = _stats(data)
     classes = SOURCE_CLASSES
-    val, train = holdout(data.train_labels, classes, fraction=SOURCE_VAL_FRACTION)
+    val, train = (np.concatenate(p) for p in
+                  fixed_split(data.train_labels, classes, lambda n: [int(round(SOURCE_VAL_FRACTION * n))]))
     splits = {
         name: (_images(data.train_images[idx], image_size, norm), _labels(data.train_labels[idx], classes))
         for name, idx in (("train", train), ("val", val))

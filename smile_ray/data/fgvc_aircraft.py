@@ -15,8 +15,10 @@ cropped, as in torchvision's loader.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from smile_ray.config import Config
-from smile_ray.data import DatasetSpec
+from smile_ray.data.task import DatasetSpec
 from smile_ray.data.catalog import Catalog, FileImages, dataset_root, find_base, read_lines, split_pairs
 from smile_ray.data.images import ImageTask, image_task
 from smile_ray.errors import SmileError
@@ -43,7 +45,7 @@ def catalog(data_root: str) -> Catalog:
     return Catalog(NAME, base, variants, *parts["trainval"], *parts["test"])
 
 
-def fgvc_aircraft_target(config: Config) -> ImageTask:
+def fgvc_aircraft_target(config: Config, cache_dir: str | Path | None = None) -> ImageTask:
     return image_task(config, catalog(config.data_root))
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from smile_ray.config import Config
-from smile_ray.data import DatasetSpec
+from smile_ray.data.task import DatasetSpec
 from smile_ray.data.catalog import Catalog, FileImages, dataset_root, find_base, need, read_lines
 from smile_ray.data.images import ImageTask, image_task
 from smile_ray.errors import SmileError
@@ -88,7 +88,7 @@ def catalog(data_root: str) -> Catalog:
                    FileImages(parts["test"][0]), parts["test"][1])
 
 
-def food101_target(config: Config) -> ImageTask:
+def food101_target(config: Config, cache_dir: str | Path | None = None) -> ImageTask:
     return image_task(config, catalog(config.data_root))
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from smile_ray.config import Config
-from smile_ray.data import DatasetSpec
+from smile_ray.data.task import DatasetSpec
 from smile_ray.data.catalog import Catalog, FileImages, class_folders, dataset_root, images_in, need
 from smile_ray.data.images import ImageTask, image_task
 from smile_ray.errors import SmileError
@@ -43,7 +43,7 @@ def folder_catalog(base: Path, dataset: str, layout: str) -> Catalog:
     return Catalog(dataset, base, classes, *parts["train"], *parts["test"])
 
 
-def image_folder_target(config: Config) -> ImageTask:
+def image_folder_target(config: Config, cache_dir: str | Path | None = None) -> ImageTask:
     return image_task(config, folder_catalog(dataset_root(config.data_root, NAME, LAYOUT), NAME, LAYOUT))
 
 

@@ -86,10 +86,10 @@ from torch import Tensor
 from smile_ray import rng
 from smile_ray.cpus import cpu_share, process_cpus
 from smile_ray.config import Config
-from smile_ray.data import StepOrder
+from smile_ray.data.task import StepOrder
 from smile_ray.data.catalog import Catalog, ImageSource
 from smile_ray.data.subsets import draw, holdout, kept_classes, round_half_up, subset_counts
-from smile_ray.errors import SmileError
+from smile_ray.errors import SmileError, one_line
 
 EVAL_BATCH = 128
 _CHECK_SIDE = 32  # images are checked by a decode at (at least) this size
@@ -119,11 +119,6 @@ def auto_workers(config: Config) -> int:
     return worker_count(config.data_workers, process_cpus(), None)
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return f"{e.__class__.__name__}: {text}" if text else e.__class__.__name__
-
-
 def decode(source: ImageSource, i: int, side: int):
     """Image ``i`` as a decoded RGB PIL image with both sides >= ``side`` where the
     format can decode at a reduced scale (JPEG), else at full size."""
@@ -145,7 +140,7 @@ def _check(source: ImageSource, i: int) -> str | None:
     except FileNotFoundError:
         why = "no such file"
     except Exception as e:  # PIL raises many types for unreadable images
-        why = _one_line(e)
+        why = one_line(e)
     _checked[stamp] = why
     return why
 
@@ -294,7 +289,7 @@ class _Decoded(torch.utils.data.Dataset):
                 return image, (top, left, flip), (split, i), int(labels[i])
             im = transform(decode(source, i, resize_side(self.image_size)), self.image_size, top, left, flip)
         except Exception as e:  # the file changed since it was checked
-            return _Bad(f"{self.dataset}: cannot read image {source.name(i)} ({_one_line(e)})")
+            return _Bad(f"{self.dataset}: cannot read image {source.name(i)} ({one_line(e)})")
         return (to_uint8(im) if self.out == "uint8" else to_tensor(im, self.mean, self.std)), int(labels[i])
 
 
@@ -347,10 +342,11 @@ class _Requests:
 
 class ImageTask(StepOrder):
     """A classification task over images decoded on the fly; the interface of
-    :class:`~smile_ray.data.TensorTask` (``train_batch``, ``train_indices``,
-    ``eval_batches``, ``split_sizes``, ``train_labels``, ``digest_tensors``)."""
+    :class:`~smile_ray.data.task.Task` (``train_batch``, ``train_indices``,
+    ``eval_batches``, ``split_sizes``, ``train_labels``, ``digest_tensors``, ``train_on``)."""
 
     in_channels = 3
+    builds_ahead = True  # DataLoader workers prefetch (and pin) the training batches
 
     def __init__(self, splits: dict[str, tuple[ImageSource, Tensor]], classes: list[str], seed: int,
                  image_size: int, norm: tuple[Sequence[float], Sequence[float]] | None, workers: int = 0,
@@ -412,6 +408,13 @@ class ImageTask(StepOrder):
         if bool(on) != self._uint8:
             self._uint8 = bool(on)
             self.close()  # the running workers produce the other kind
+
+    def train_on(self, device: torch.device) -> None:
+        """Pin for ``device`` and decode there (:attr:`device`); on CUDA hand uint8 pixels,
+        normalised after the copy of a quarter of the bytes (:attr:`uint8_batches`)."""
+        self.device = device
+        if torch.device(device).type == "cuda":
+            self.uint8_batches = True
 
     def normalize(self, x: Tensor) -> Tensor:
         """A uint8 batch (on any device) to the float input the workers would have made.

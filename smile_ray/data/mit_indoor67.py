@@ -13,8 +13,10 @@ a warning; ``metrics.json`` lists them under ``skipped_images``.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from smile_ray.config import Config
-from smile_ray.data import DatasetSpec
+from smile_ray.data.task import DatasetSpec
 from smile_ray.data.catalog import Catalog, FileImages, dataset_root, find_base, read_lines
 from smile_ray.data.images import ImageTask, image_task
 from smile_ray.errors import SmileError
@@ -41,7 +43,7 @@ def catalog(data_root: str) -> Catalog:
     return Catalog(NAME, base, classes, *parts["train"], *parts["test"])
 
 
-def mit_indoor67_target(config: Config) -> ImageTask:
+def mit_indoor67_target(config: Config, cache_dir: str | Path | None = None) -> ImageTask:
     return image_task(config, catalog(config.data_root))
 
 

@@ -11,10 +11,12 @@ names no classes: they are "1".."102".
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from smile_ray.config import Config
-from smile_ray.data import DatasetSpec
+from smile_ray.data.task import DatasetSpec
 from smile_ray.data.catalog import Catalog, FileImages, dataset_root, find_base, load_mat, mat_vector
 from smile_ray.data.images import ImageTask, image_task
 from smile_ray.errors import SmileError
@@ -38,7 +40,7 @@ def catalog(data_root: str) -> Catalog:
     return Catalog(NAME, base, [str(c + 1) for c in range(num_classes)], *parts["train"], *parts["test"])
 
 
-def oxford_flowers102_target(config: Config) -> ImageTask:
+def oxford_flowers102_target(config: Config, cache_dir: str | Path | None = None) -> ImageTask:
     return image_task(config, catalog(config.data_root))
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from smile_ray.config import Config
-from smile_ray.data import DatasetSpec
+from smile_ray.data.task import DatasetSpec
 from smile_ray.data.catalog import Catalog, FileImages, dataset_root, find_base, load_mat, mat_vector
 from smile_ray.data.image_folder import folder_catalog
 from smile_ray.data.images import ImageTask, image_task
@@ -62,7 +62,7 @@ def catalog(data_root: str) -> Catalog:
                    FileImages([base / "cars_test" / f for f in test_files]), test_labels)
 
 
-def stanford_cars_target(config: Config) -> ImageTask:
+def stanford_cars_target(config: Config, cache_dir: str | Path | None = None) -> ImageTask:
     return image_task(config, catalog(config.data_root))
 
 

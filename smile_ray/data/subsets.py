@@ -27,7 +27,7 @@ no training subset ever contains one of them. Rounding is half up.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -35,7 +35,9 @@ from smile_ray import rng
 from smile_ray.config import Config
 from smile_ray.errors import SmileError
 
-SPLIT_SEED = 0  # the validation hold-out is fixed: every run is scored on the same images
+#: the seed of every dataset's fixed split (validation and test hold-outs, source/target
+#: pools): every run of a dataset is scored on the same images, whatever its seed
+SPLIT_SEED = 0
 
 
 def round_half_up(x: float) -> int:
@@ -51,26 +53,35 @@ def kept_classes(num_classes: int, config: Config) -> np.ndarray:
     return np.sort(chosen)
 
 
-def uses_subset_keys(config: Config) -> bool:
-    """Whether a subset key other than ``samples_per_class`` is set."""
-    return config.class_fraction < 1 or bool(config.train_images) or bool(config.sample_rate)
+def fixed_split(labels: np.ndarray, classes: Sequence[int], cuts: Callable[[int], Sequence[int]], *,
+                shared_stream: bool = False, sort: bool = True) -> list[list[np.ndarray]]:
+    """The one fixed (seed-independent) split of a dataset's images: ``parts[j][i]`` are
+    the indices into ``labels`` of part ``j`` of class ``classes[i]``.
+
+    Class c's indices are permuted and cut at ``cuts(n)`` (the sizes of every part but
+    the last, which takes the rest; ``n`` the class's image count). The permutation is
+    drawn by a generator keyed by (:data:`SPLIT_SEED`, SPLIT, c), so a class's parts do
+    not depend on the other classes; with ``shared_stream`` one generator keyed by
+    (SPLIT_SEED, SPLIT) permutes the classes one after another instead (how digits has
+    always been split). ``sort`` puts each part in index order; without it a part keeps
+    the permutation's order (digits' training pool: the draw from it follows that order).
+    """
+    shared = rng.numpy_rng(SPLIT_SEED, rng.SPLIT) if shared_stream else None
+    parts: list[list[np.ndarray]] = [[] for _ in range(len(cuts(0)) + 1)]
+    for c in classes:
+        g = shared if shared is not None else rng.numpy_rng(SPLIT_SEED, rng.SPLIT, int(c))
+        perm = g.permutation(np.flatnonzero(labels == c))
+        for part, chunk in zip(parts, np.split(perm, np.cumsum(cuts(len(perm))))):
+            part.append(np.sort(chunk) if sort else chunk)
+    return parts
 
 
 def holdout(labels: np.ndarray, classes: Sequence[int], fraction: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per kept class, (held-out validation indices, pool indices) into ``labels``.
-
-    Class c's images are permuted by a generator keyed by c alone (not by the seed) and
-    the first ``round(fraction * n)`` are held out: at least one, and never the class's
-    last image (a class with one training image has no validation image).
-    """
-    val, pool = [], []
-    for c in classes:
-        idx = np.flatnonzero(labels == c)
-        n = len(idx)
-        k = 0 if n < 2 else max(1, min(round_half_up(fraction * n), n - 1))
-        perm = rng.numpy_rng(SPLIT_SEED, rng.SPLIT, int(c)).permutation(idx)
-        val.append(np.sort(perm[:k]))
-        pool.append(np.sort(perm[k:]))
+    """Per kept class, (held-out validation indices, pool indices) into ``labels``
+    (:func:`fixed_split`): the first ``round(fraction * n)`` of the class's permutation
+    are held out, at least one, and never the class's last image (a class with one
+    training image has no validation image)."""
+    val, pool = fixed_split(labels, classes, lambda n: [0 if n < 2 else max(1, min(round_half_up(fraction * n), n - 1))])
     return val, pool
 
 

@@ -29,6 +29,7 @@ from smile_ray import rng
 from smile_ray.config import Config
 from smile_ray.losses import head_l2, sample_lambda
 from smile_ray.models import SourceModel, TransferNet
+from smile_ray.paths import cache_root
 
 #: bump when a preparation's code changes what it produces: old cache entries are then unused
 PREPARATION_VERSION = 1
@@ -173,11 +174,10 @@ class Method:
         or load it; the write is atomic, so ranks racing to write it are harmless.
         """
         from smile_ray.checkpoint import save_torch, write_json
-        from smile_ray.pretrain import default_cache_dir
 
         digest = tensor_digest(*source.weights_state_dict().values(), *self.need_task().digest_tensors(),
                                extra={"name": name, "settings": settings, "v": PREPARATION_VERSION})
-        path = (self.cache_dir or default_cache_dir()) / "prepared" / f"{name}-{digest[:16]}.pt"
+        path = cache_root(self.cache_dir) / "prepared" / f"{name}-{digest[:16]}.pt"
         start = time.perf_counter()
         result, computed_seconds = None, None
         if path.is_file():
