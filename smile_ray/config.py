@@ -20,7 +20,7 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
@@ -31,8 +31,6 @@ from smile_ray.registry import BACKBONES, DATASETS, METHODS, check_names
 # 1000 of them; we keep that proportion whatever ``steps`` is.
 REFERENCE_PLAIN_TAIL_FRACTION = 1000 / 9000
 
-SWITCHES = ("feature_mixup", "source_label", "mean_teacher", "label_mixup", "head_l2", "plain_tail")
-
 # RegSL's published runs train 30 epochs, counted from 1, reweighting from epoch 5 and
 # relabelling from epoch 10: after 4 and 9 of the 30 epochs (this project counts steps).
 REGSL_EPOCHS = 30
@@ -40,8 +38,46 @@ DELTA_VARIANTS = ("attention", "feature_map")
 HEAD_INITS = ("torch", "xavier")
 
 
-def _key(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+#: ``methods=ALL``: a key every method reads (the head L2 weight)
+ALL = "all"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A key's range: ``ok(value)`` and the text an error gives when it fails."""
+
+    ok: Callable[[Any], bool]
+    text: str
+
+
+def at_least(n: float, text: str = "") -> Rule:
+    return Rule(lambda v: v >= n, text or f"must be >= {n}")
+
+
+def positive(text: str = "must be > 0") -> Rule:
+    return Rule(lambda v: v > 0, text)
+
+
+def within(lo: float, hi: float, closed: str = "[]") -> Rule:
+    """``lo <= v <= hi``; ``closed`` says which ends belong: ``[]``, ``[)``, ``(]`` or ``()``."""
+    left = (lambda v: v >= lo) if closed[0] == "[" else (lambda v: v > lo)
+    right = (lambda v: v <= hi) if closed[1] == "]" else (lambda v: v < hi)
+    return Rule(lambda v: left(v) and right(v), f"must be in {closed[0]}{lo}, {hi}{closed[1]}")
+
+
+def one_of(*choices: str, text: str = "") -> Rule:
+    return Rule(lambda v: v in choices, text or " or ".join(choices))
+
+
+def _key(default: Any, help: str, rule: Rule | None = None, methods: tuple[str, ...] | str = (),
+         when: str = "") -> Any:
+    """One config key, declared once with everything that is known of it: its default,
+    its help text (``--help``, ``docs/config.md``), its range (``rule``, checked by
+    :func:`make_config`), the methods that read it (``methods``: names, or :data:`ALL`;
+    empty for the keys every run reads) and the switch without which they do not
+    (``when``: a boolean key). :data:`METHOD_KEYS` and each method's
+    :meth:`~smile_ray.methods.base.Method.used_keys` derive from the last two."""
+    return field(default=default, metadata={"help": help, "rule": rule, "methods": methods, "when": when})
 
 
 @dataclass(frozen=True)
@@ -57,146 +93,231 @@ class Config:
         "source (pre-train on the dataset's source task, cached), imagenet (= DEFAULT), a weight tag of the "
         "backbone (torchvision's DEFAULT, IMAGENET1K_V1, IMAGENET1K_V2, ...; timm's DEFAULT or a pretrained tag: "
         "read from torch's / timm's cache, downloaded when online unless SMILE_RAY_OFFLINE=1), none, or a file",
+        rule=Rule(lambda v: v != "", "source, imagenet, a weight tag (DEFAULT, IMAGENET1K_V1, ...), none or a "
+                  "file path"),
     )
     data_root: str = _key(
         "", "folder holding the dataset's files in their native layout ('' = the dataset's default location; "
         "the image datasets have none)",
     )
     samples_per_class: int = _key(
-        5, "training images per target class, drawn by seed (used when train_images and sample_rate are 0)"
+        5, "training images per target class, drawn by seed (used when train_images and sample_rate are 0)",
+        rule=at_least(1),
     )
     # the paper's subsets (docs/method.md, "Subsets and splits"): C:25%/N:400 is
     # class_fraction=0.25 train_images=400; C:All/N:15% is sample_rate=0.15
     class_fraction: float = _key(
         1.0, "fraction of the target classes kept, chosen by seed (paper C:25% = 0.25); validation and test "
         "keep only those classes",
+        rule=within(0, 1, "(]"),
     )
     train_images: int = _key(
         0, "training images in total from the kept classes, equal per class up to one (paper N:400); "
         "0: off. Exclusive with sample_rate",
+        rule=at_least(0, "0 (off) or a count >= 1"),
     )
     sample_rate: float = _key(
         0.0, "fraction of each kept class's training pool drawn by seed (paper N:15% = 0.15, N:100% = 1); "
         "0: off. Exclusive with train_images",
+        rule=Rule(lambda v: 0 <= v <= 1, "0 (off) or a fraction in (0, 1]"),
     )
     val_fraction: float = _key(
         0.1, "image datasets: fraction of each class's training images held out (fixed, whatever the seed) "
         "as the validation split, before any subset is drawn",
+        rule=within(0, 1, "()"),
     )
     data_workers: int = _key(
         -1, "image datasets: DataLoader processes decoding and augmenting images; -1: min(4, CPUs this "
         "process may use: its CPU affinity, capped by OMP_NUM_THREADS, which Ray sets to a task's or "
         "worker's CPU reservation); 0: in the training process",
+        rule=at_least(-1, "-1 (auto), 0 (in process) or a count >= 1"),
     )
     decode: str = _key(
         "auto", "image datasets: where images are decoded and augmented. cpu: PIL in the DataLoader workers; "
         "device: the workers only read the files' bytes and the training process decodes each batch on "
         "the run's device (torchvision.io.decode_jpeg, batched, then resize/crop/flip there; pixels close to "
         "cpu's, not identical); auto: cpu, until a GPU measurement shows device decoding faster",
+        rule=one_of("auto", "cpu", "device", text="auto, cpu or device"),
     )
     skip_bad_images: bool = _key(
         False, "image datasets: leave out unreadable images with a warning (counted in metrics.json) "
         "instead of stopping with an error naming the first",
     )
-    image_size: int = _key(32, "input side in pixels (digits 32; the paper uses 224)")
+    image_size: int = _key(32, "input side in pixels (digits 32; the paper uses 224)", rule=at_least(8))
     # optimisation
-    steps: int = _key(300, "optimiser steps (reference: 9000 on 224 px datasets)")
-    batch_size: int = _key(48, "global batch size")
-    lr: float = _key(0.01, "SGD learning rate; x0.1 from lr_decay_step on")
+    steps: int = _key(300, "optimiser steps (reference: 9000 on 224 px datasets)", rule=at_least(1))
+    batch_size: int = _key(48, "global batch size", rule=at_least(1))
+    lr: float = _key(0.01, "SGD learning rate; x0.1 from lr_decay_step on", rule=positive())
     lr_decay_step: int = _key(
         -1,
         "step from which the lr is x0.1; -1: the reference's int(2 * (steps + steps / 9) / 3) "
         "(6666 of 9000, 222 of 300); a value >= steps: no drop",
+        rule=at_least(-1, "-1 (reference) or a step >= 0"),
     )
-    weight_decay: float = _key(1e-4, "SGD weight decay on all parameters")
-    momentum: float = _key(0.9, "SGD Nesterov momentum")
-    seed: int = _key(2022, "seed of the training subset, initialisation and every draw")
+    weight_decay: float = _key(1e-4, "SGD weight decay on all parameters", rule=at_least(0))
+    momentum: float = _key(0.9, "SGD Nesterov momentum", rule=within(0, 1, "[)"))
+    seed: int = _key(2022, "seed of the training subset, initialisation and every draw", rule=at_least(0))
     head_init: str = _key(
         "torch", "the new target classifier's initialisation: torch (nn.Linear's default, as the PyTorch baselines' "
         "codes get) or xavier (Xavier-uniform weight, zero bias: Paddle's Linear default, which the SMILE "
         "reference's new head gets)",
+        rule=one_of(*HEAD_INITS),
     )
     # SMILE
-    mixup_alpha: float = _key(0.2, "Beta(alpha, alpha) for the mixing weight lambda")
-    ema_decay: float = _key(0.999, "mean-teacher EMA decay")
-    ema_every: int = _key(10, "steps between mean-teacher updates")
+    mixup_alpha: float = _key(
+        0.2, "Beta(alpha, alpha) for the mixing weight lambda",
+        rule=positive(), methods=("mixup", "smile"),
+    )
+    ema_decay: float = _key(
+        0.999, "mean-teacher EMA decay",
+        rule=within(0, 1, "[)"), methods=("smile",), when="mean_teacher",
+    )
+    ema_every: int = _key(
+        10, "steps between mean-teacher updates",
+        rule=at_least(1), methods=("smile",), when="mean_teacher",
+    )
     ema_statistics: bool = _key(
         True, "smile: the mean teacher's BatchNorm running mean and variance follow the student's with the same "
         "EMA as its parameters (the reference, where they are Paddle parameters); false: parameters only, the "
         "statistics stay pre-trained (smile-ray before issue 35; for the ablation)",
+        methods=("smile",), when="mean_teacher",
     )
     ema_decay_horizon: int = _key(
         0, "smile: 0: ema_decay is the decay per update; N: the run of N steps whose teacher drift to match "
         "(reference: 9000): the per-update decay becomes ema_decay^(updates in N steps / updates in this run), "
         "so a short run's teacher moves as far from the pre-trained model as the reference's does",
+        rule=at_least(0, "0 (off) or a step count >= 1"), methods=("smile",), when="mean_teacher",
     )
-    feature_weight: float = _key(0.01, "weight of the feature-mixup loss")
-    source_label_weight: float = _key(0.1, "weight of the source-label mixup loss")
-    head_l2_weight: float = _key(1e-4, "weight of the L2 penalty on the classifier heads")
+    feature_weight: float = _key(
+        0.01, "weight of the feature-mixup loss",
+        rule=at_least(0), methods=("smile",), when="feature_mixup",
+    )
+    source_label_weight: float = _key(
+        0.1, "weight of the source-label mixup loss",
+        rule=at_least(0), methods=("smile",), when="source_label",
+    )
+    head_l2_weight: float = _key(
+        1e-4, "weight of the L2 penalty on the classifier heads",
+        rule=at_least(0), methods=ALL, when="head_l2",
+    )
     plain_tail_fraction: float = _key(
-        REFERENCE_PLAIN_TAIL_FRACTION, "final fraction of steps trained without mixup/regularisers"
+        REFERENCE_PLAIN_TAIL_FRACTION, "final fraction of steps trained without mixup/regularisers",
+        rule=within(0, 1, "[)"), methods=("mixup", "smile"), when="plain_tail",
     )
     # SMILE components (ablation switches)
-    feature_mixup: bool = _key(True, "smile: mixed teacher feature maps as a target")
-    source_label: bool = _key(True, "smile: source-label head trained on mixed teacher predictions")
-    mean_teacher: bool = _key(True, "smile: teacher is an EMA of the student (else frozen)")
-    label_mixup: bool = _key(True, "smile: target classifier trained on mixed labels (else clean CE)")
+    feature_mixup: bool = _key(True, "smile: mixed teacher feature maps as a target", methods=("smile",))
+    source_label: bool = _key(True, "smile: source-label head trained on mixed teacher predictions", methods=("smile",))
+    mean_teacher: bool = _key(True, "smile: teacher is an EMA of the student (else frozen)", methods=("smile",))
+    label_mixup: bool = _key(
+        True, "smile: target classifier trained on mixed labels (else clean CE)",
+        methods=("smile",),
+    )
     head_l2: bool = _key(True, "all methods: L2 penalty on the classifier heads")
-    plain_tail: bool = _key(True, "mixup/smile: plain fine-tuning for the final steps")
+    plain_tail: bool = _key(True, "mixup/smile: plain fine-tuning for the final steps", methods=("mixup", "smile"))
     # baselines (docs/method.md); each also pays the head L2 above when head_l2 is on
-    l2sp_weight: float = _key(0.01, "l2sp: weight a of 0.5 * sum ||w - w0||^2 over the backbone (TLlib: 0.01)")
-    bss_weight: float = _key(0.001, "bss: weight eta of the k smallest squared singular values of the batch features")
-    bss_k: int = _key(1, "bss: how many of the smallest singular values are shrunk (>= 1)")
-    delta_weight: float = _key(0.01, "delta: weight of the feature-map distance to the pre-trained network")
+    l2sp_weight: float = _key(
+        0.01, "l2sp: weight a of 0.5 * sum ||w - w0||^2 over the backbone (TLlib: 0.01)",
+        rule=at_least(0), methods=("l2sp",),
+    )
+    bss_weight: float = _key(
+        0.001, "bss: weight eta of the k smallest squared singular values of the batch features",
+        rule=at_least(0), methods=("bss",),
+    )
+    bss_k: int = _key(
+        1, "bss: how many of the smallest singular values are shrunk (>= 1)",
+        rule=at_least(1), methods=("bss",),
+    )
+    delta_weight: float = _key(
+        0.01, "delta: weight of the feature-map distance to the pre-trained network",
+        rule=at_least(0), methods=("delta",),
+    )
     delta_variant: str = _key(
         "attention",
         "delta: attention (channels weighted by their measured importance, computed once and cached; "
         "the published DELTA) or feature_map (unweighted)",
+        rule=one_of(*DELTA_VARIANTS), methods=("delta",),
     )
-    cotuning_weight: float = _key(2.3, "cotuning: weight lambda of the source-head loss to the category relationship")
-    rifle_reinits: int = _key(3, "rifle: times the target classifier is re-initialised, evenly spaced (0: none)")
+    cotuning_weight: float = _key(
+        2.3, "cotuning: weight lambda of the source-head loss to the category relationship",
+        rule=at_least(0), methods=("cotuning",),
+    )
+    rifle_reinits: int = _key(
+        3, "rifle: times the target classifier is re-initialised, evenly spaced (0: none)",
+        rule=at_least(0), methods=("rifle",),
+    )
     stochnorm_prob: float = _key(
-        0.5, "stochnorm: per-channel probability of normalising with batch (else running) statistics in training"
+        0.5, "stochnorm: per-channel probability of normalising with batch (else running) statistics in training",
+        rule=within(0, 1), methods=("stochnorm",),
     )
-    lwf_weight: float = _key(4.0, "lwf: weight of the distillation loss to the recorded source logits")
-    lwf_temperature: float = _key(3.0, "lwf: softmax temperature T of the distillation loss")
+    lwf_weight: float = _key(
+        4.0, "lwf: weight of the distillation loss to the recorded source logits",
+        rule=at_least(0), methods=("lwf",),
+    )
+    lwf_temperature: float = _key(
+        3.0, "lwf: softmax temperature T of the distillation loss",
+        rule=positive(), methods=("lwf",),
+    )
     lwf_train_source_head: bool = _key(
-        False, "lwf: train the source head too (false: frozen, out of the optimiser and its weight decay, as TLlib)"
+        False, "lwf: train the source head too (false: frozen, out of the optimiser and its weight decay, as TLlib)",
+        methods=("lwf",),
     )
     regsl_self_labelling: bool = _key(
         False, "regsl: relabel and reweight as the public code's label-noise runs do; false: the distance "
         "constraints alone, as its clean-label script (train_constraint.py) runs",
+        methods=("regsl",),
     )
     regsl_radius: float = _key(
-        7.8, "regsl: Frobenius radius D around the pre-trained weights of the first two backbone stages"
+        7.8, "regsl: Frobenius radius D around the pre-trained weights of the first two backbone stages",
+        rule=positive(), methods=("regsl",),
     )
-    regsl_gamma: float = _key(1.0, "regsl: radius growth per later stage (stage l >= 3: D * gamma^(l-2))")
-    regsl_head_radius: float = _key(14.08, "regsl: Frobenius radius around 0 of the target classifier's weight")
+    regsl_gamma: float = _key(
+        1.0, "regsl: radius growth per later stage (stage l >= 3: D * gamma^(l-2))",
+        rule=positive(), methods=("regsl",),
+    )
+    regsl_head_radius: float = _key(
+        14.08, "regsl: Frobenius radius around 0 of the target classifier's weight",
+        rule=positive(), methods=("regsl",),
+    )
     regsl_relabel_threshold: float = _key(
-        0.9, "regsl: a stored label is replaced when the model gives another class more than this probability"
+        0.9, "regsl: a stored label is replaced when the model gives another class more than this probability",
+        rule=within(0, 1), methods=("regsl",), when="regsl_self_labelling",
     )
-    regsl_temperature: float = _key(2.0, "regsl: temperature T of the batch softmax(-loss / T) example weights")
+    regsl_temperature: float = _key(
+        2.0, "regsl: temperature T of the batch softmax(-loss / T) example weights",
+        rule=positive(), methods=("regsl",), when="regsl_self_labelling",
+    )
     regsl_relabel_start_fraction: float = _key(
-        9 / REGSL_EPOCHS, "regsl: fraction of steps after which relabelling starts (epoch 10 of 30)"
+        9 / REGSL_EPOCHS, "regsl: fraction of steps after which relabelling starts (epoch 10 of 30)",
+        rule=within(0, 1), methods=("regsl",), when="regsl_self_labelling",
     )
     regsl_reweight_start_fraction: float = _key(
-        4 / REGSL_EPOCHS, "regsl: fraction of steps after which examples are reweighted (epoch 5 of 30)"
+        4 / REGSL_EPOCHS, "regsl: fraction of steps after which examples are reweighted (epoch 5 of 30)",
+        rule=within(0, 1), methods=("regsl",), when="regsl_self_labelling",
     )
     # running
-    eval_every: int = _key(100, "steps between validation evaluations (and checkpoints, unless checkpoint_every)")
+    eval_every: int = _key(
+        100, "steps between validation evaluations (and checkpoints, unless checkpoint_every)",
+        rule=at_least(1),
+    )
     checkpoint_every: int = _key(
         0, "steps between checkpoints (fault tolerance: an interrupted run loses at most this many steps; the "
         "last step always writes one), apart from the evaluations (the learning curve); 0: every eval_every steps",
+        rule=at_least(0, "0 (every eval_every steps) or a count >= 1"),
     )
-    device: str = _key("auto", "auto, cpu, cuda or cuda:N")
+    device: str = _key(
+        "auto", "auto, cpu, cuda or cuda:N",
+        rule=Rule(lambda v: bool(_DEVICE.match(v)), "auto, cpu, cuda or cuda:N"),
+    )
     threads: int = _key(
         0, "torch CPU threads; 0: the CPUs this process may use (its CPU affinity, capped by the CPUs Ray "
         "reserved for a trial or worker). On a machine shared with other jobs, 1 or 2 avoids oversubscription "
         "(several times faster there)",
+        rule=at_least(0, "0 (torch's default) or a count >= 1"),
     )
     precision: str = _key(
         "auto", "auto (bf16 autocast on GPUs that have it natively, CUDA compute capability >= 8.0; fp32 on older "
-        "GPUs, which emulate it, and on CPU), fp32 or bf16"
+        "GPUs, which emulate it, and on CPU), fp32 or bf16",
+        rule=one_of("auto", "fp32", "bf16", text="auto, fp32 or bf16"),
     )
     channels_last: str = _key(
         "auto", "channels_last memory format: auto (on for CUDA, off on CPU, where it is slower), true or false"
@@ -213,8 +334,8 @@ class Config:
         return make_config({**self.to_dict(), **changes})
 
     @property
-    def lr_drop_step(self) -> int:
-        """First step trained at lr x0.1. The reference drops at
+    def resolved_lr_decay_step(self) -> int:
+        """``lr_decay_step`` resolved: the first step trained at lr x0.1. The reference drops at
         ``int(2 * (max_iters + 1000) / 3)`` with 9000 steps: its 1000 extra are the plain
         tail's share (1/9 of the steps), kept as that proportion at other lengths."""
         if self.lr_decay_step >= 0:
@@ -235,6 +356,21 @@ class Config:
 
 
 KEYS: dict[str, dataclasses.Field] = {f.name: f for f in fields(Config)}
+
+#: the keys only some methods read (declared with ``methods=``); a method ignores those it
+#: does not read (:meth:`~smile_ray.methods.base.Method.used_keys`)
+METHOD_KEYS: frozenset[str] = frozenset(k for k, f in KEYS.items() if f.metadata["methods"])
+
+
+def reads(method: str, key: str, config: Config) -> bool:
+    """Whether the method registered as ``method`` reads ``key`` under ``config``, as the
+    key declares it (``methods=`` and ``when=``); a method may narrow this further
+    (SMILE without a teacher reads no EMA key)."""
+    f = KEYS[key]
+    owners = f.metadata["methods"]
+    if not owners or (owners != ALL and method not in owners):
+        return False
+    return not f.metadata["when"] or bool(getattr(config, f.metadata["when"]))
 
 #: string keys that take auto, true or false (YAML and --set booleans accepted)
 TRISTATE = ("channels_last",)
@@ -302,60 +438,15 @@ _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 
 
 def _check_ranges(c: Config, where: str) -> None:
-    def need(ok: bool, key: str, rule: str) -> None:
-        if not ok:
-            raise SmileError(f"{where}: {key}={getattr(c, key)!r} is out of range ({rule})")
-
-    need(c.samples_per_class >= 1, "samples_per_class", "must be >= 1")
-    need(0 < c.class_fraction <= 1, "class_fraction", "must be in (0, 1]")
-    need(c.train_images >= 0, "train_images", "0 (off) or a count >= 1")
-    need(0 <= c.sample_rate <= 1, "sample_rate", "0 (off) or a fraction in (0, 1]")
-    need(0 < c.val_fraction < 1, "val_fraction", "must be in (0, 1)")
-    need(c.data_workers >= -1, "data_workers", "-1 (auto), 0 (in process) or a count >= 1")
-    need(c.decode in ("auto", "cpu", "device"), "decode", "auto, cpu or device")
+    """Each key's declared :class:`Rule`, in declaration order, then the rules that tie
+    keys together."""
+    for name, f in KEYS.items():
+        rule = f.metadata["rule"]
+        if rule is not None and not rule.ok(getattr(c, name)):
+            raise SmileError(f"{where}: {name}={getattr(c, name)!r} is out of range ({rule.text})")
     if c.train_images and c.sample_rate:
         raise SmileError(f"{where}: train_images={c.train_images} and sample_rate={c.sample_rate} are exclusive "
                          "(set one of them; 0 turns a key off)")
-    need(c.image_size >= 8, "image_size", "must be >= 8")
-    need(c.steps >= 1, "steps", "must be >= 1")
-    need(c.batch_size >= 1, "batch_size", "must be >= 1")
-    need(c.lr > 0, "lr", "must be > 0")
-    need(c.lr_decay_step >= -1, "lr_decay_step", "-1 (reference) or a step >= 0")
-    need(c.weight_decay >= 0, "weight_decay", "must be >= 0")
-    need(0 <= c.momentum < 1, "momentum", "must be in [0, 1)")
-    need(c.seed >= 0, "seed", "must be >= 0")
-    need(c.head_init in HEAD_INITS, "head_init", " or ".join(HEAD_INITS))
-    need(c.mixup_alpha > 0, "mixup_alpha", "must be > 0")
-    need(0 <= c.ema_decay < 1, "ema_decay", "must be in [0, 1)")
-    need(c.ema_every >= 1, "ema_every", "must be >= 1")
-    need(c.ema_decay_horizon >= 0, "ema_decay_horizon", "0 (off) or a step count >= 1")
-    need(c.feature_weight >= 0, "feature_weight", "must be >= 0")
-    need(c.source_label_weight >= 0, "source_label_weight", "must be >= 0")
-    need(c.head_l2_weight >= 0, "head_l2_weight", "must be >= 0")
-    need(0 <= c.plain_tail_fraction < 1, "plain_tail_fraction", "must be in [0, 1)")
-    need(c.l2sp_weight >= 0, "l2sp_weight", "must be >= 0")
-    need(c.bss_weight >= 0, "bss_weight", "must be >= 0")
-    need(c.bss_k >= 1, "bss_k", "must be >= 1")
-    need(c.delta_weight >= 0, "delta_weight", "must be >= 0")
-    need(c.delta_variant in DELTA_VARIANTS, "delta_variant", " or ".join(DELTA_VARIANTS))
-    need(c.cotuning_weight >= 0, "cotuning_weight", "must be >= 0")
-    need(c.rifle_reinits >= 0, "rifle_reinits", "must be >= 0")
-    need(0 <= c.stochnorm_prob <= 1, "stochnorm_prob", "must be in [0, 1]")
-    need(c.lwf_weight >= 0, "lwf_weight", "must be >= 0")
-    need(c.lwf_temperature > 0, "lwf_temperature", "must be > 0")
-    need(c.regsl_radius > 0, "regsl_radius", "must be > 0")
-    need(c.regsl_gamma > 0, "regsl_gamma", "must be > 0")
-    need(c.regsl_head_radius > 0, "regsl_head_radius", "must be > 0")
-    need(0 <= c.regsl_relabel_threshold <= 1, "regsl_relabel_threshold", "must be in [0, 1]")
-    need(c.regsl_temperature > 0, "regsl_temperature", "must be > 0")
-    need(0 <= c.regsl_relabel_start_fraction <= 1, "regsl_relabel_start_fraction", "must be in [0, 1]")
-    need(0 <= c.regsl_reweight_start_fraction <= 1, "regsl_reweight_start_fraction", "must be in [0, 1]")
-    need(c.eval_every >= 1, "eval_every", "must be >= 1")
-    need(c.checkpoint_every >= 0, "checkpoint_every", "0 (every eval_every steps) or a count >= 1")
-    need(c.threads >= 0, "threads", "0 (torch's default) or a count >= 1")
-    need(bool(_DEVICE.match(c.device)), "device", "auto, cpu, cuda or cuda:N")
-    need(c.precision in ("auto", "fp32", "bf16"), "precision", "auto, fp32 or bf16")
-    need(c.weights != "", "weights", "source, imagenet, a weight tag (DEFAULT, IMAGENET1K_V1, ...), none or a file path")
 
 
 def make_config(values: Mapping[str, Any] | None = None, where: str = "config") -> Config:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from smile_ray.config import KEYS
+from smile_ray.config import ALL, KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ("train", "tune", "ablate", "compare", "report")
@@ -34,8 +34,12 @@ the config is built: an unknown key, a value of the wrong type or out of range i
 line naming the key (and the file), exit 2. `smile-ray config KEY=VALUE ...` prints the
 resolved config as YAML.
 
-| key | type | default | meaning |
-|---|---|---|---|
+"range" is what a value must satisfy; "read by" names the methods that read a key (with
+the switch it needs); a key with no method named is read by every run. A `--set` of a
+method's key that no method of the run reads is refused: it would do nothing.
+
+| key | type | default | range | read by | meaning |
+|---|---|---|---|---|---|
 """
 
 
@@ -47,13 +51,22 @@ def _shown(default) -> str:
     return '""' if default == "" else str(default)
 
 
+def _readers(f) -> str:
+    methods = f.metadata.get("methods")
+    if not methods:
+        return ""
+    who = "every method" if methods == ALL else ", ".join(methods)
+    return f"{who} (when `{f.metadata['when']}`)" if f.metadata["when"] else who
+
+
 def config_reference() -> str:
     """The Markdown table of every config key, in declaration order."""
     rows = []
     for name, f in KEYS.items():
         kind = f.type if isinstance(f.type, str) else f.type.__name__
         text = f.metadata["help"].replace("|", "\\|")
-        rows.append(f"| `{name}` | {kind} | `{_shown(f.default)}` | {text} |")
+        rule = f.metadata["rule"].text.replace("|", "\\|") if f.metadata.get("rule") else ""
+        rows.append(f"| `{name}` | {kind} | `{_shown(f.default)}` | {rule} | {_readers(f)} | {text} |")
     return CONFIG_HEAD + "\n".join(rows) + "\n"
 
 

@@ -19,7 +19,7 @@ orchestrates it hooks in through
   ``prepare_model`` (e.g. a DistributedDataParallel wrapper).
 
 Schedule (reference implementation): SGD with Nesterov momentum, learning rate x0.1
-from ``config.lr_drop_step`` on; the method decides what each step's loss is.
+from ``config.resolved_lr_decay_step`` on; the method decides what each step's loss is.
 """
 from __future__ import annotations
 
@@ -181,7 +181,7 @@ def uses_channels_last(config: Config, device: torch.device) -> bool:
 
 
 def learning_rate(config: Config, step: int) -> float:
-    return config.lr * (0.1 if step >= config.lr_drop_step else 1.0)
+    return config.lr * (0.1 if step >= config.resolved_lr_decay_step else 1.0)
 
 
 class Student(nn.Module):

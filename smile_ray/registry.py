@@ -131,6 +131,18 @@ class Registry(Generic[T]):
         self._read_entry_points(strict=False)
         return list(self._entries)
 
+    def names_of(self, thing: Any) -> list[str]:
+        """The names ``thing`` is registered under (loading each entry; one that cannot be
+        loaded is skipped): how a method class finds the keys declared for its name."""
+        out = []
+        for name in self.names():
+            try:
+                if self.get(name) is thing:
+                    out.append(name)
+            except Exception:  # a broken entry point is reported when it is asked for by name
+                continue
+        return out
+
     def __contains__(self, name: object) -> bool:
         self._read_entry_points(strict=False)
         return isinstance(name, str) and (name in self._entries or self._pattern(name) is not None)

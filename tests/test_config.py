@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from smile_ray.config import REFERENCE_PLAIN_TAIL_FRACTION, make_config, parse_overrides, resolve_config
+from smile_ray.config import (ALL, KEYS, METHOD_KEYS, REFERENCE_PLAIN_TAIL_FRACTION, make_config, parse_overrides,
+                              resolve_config)
 from smile_ray.errors import SmileError
 
 
@@ -13,7 +14,7 @@ def test_defaults_are_the_reference_values():
     assert (c.feature_weight, c.source_label_weight, c.head_l2_weight) == (0.01, 0.1, 1e-4)
     assert (c.lr, c.momentum, c.weight_decay, c.batch_size, c.seed) == (0.01, 0.9, 1e-4, 48, 2022)
     assert c.plain_tail_fraction == REFERENCE_PLAIN_TAIL_FRACTION
-    assert c.lr_decay_step == -1 and c.lr_drop_step == 222 and c.plain_tail_start == 300 - 33
+    assert c.lr_decay_step == -1 and c.resolved_lr_decay_step == 222 and c.plain_tail_start == 300 - 33
     # checkpoints every evaluation unless checkpoint_every says otherwise
     assert c.checkpoint_every == 0 and c.checkpoint_interval == c.eval_every == 100
     assert make_config({"checkpoint_every": 30}).checkpoint_interval == 30
@@ -65,6 +66,43 @@ def test_bad_values_name_the_key(values, fragment):
         make_config(values)
     assert fragment in str(e.value)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "key, bad, rule",
+    [  # each kind of declared rule, with the text the error gives (unchanged from the hand-written checks)
+        ("samples_per_class", 0, "must be >= 1"),
+        ("class_fraction", 0, "must be in (0, 1]"),
+        ("val_fraction", 1, "must be in (0, 1)"),
+        ("momentum", 1, "must be in [0, 1)"),
+        ("stochnorm_prob", 1.5, "must be in [0, 1]"),
+        ("lr", 0, "must be > 0"),
+        ("sample_rate", 1.5, "0 (off) or a fraction in (0, 1]"),
+        ("lr_decay_step", -2, "-1 (reference) or a step >= 0"),
+        ("decode", "gpu", "auto, cpu or device"),
+        ("head_init", "he", "torch or xavier"),
+        ("delta_variant", "both", "attention or feature_map"),
+        ("device", "cuda:x", "auto, cpu, cuda or cuda:N"),
+        ("weights", "", "source, imagenet, a weight tag (DEFAULT, IMAGENET1K_V1, ...), none or a file path"),
+    ],
+)
+def test_a_key_declares_its_range(key, bad, rule):
+    assert KEYS[key].metadata["rule"].text == rule
+    with pytest.raises(SmileError) as e:
+        make_config({key: bad})
+    assert str(e.value).startswith(f"config: {key}=") and str(e.value).endswith(f"is out of range ({rule})")
+
+
+def test_method_keys_are_the_keys_declared_for_a_method():
+    from smile_ray.registry import METHODS
+
+    assert METHOD_KEYS == {k for k, f in KEYS.items() if f.metadata["methods"]}
+    assert {"l2sp_weight", "ema_decay", "head_l2_weight", "plain_tail"} <= METHOD_KEYS
+    assert not {"steps", "lr", "seed", "head_l2", "method"} & METHOD_KEYS
+    for key in METHOD_KEYS:  # a misspelt method or switch would leave a key read by nobody
+        owners, when = KEYS[key].metadata["methods"], KEYS[key].metadata["when"]
+        assert owners == ALL or set(owners) <= set(METHODS.names()), key
+        assert not when or KEYS[when].type in (bool, "bool"), key
 
 
 def test_config_file_then_explicit_then_set(tmp_path):

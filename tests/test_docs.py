@@ -36,7 +36,7 @@ def test_a_new_key_makes_the_reference_stale(monkeypatch):
     extra.name, extra.type = "new_key", "int"
     monkeypatch.setitem(docs.KEYS, "new_key", extra)
     after = docs.config_reference()
-    assert after != before and "| `new_key` | int | `7` | a key added later |" in after
+    assert after != before and "| `new_key` | int | `7` |  |  | a key added later |" in after
 
 
 def test_check_names_the_stale_file_and_fails(tmp_path, monkeypatch, capsys):

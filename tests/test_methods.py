@@ -281,6 +281,23 @@ def test_label_mixup_off_changes_only_the_label_term():
     torch.testing.assert_close(off_parts["cls"], torch.nn.functional.cross_entropy(model(x).logits, y))
 
 
+def test_a_method_reads_the_keys_declared_for_its_name():
+    """Method.used_keys derives from the config's declarations; only SMILE narrows them
+    (no teacher: no EMA key, and no mixup_alpha unless label_mixup)."""
+    from smile_ray.config import METHOD_KEYS, reads
+    from smile_ray.methods import method_class
+    from smile_ray.registry import METHODS
+
+    for switches in ({}, {"head_l2": False, "plain_tail": False, "mean_teacher": False, "regsl_self_labelling": True}):
+        cfg = make_config(switches)
+        for name in METHODS.names():
+            declared = {k for k in METHOD_KEYS if reads(name, k, cfg)}
+            assert method_class(name).used_keys(cfg) == declared, (name, switches)
+    no_teacher = make_config({"feature_mixup": False, "source_label": False, "label_mixup": False})
+    assert not {"ema_decay", "ema_every", "mixup_alpha"} & method_class("smile").used_keys(no_teacher)
+    assert "mixup_alpha" in method_class("mixup").used_keys(no_teacher)
+
+
 def test_methods_declare_the_keys_they_read():
     from smile_ray.methods import method_class
 

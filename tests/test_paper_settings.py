@@ -65,7 +65,7 @@ def test_a_file_holds_the_papers_protocol_for_its_tables_methods(ds, cell):
     base = settings.base
     assert (base.dataset, base.backbone, base.weights) == (ds, backbone, weights)
     assert {k: getattr(base, k) for k in PROTOCOL} == PROTOCOL
-    assert base.lr_drop_step == 6666 and base.plain_tail_start == 8000  # the reference's schedule
+    assert base.resolved_lr_decay_step == 6666 and base.plain_tail_start == 8000  # the reference's schedule
     for m in methods:  # every method's run of the cell is a valid config
         config = make_config({**base.to_dict(), **cells[cell], "method": m})
         assert {k: getattr(config, k) for k in cells[cell]} == cells[cell]

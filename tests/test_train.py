@@ -118,11 +118,11 @@ def test_a_run_with_no_directory_writes_nothing(tmp_path, cache_dir, monkeypatch
 def test_learning_rate_drops_where_the_reference_drops():
     from smile_ray.recipe import learning_rate
 
-    assert make_config({"steps": 9000}).lr_drop_step == 6666  # int(2 * (9000 + 1000) / 3)
+    assert make_config({"steps": 9000}).resolved_lr_decay_step == 6666  # int(2 * (9000 + 1000) / 3)
     cfg = make_config({"steps": 300})
-    assert cfg.lr_drop_step == 222
+    assert cfg.resolved_lr_decay_step == 222
     assert learning_rate(cfg, 221) == pytest.approx(0.01) and learning_rate(cfg, 222) == pytest.approx(0.001)
-    assert make_config({"steps": 300, "lr_decay_step": 100}).lr_drop_step == 100
+    assert make_config({"steps": 300, "lr_decay_step": 100}).resolved_lr_decay_step == 100
     assert learning_rate(make_config({"steps": 300, "lr_decay_step": 300}), 299) == pytest.approx(0.01)
 
 

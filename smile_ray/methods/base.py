@@ -26,10 +26,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smile_ray import rng
-from smile_ray.config import Config
+from smile_ray.config import METHOD_KEYS, Config, reads
 from smile_ray.losses import head_l2, sample_lambda
 from smile_ray.models import SourceModel, TransferNet
 from smile_ray.paths import cache_root
+from smile_ray.registry import METHODS
 
 #: bump when a preparation's code changes what it produces: old cache entries are then unused
 PREPARATION_VERSION = 1
@@ -46,17 +47,9 @@ class Method:
     #: whether the student gets a source-label head (initialised from the source classifier)
     uses_source_head = False
 
-    #: config keys that only some methods read; a method ignores those it does not list
-    #: in :meth:`used_keys`
-    METHOD_KEYS = frozenset({
-        "mixup_alpha", "ema_decay", "ema_every", "ema_statistics", "ema_decay_horizon", "feature_weight",
-        "source_label_weight", "plain_tail_fraction",
-        "feature_mixup", "source_label", "mean_teacher", "label_mixup", "plain_tail", "head_l2_weight",
-        "l2sp_weight", "bss_weight", "bss_k", "delta_weight", "delta_variant", "cotuning_weight", "rifle_reinits",
-        "stochnorm_prob", "lwf_weight", "lwf_temperature", "lwf_train_source_head", "regsl_self_labelling",
-        "regsl_radius", "regsl_gamma", "regsl_head_radius",
-        "regsl_relabel_threshold", "regsl_temperature", "regsl_relabel_start_fraction", "regsl_reweight_start_fraction",
-    })
+    #: config keys that only some methods read (declared in :mod:`smile_ray.config` with the
+    #: methods that read them); a method ignores those it does not list in :meth:`used_keys`
+    METHOD_KEYS = METHOD_KEYS
 
     def __init__(self, config: Config, rank: int = 0, world_size: int = 1):
         self.config = config
@@ -99,8 +92,11 @@ class Method:
     @classmethod
     def used_keys(cls, config: Config) -> set[str]:
         """The method-specific keys (of :attr:`METHOD_KEYS`) this method reads under
-        ``config``. Plain fine-tuning reads only the head L2 weight."""
-        return {"head_l2_weight"} if config.head_l2 else set()
+        ``config``: those the config declares for the name(s) it is registered under
+        (:func:`smile_ray.config.reads`). A method narrows them where a key's own switch
+        does not say it all."""
+        names = METHODS.names_of(cls)
+        return {k for k in METHOD_KEYS if any(reads(name, k, config) for name in names)}
 
     @classmethod
     def unused_keys(cls, config: Config) -> set[str]:

@@ -20,10 +20,6 @@ from smile_ray.methods.base import Method
 
 
 class BSS(Method):
-    @classmethod
-    def used_keys(cls, config):
-        return super().used_keys(config) | {"bss_weight", "bss_k"}
-
     def loss(self, model, x, y, step):
         c = self.config
         out = model(x)

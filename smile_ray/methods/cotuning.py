@@ -29,10 +29,6 @@ from smile_ray.methods.base import Method, train_source_logits
 class CoTuning(Method):
     uses_source_head = True
 
-    @classmethod
-    def used_keys(cls, config):
-        return super().used_keys(config) | {"cotuning_weight"}
-
     def attach(self, model, source, task=None, cache_dir=None):
         super().attach(model, source, task, cache_dir)
         device = next(model.parameters()).device

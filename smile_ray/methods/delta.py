@@ -119,10 +119,6 @@ def head(net: TransferNet, fmap: Tensor) -> Tensor:
 
 
 class Delta(Method):
-    @classmethod
-    def used_keys(cls, config):
-        return super().used_keys(config) | {"delta_weight", "delta_variant"}
-
     def attach(self, model, source, task=None, cache_dir=None):
         super().attach(model, source, task, cache_dir)
         net = unwrap(model)

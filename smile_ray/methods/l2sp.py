@@ -20,10 +20,6 @@ from smile_ray.methods.base import Method, unwrap
 
 
 class L2SP(Method):
-    @classmethod
-    def used_keys(cls, config):
-        return super().used_keys(config) | {"l2sp_weight"}
-
     def attach(self, model, source, task=None, cache_dir=None):
         super().attach(model, source, task, cache_dir)
         self._params = list(unwrap(model).body.parameters())

@@ -36,10 +36,6 @@ from smile_ray.methods.base import Method, train_source_logits, unwrap
 class LwF(Method):
     uses_source_head = True
 
-    @classmethod
-    def used_keys(cls, config):
-        return super().used_keys(config) | {"lwf_weight", "lwf_temperature", "lwf_train_source_head"}
-
     def attach(self, model, source, task=None, cache_dir=None):
         super().attach(model, source, task, cache_dir)
         if not self.config.lwf_train_source_head:

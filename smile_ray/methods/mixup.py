@@ -13,11 +13,6 @@ from smile_ray.methods.base import Method
 
 
 class Mixup(Method):
-    @classmethod
-    def used_keys(cls, config):
-        used = super().used_keys(config) | {"mixup_alpha", "plain_tail"}
-        return used | ({"plain_tail_fraction"} if config.plain_tail else set())
-
     def loss(self, model, x, y, step):
         if self.in_plain_tail(step):
             return self.plain_loss(model, x, y)

@@ -78,20 +78,6 @@ def constrained_weights(body: nn.Module, radius: float, gamma: float) -> list[tu
 
 
 class RegSL(Method):
-    KEYS = ("regsl_radius", "regsl_gamma", "regsl_head_radius", "regsl_relabel_threshold", "regsl_temperature",
-            "regsl_relabel_start_fraction", "regsl_reweight_start_fraction")
-
-    #: the keys of relabelling and reweighting, read only with ``regsl_self_labelling``
-    SELF_LABELLING_KEYS = ("regsl_relabel_threshold", "regsl_temperature", "regsl_relabel_start_fraction",
-                           "regsl_reweight_start_fraction")
-
-    @classmethod
-    def used_keys(cls, config):
-        keys = set(cls.KEYS) | {"regsl_self_labelling"}
-        if not config.regsl_self_labelling:
-            keys -= set(cls.SELF_LABELLING_KEYS)
-        return super().used_keys(config) | keys
-
     def __init__(self, config, rank=0, world_size=1):
         super().__init__(config, rank, world_size)
         never = config.steps  # constraints alone: neither part starts inside the run

@@ -37,10 +37,6 @@ def reinit_steps(steps: int, reinits: int) -> list[int]:
 
 
 class Rifle(Method):
-    @classmethod
-    def used_keys(cls, config):
-        return super().used_keys(config) | {"rifle_reinits"}
-
     def __init__(self, config, rank=0, world_size=1):
         super().__init__(config, rank, world_size)
         self.schedule = reinit_steps(config.steps, config.rifle_reinits)

@@ -77,6 +77,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from smile_ray.config import KEYS
 from smile_ray.losses import all_reduce_sum, feature_mixup_loss, mix, mixup_cross_entropy, source_label_loss
 from smile_ray.methods.base import Method, unwrap
 
@@ -138,18 +139,14 @@ class Smile(Method):
 
     @classmethod
     def used_keys(cls, config):
-        teacher = config.feature_mixup or config.source_label
-        used = super().used_keys(config) | {"feature_mixup", "source_label", "mean_teacher", "label_mixup", "plain_tail"}
-        if config.feature_mixup:
-            used.add("feature_weight")
-        if config.source_label:
-            used.add("source_label_weight")
-        if teacher and config.mean_teacher:
-            used |= {"ema_decay", "ema_every", "ema_statistics", "ema_decay_horizon"}
-        if teacher or config.label_mixup:
-            used.add("mixup_alpha")
-        if config.plain_tail:
-            used.add("plain_tail_fraction")
+        """The keys declared for smile, less those a missing teacher idles: without
+        ``feature_mixup`` and ``source_label`` there is no teacher (no EMA key is read),
+        and nothing is mixed unless ``label_mixup`` is on (``mixup_alpha`` unread)."""
+        used = super().used_keys(config)
+        if not (config.feature_mixup or config.source_label):
+            used -= {k for k in used if KEYS[k].metadata["when"] == "mean_teacher"}
+            if not config.label_mixup:
+                used.discard("mixup_alpha")
         return used
 
     @classmethod

@@ -145,10 +145,6 @@ def replace_batchnorms(module: nn.Module, p: float, generator: torch.Generator |
 
 
 class StochNorm(Method):
-    @classmethod
-    def used_keys(cls, config):
-        return super().used_keys(config) | {"stochnorm_prob"}
-
     def attach(self, model, source, task=None, cache_dir=None):
         super().attach(model, source, task, cache_dir)
         self.generator = torch.Generator()
