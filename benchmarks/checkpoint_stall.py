@@ -1,13 +1,13 @@
 """How long a checkpoint stalls training: written on the training thread, or handed to
-the recipe's background :class:`~smile_ray.recipe.CheckpointWriter`.
+the background :class:`~smile_ray.checkpoint.CheckpointWriter`.
 
 A SMILE run's checkpoint holds the student, its optimiser's momentum and the mean
 teacher: about 300 MB for ResNet-50. The script builds such a run (random-init weights,
 synthetic batches: only the state's size matters), takes one step so the momentum
 exists, then times, over ``--repeats`` rounds,
 
-* ``save_checkpoint``: serialise and write the file on the calling thread (what a step
-  waited for before);
+* ``CheckpointWriter(background=False).save``: serialise and write the file on the
+  calling thread (what a step waited for before);
 * ``CheckpointWriter.save``: what the training thread now waits for (a host copy of the
   state), and how long the background write takes to reach the disk after it;
 
@@ -30,9 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from smile_ray.checkpoint import read_checkpoint  # noqa: E402
 from smile_ray.config import make_config  # noqa: E402
-from smile_ray.recipe import CheckpointWriter, resolve_device, save_checkpoint, setup, train_step  # noqa: E402
+from smile_ray.checkpoint import CheckpointWriter, LoopState, read_checkpoint, run_state  # noqa: E402
+from smile_ray.recipe import resolve_device, setup, train_step  # noqa: E402
 from step_time import SyntheticTask, sync  # noqa: E402
 
 
@@ -65,13 +65,14 @@ def main() -> None:
 
     folder = args.dir or Path(tempfile.mkdtemp(prefix="smile-ray-ckpt-"))
     sync_s, stall_s, write_s = [], [], []
-    writer = CheckpointWriter(background=True)
+    writer, at_once = CheckpointWriter(background=True), CheckpointWriter(background=False)
+    loop = LoopState(step=1, loss_sum=torch.zeros((), device=device))
     for r in range(args.repeats):
         t = time.perf_counter()
-        save_checkpoint(run, folder / "sync.pt", 1, [], 0.0, [])
+        at_once.save(run_state(run, loop), folder / "sync.pt")
         sync_s.append(time.perf_counter() - t)
         t = time.perf_counter()
-        writer.save(run, folder / "background.pt", 1, [], 0.0, [])
+        writer.save(run_state(run, loop), folder / "background.pt")
         stall_s.append(time.perf_counter() - t)
         writer.wait()
         write_s.append(time.perf_counter() - t)
@@ -83,7 +84,7 @@ def main() -> None:
     med = statistics.median
     print(f"{args.method} {args.backbone} checkpoint on {device}: {mb:.0f} MB, median of {args.repeats}, "
           f"{torch.get_num_threads()} threads")
-    print(f"  written on the training thread (save_checkpoint):  stall {1000 * med(sync_s):7.0f} ms")
+    print(f"  written on the training thread (at once):         stall {1000 * med(sync_s):7.0f} ms")
     print(f"  background writer (CheckpointWriter.save):         stall {1000 * med(stall_s):7.0f} ms "
           f"(file on disk after {1000 * med(write_s):.0f} ms)")
     print(f"  both files hold the same state: {equal}")

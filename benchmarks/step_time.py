@@ -73,7 +73,10 @@ VARIANTS = {
 
 
 class SyntheticTask:
-    """Random images on the device: times the step alone, with no data pipeline."""
+    """Random images on the device: times the step alone, with no data pipeline (the part
+    of :class:`smile_ray.data.Task` that set-up and the steps use)."""
+
+    builds_ahead = True  # nothing to build: no Prefetcher
 
     def __init__(self, batch_size, channels, size, num_classes, device):
         g = torch.Generator(device="cpu").manual_seed(0)
@@ -83,6 +86,9 @@ class SyntheticTask:
 
     def train_batch(self, step, batch_size, rank=0, world_size=1):
         return self.x, self.y
+
+    def train_on(self, device):
+        pass  # already there
 
 
 def sync(device):

@@ -13,7 +13,8 @@ orchestrates it hooks in through
   is the newest from an *earlier* step -- ``record["checkpoint_step"]`` says which --
   except at the last evaluation, which waits for and hands over the final checkpoint.
   The directory is the hook's only during the call (copy what you keep: Ray's report
-  does); the run deletes it afterwards. :class:`Checkpoints` has the details;
+  does); the run deletes it afterwards. :class:`~smile_ray.checkpoint.Checkpoints` has
+  the details;
 * ``on_end(metrics)``: called on every rank once the run's files are written;
 * ``rank``/``world_size`` (which shard of each global batch this process trains on) and
   ``prepare_model`` (e.g. a DistributedDataParallel wrapper).
@@ -26,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -40,8 +40,8 @@ import torch
 from torch import Tensor, nn
 
 from smile_ray import rng
-from smile_ray.checkpoint import (CHECKPOINT_FILE, atomic_write, check_same_config, read_checkpoint, save_torch,
-                                  write_json)
+from smile_ray.checkpoint import (CHECKPOINT_FILE, Checkpoints, LoopState, host_copy, restore_run, run_state,
+                                  save_torch, write_json)
 from smile_ray.config import Config
 from smile_ray.cpus import process_cpus
 from smile_ray.data import Task, build_task
@@ -49,7 +49,7 @@ from smile_ray.errors import SmileError
 from smile_ray.methods import Method, build_method, unwrap
 from smile_ray.metrics import classification_metrics, interpolation_losses, reliability_bins
 from smile_ray.models import TransferNet
-from smile_ray.optim import SGD, build_sgd, load_optimizer_state
+from smile_ray.optim import SGD, build_sgd
 from smile_ray.pretrain import load_source
 
 OnEval = Callable[[dict[str, Any], "Path | None"], None]
@@ -67,6 +67,8 @@ class Run:
     method: Method
     optimizer: SGD | torch.optim.Optimizer  # build_sgd's: fused torch SGD on CUDA, smile_ray.optim.SGD elsewhere
     source_weights: str
+    rank: int = 0  # which shard of each global batch this process trains on
+    world_size: int = 1
 
     @cached_property
     def bf16(self) -> bool:
@@ -281,7 +283,7 @@ def setup(
     # only what trains: a method's frozen parameters (LwF's source head) get no update and no weight decay
     optimizer = build_sgd([p for p in model.parameters() if p.requires_grad], lr=config.lr, momentum=config.momentum,
                           weight_decay=config.weight_decay, nesterov=config.momentum > 0)
-    return Run(config, device, task, model, method, optimizer, source_weights)
+    return Run(config, device, task, model, method, optimizer, source_weights, rank, world_size)
 
 
 def train_step(run: Run, step: int, x: Tensor, y: Tensor) -> Tensor:
@@ -320,211 +322,7 @@ def evaluate(run: Run, split: str, reliability: bool = False) -> dict[str, Any]:
     return out
 
 
-# ------------------------------------------------------------------ checkpoints
-
-
-def checkpoint_state(run: Run, step: int, history: list, seconds: float, resumed_from: list,
-                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The state a resumed run continues from; ``extra``: the loop's own (see :func:`train`)."""
-    return {
-        "step": step,
-        "config": run.config.to_dict(),
-        "model": unwrap(run.model).state_dict(),
-        "method": run.method.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "history": list(history),
-        "seconds": seconds,
-        "resumed_from": list(resumed_from),
-        **(extra or {}),
-    }
-
-
-def save_checkpoint(run: Run, path: Path, step: int, history: list, seconds: float, resumed_from: list,
-                    extra: dict[str, Any] | None = None) -> None:
-    """Write the checkpoint now, its tensors in host memory (see :func:`host_copy`)."""
-    save_torch(host_copy(checkpoint_state(run, step, history, seconds, resumed_from, extra), copy=False), path)
-
-
-def host_copy(obj: Any, copy: bool = True) -> Any:
-    """``obj`` with every tensor in host memory: a file written from it holds CPU tensors
-    and loads on any machine without ``map_location`` (``torch.load`` restores a tensor to
-    the device it was saved from, and fails where that device does not exist). Strides
-    are kept (``.to`` preserves the memory format). With ``copy`` (the background writer)
-    every tensor is a new one, even on the CPU, so that training on can no longer change
-    it; without it (a file written at once) CPU tensors are the same storage, so a CPU
-    run writes the bytes it always wrote and no memory is doubled. A dict keeps its class
-    and attributes: a module's state dict is an OrderedDict whose ``_metadata`` (the
-    modules' versions, read by ``load_state_dict``) is part of the file's bytes."""
-    if isinstance(obj, Tensor):
-        return obj.detach().to("cpu", copy=copy)
-    if isinstance(obj, dict):
-        out = {k: host_copy(v, copy) for k, v in obj.items()}
-        if type(obj) is dict:
-            return out
-        kept = obj.copy()  # the same class, the same key order
-        kept.update(out)
-        kept.__dict__.update(vars(obj))
-        return kept
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(host_copy(v, copy) for v in obj)
-    return obj
-
-
-class CheckpointWriter:
-    """Writes a run's checkpoints without stalling its steps for the write.
-
-    ``save`` takes a host copy of the state on the training thread (a memory copy: tens of
-    milliseconds for ResNet-50's 300 MB, where serialising and writing it takes seconds)
-    and writes it on a background thread through the same atomic rename as every file,
-    so a reader sees the previous checkpoint or the new one. ``wait`` blocks until the
-    write is on disk and re-raises its error; it is called before the next save and at
-    the end of the run, so no checkpoint is ever lost or half-written. With
-    ``background`` off every save writes at once (the same bytes; benchmarks compare the
-    two). Runs with hooks go through :class:`Checkpoints`, which writes in the background
-    too and hands ``on_eval`` only checkpoints whose write has finished."""
-
-    def __init__(self, background: bool = True):
-        self._pool = None
-        self._pending = None
-        if background:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="smile-ray-checkpoint")
-
-    def save(self, run: Run, path: Path, step: int, history: list, seconds: float, resumed_from: list,
-             extra: dict[str, Any] | None = None) -> None:
-        self.wait()
-        if self._pool is None:
-            save_checkpoint(run, path, step, history, seconds, resumed_from, extra)
-            return
-        state = host_copy(checkpoint_state(run, step, history, seconds, resumed_from, extra))
-        self._pending = self._pool.submit(save_torch, state, path)
-
-    def wait(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
-
-    def close(self) -> None:
-        try:
-            self.wait()
-        finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-
-
-SNAPSHOTS = ".steps"  # inside a checkpoint directory: the handed-on checkpoints being written
-
-
-class Checkpoints:
-    """A run's checkpoints in ``directory`` (None: none are written), written in the
-    background, and which of them an orchestrator is handed at an evaluation.
-
-    Without ``handed_on`` every checkpoint goes straight to ``directory/state.pt``.
-    With it (``on_eval`` given), Ray copies the directory it is handed inside ``on_eval``,
-    so that directory may not change during the call, nor hold a half-written file. Each
-    checkpoint is then written to a fresh ``directory/.steps/<step>/state.pt`` and, once
-    complete, hard-linked over ``directory/state.pt`` (one write, two names; a copy where
-    the file system has no hard links), so ``directory/state.pt`` is still the newest
-    complete checkpoint, what a resumed run reads. One write is in flight at a time (each
-    save waits for the previous one), so a checkpoint from an earlier step than the
-    evaluation's has had at least one step to finish and is usually complete.
-
-    Which one is handed on (:meth:`hand_on`): the newest checkpoint from a step before the
-    evaluation, if no earlier call was handed it -- never the one whose write just
-    started, so that the evaluation does not wait for it -- waiting only if its write is
-    still going; at the last evaluation, the final checkpoint, waited for. The choice is
-    a function of the steps alone, not of the write's speed, so a run's reports repeat.
-    With the default ``checkpoint_every`` (= ``eval_every``) evaluation k is handed
-    checkpoint k-1, and the first none: Ray restarts a failed run from up to two
-    intervals back, where a synchronous write would lose at most one but stall every
-    evaluation for the whole write (~290 MB for a SMILE ResNet-50)."""
-
-    def __init__(self, directory: Path | None, handed_on: bool):
-        self.directory = directory
-        self.handed_on = handed_on and directory is not None
-        self.writer = CheckpointWriter(background=True)
-        self._last: tuple[int, Path] | None = None  # the newest submitted snapshot, perhaps still being written
-        self._ready: tuple[int, Path] | None = None  # the newest complete snapshot not yet handed on
-        if self.handed_on:
-            shutil.rmtree(directory / SNAPSHOTS, ignore_errors=True)  # an interrupted run's
-
-    def save(self, run: Run, step: int, history: list, seconds: float, resumed_from: list,
-             extra: dict[str, Any]) -> None:
-        if self.directory is None:
-            return
-        if not self.handed_on:
-            self.writer.save(run, self.directory / CHECKPOINT_FILE, step, history, seconds, resumed_from, extra)
-            return
-        snapshot = self.directory / SNAPSHOTS / str(step)
-        self.writer.save(run, snapshot / CHECKPOINT_FILE, step, history, seconds, resumed_from, extra)
-        # save waited for the previous write: that snapshot is complete
-        self._complete()
-        self._last = (step, snapshot)
-
-    def _complete(self) -> None:
-        """``_last`` has been written: it becomes ``directory/state.pt`` and the one to hand
-        on (an older one never handed on is superseded)."""
-        if self._last is None:
-            return
-        step, snapshot = self._last
-        self._last = None
-
-        def link(tmp: str) -> None:
-            os.unlink(tmp)
-            try:
-                os.link(snapshot / CHECKPOINT_FILE, tmp)
-            except OSError:
-                shutil.copyfile(snapshot / CHECKPOINT_FILE, tmp)
-
-        atomic_write(self.directory / CHECKPOINT_FILE, link)
-        if self._ready is not None:
-            shutil.rmtree(self._ready[1], ignore_errors=True)
-        self._ready = (step, snapshot)
-
-    def hand_on(self, step: int, last: bool) -> tuple[int, Path] | None:
-        """The (step, directory) of the checkpoint to hand on at the evaluation of ``step``
-        (see the class), or None. Call :meth:`handed` once the hook returns."""
-        if not self.handed_on:
-            return None
-        if self._last is not None and (last or self._last[0] < step):
-            self.writer.wait()
-            self._complete()
-        out, self._ready = self._ready, None
-        return out
-
-    def handed(self, snapshot: Path) -> None:
-        shutil.rmtree(snapshot, ignore_errors=True)
-
-    def close(self) -> None:
-        """Wait for the last write (re-raising its error); ``directory/state.pt`` is then the
-        newest complete checkpoint, and the snapshots are gone."""
-        try:
-            self.writer.close()
-            if self.handed_on:
-                self._complete()
-        finally:
-            if self.handed_on:
-                shutil.rmtree(self.directory / SNAPSHOTS, ignore_errors=True)
-
-
-def restore(run: Run, state: dict[str, Any], path: Path) -> None:
-    check_same_config(state, run.config, path)
-    try:
-        unwrap(run.model).load_state_dict(state["model"])
-        run.method.load_state_dict(state["method"])
-        load_optimizer_state(run.optimizer, state["optimizer"])
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise SmileError(f"checkpoint {path} does not fit this model ({e.__class__.__name__})") from None
-    torch.set_rng_state(state["torch_rng"])
-
-
 # ------------------------------------------------------------------ the recipe
-
-
-def plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def train(
@@ -554,138 +352,181 @@ def train(
     another checkpoint directory to resume from (what Ray hands a restarted worker).
     Evaluation on the validation split runs every ``eval_every`` steps; the test split is
     scored once, at the end. A checkpoint is written every ``checkpoint_every`` steps and
-    at the last, in the background (:class:`Checkpoints`). It holds, beside the weights
-    and the states, the loop's partial sum of the training losses since the last
-    evaluation (``train_loss_sum``, ``train_loss_steps``), so a run resumed from a step
-    between two evaluations reports the same ``train_loss`` as an uninterrupted one.
+    at the last, in the background (:class:`~smile_ray.checkpoint.Checkpoints`); it holds,
+    beside the weights and the states, where the loop stands
+    (:class:`~smile_ray.checkpoint.LoopState`), so a resumed run goes on bit for bit.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    started_at = now_utc()
-    lead = rank == 0
+    started_at, lead = now_utc(), rank == 0
     out = Path(output_dir) if output_dir is not None else None
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out / "checkpoint" if out is not None else None
-    if not lead:
-        ckpt_dir = None  # every rank holds the same weights: rank 0's checkpoint is the run's
+    # every rank holds the same weights: rank 0's checkpoint is the run's
+    ckpt_dir = None if not lead else Path(checkpoint_dir) if checkpoint_dir is not None else \
+        out / "checkpoint" if out is not None else None
     run = setup(config, cache_dir, rank=rank, world_size=world_size, device=device, prepare_model=prepare_model,
                 log=log, progress=progress and lead)
+    state = resume(run, ckpt_dir, resume_from, fresh, log=log if lead else None)
 
-    step, history, seconds, resumed_from = 0, [], 0.0, []
-    loss_sum, loss_n = torch.zeros((), device=run.device), 0  # the training losses since the last evaluation
-    resume_path = Path(resume_from) / CHECKPOINT_FILE if resume_from else ckpt_dir / CHECKPOINT_FILE if ckpt_dir else None
-    if resume_from or (not fresh and resume_path is not None and resume_path.is_file()):
-        state = read_checkpoint(resume_path)
-        restore(run, state, resume_path)
-        step, history, seconds = state["step"], list(state["history"]), float(state["seconds"])
-        resumed_from = list(state.get("resumed_from", [])) + [step]
-        if "train_loss_sum" in state:  # older checkpoints were all written at evaluations, where the sum is 0
-            loss_sum, loss_n = state["train_loss_sum"].to(run.device), int(state["train_loss_steps"])
-        if lead and step:
-            log(f"resuming from step {step} ({resume_path})")
+    bar = progress_bar(run, state, log) if progress and lead else None
+    with Loop(run, state, ckpt_dir, on_eval, bar=bar) as loop:
+        while state.step < config.steps:
+            x, y = loop.batch(state.step)
+            state.add_step(train_step(run, state.step, x, y))
+            loop.after_step()
 
-    bar = None
-    if progress and lead:
-        from tqdm import tqdm
-
-        log(f"{config.method} on {config.dataset}: {config.backbone}, {config.steps} steps, "
-            f"{run.device}, {plural(torch.get_num_threads(), 'thread')}")
-        bar = tqdm(total=config.steps, initial=step, desc=f"{config.method} {config.dataset}", unit="step",
-                   file=sys.stderr, dynamic_ncols=True)
-    # on CUDA the in-memory tasks' batches are built ahead and pinned (the image-file
-    # tasks' DataLoader already prefetches and pins); on CPU a builder thread would only
-    # take cores from the step
-    prefetch = (Prefetcher(run.task, config.batch_size, rank, world_size, pin=True)
-                if run.device.type == "cuda" and not run.task.builds_ahead else None)
-    next_batch = prefetch.batch if prefetch is not None else \
-        (lambda s: run.task.train_batch(s, config.batch_size, rank, world_size))
-    checkpoints = Checkpoints(ckpt_dir, handed_on=on_eval is not None)
-    started = time.perf_counter()
-    try:
-        while step < config.steps:
-            x, y = run.to_device(*next_batch(step))
-            loss_sum += train_step(run, step, x, y)
-            loss_n += 1
-            step += 1
-            if bar is not None:
-                bar.update(1)
-            last = step == config.steps
-            evaluates = step % config.eval_every == 0 or last
-            if evaluates:
-                record: dict[str, Any] = {"step": step}
-                if lead:  # other ranks hold the same weights; only rank 0's metrics are kept
-                    val = evaluate(run, "val")
-                    record.update(train_loss=(loss_sum / loss_n).item(), lr=learning_rate(config, step - 1),
-                                  val_acc=val["acc"], val_ece=val["ece"])
-                    if not math.isfinite(record["train_loss"]):
-                        raise SmileError(f"training diverged at step {step} (loss {record['train_loss']}); "
-                                         "lower lr or the loss weights")
-                    history.append(record)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_acc=f"{val['acc']:.3f}")
-                loss_sum, loss_n = torch.zeros((), device=run.device), 0
-            if ckpt_dir is not None and (step % config.checkpoint_interval == 0 or last):
-                elapsed = seconds + time.perf_counter() - started
-                checkpoints.save(run, step, history, elapsed, resumed_from,
-                                 extra={"train_loss_sum": loss_sum, "train_loss_steps": loss_n})
-            if evaluates and on_eval is not None:
-                handed = checkpoints.hand_on(step, last)
-                if handed is None:
-                    on_eval(dict(record), None)
-                else:
-                    on_eval({**record, "checkpoint_step": handed[0]}, handed[1])
-                    checkpoints.handed(handed[1])
-    except Exception as e:
-        if config.compile and type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
-            first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-            raise SmileError(f"compile=true: torch.compile failed ({first}); set compile=false") from None
-        raise
-    finally:  # an interrupted run leaves its bar where it stopped, before the error line
-        if bar is not None:
-            bar.close()
-        if prefetch is not None:
-            prefetch.close()
-        checkpoints.close()  # the last checkpoint is on disk before the run ends, even on error
-    seconds += time.perf_counter() - started
     consistent = ranks_consistent(run) if world_size > 1 else None
-
-    if not lead:
-        metrics: dict[str, Any] = {"step": step}
-    else:
-        val, test = evaluate(run, "val"), evaluate(run, "test", reliability=True)
-        # the paper's Eq. 1, once, on rank 0's (every rank's) final weights
-        il = interpolation_losses(unwrap(run.model), run.task, config.seed, run.to_device)
-        metrics = {
-            "method": config.method,
-            "dataset": config.dataset,
-            "val_acc": val["acc"],
-            "val_ece": val["ece"],
-            "test_acc": test["acc"],
-            "test_ece": test["ece"],
-            "test_nll": test["nll"],
-            **il,
-            "reliability": test["reliability"],
-            "steps": step,
-            "seconds": seconds,
-            "started_at": started_at,
-            "finished_at": now_utc(),
-            "workers": world_size,
-            "threads": torch.get_num_threads(),
-            "device": str(run.device),
-            "resumed_from": resumed_from,
-            "source_weights": run.source_weights,
-            "split_sizes": run.task.split_sizes(),
-            "classes": run.task.classes,
-            "skipped_images": run.task.skipped_images,
-            "method_info": run.method.info(),
-            "history": history,
-            "config": config.to_dict(),
-        }
-        if consistent is not None:
-            metrics["ranks_consistent"] = consistent
-        if out is not None:
-            save_torch(host_copy(unwrap(run.model).state_dict(), copy=False), out / "model.pt")
-            write_json(metrics, out / "metrics.json")
+    metrics = final_metrics(run, state, started_at, consistent) if lead else {"step": state.step}
+    if lead and out is not None:
+        save_torch(host_copy(unwrap(run.model).state_dict(), copy=False), out / "model.pt")
+        write_json(metrics, out / "metrics.json")
     if on_end is not None:
         on_end(metrics)
+    return metrics
+
+
+def resume(run: Run, ckpt_dir: Path | None, resume_from: str | Path | None, fresh: bool,
+           log: Callable[[str], None] | None) -> LoopState:
+    """Where the loop starts: the checkpoint of ``resume_from`` (a checkpoint directory), or
+    else the one in ``ckpt_dir`` unless ``fresh``, restored into ``run``; else step 0."""
+    path = Path(resume_from) / CHECKPOINT_FILE if resume_from else ckpt_dir / CHECKPOINT_FILE if ckpt_dir else None
+    if not resume_from and (fresh or path is None or not path.is_file()):
+        return LoopState(loss_sum=torch.zeros((), device=run.device))
+    state = restore_run(run, path)
+    if log is not None and state.step:
+        log(f"resuming from step {state.step} ({path})")
+    return state
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def progress_bar(run: Run, state: LoopState, log: Callable[[str], None]) -> Any:
+    """A line saying what runs, then a tqdm bar on stderr from the loop's step."""
+    from tqdm import tqdm
+
+    c = run.config
+    log(f"{c.method} on {c.dataset}: {c.backbone}, {c.steps} steps, {run.device}, "
+        f"{plural(torch.get_num_threads(), 'thread')}")
+    return tqdm(total=c.steps, initial=state.step, desc=f"{c.method} {c.dataset}", unit="step", file=sys.stderr,
+                dynamic_ncols=True)
+
+
+class Loop:
+    """What happens around the steps of :func:`train`: batches (built ahead by a
+    :class:`Prefetcher` for an in-memory task on CUDA; the image tasks' DataLoader
+    already prefetches and pins, and on CPU a builder thread would only take cores from
+    the step), the progress bar, the evaluations with their divergence check, the
+    checkpoints and the ``on_eval`` hook (:meth:`after_step`); on leaving, a failed
+    ``torch.compile`` becomes one line, and the bar, the prefetcher and the checkpoint
+    writer are closed, the last checkpoint on disk even when the run fails."""
+
+    def __init__(self, run: Run, state: LoopState, ckpt_dir: Path | None, on_eval: OnEval | None, bar: Any = None):
+        self.run, self.state, self.ckpt_dir, self.on_eval, self.bar = run, state, ckpt_dir, on_eval, bar
+        self.prefetch = (Prefetcher(run.task, run.config.batch_size, run.rank, run.world_size, pin=True)
+                         if run.device.type == "cuda" and not run.task.builds_ahead else None)
+        self.checkpoints = Checkpoints(ckpt_dir, handed_on=on_eval is not None)
+
+    def __enter__(self) -> "Loop":
+        self.started = time.perf_counter()
+        return self
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor]:
+        """The training batch of ``step``, on the device."""
+        run = self.run
+        x, y = self.prefetch.batch(step) if self.prefetch is not None else \
+            run.task.train_batch(step, run.config.batch_size, run.rank, run.world_size)
+        return run.to_device(x, y)
+
+    def after_step(self) -> None:
+        """After each step: the bar; at an evaluation step, the validation metrics (rank 0);
+        at a checkpoint step, the checkpoint; then the hook, handed the newest complete
+        checkpoint (:meth:`~smile_ray.checkpoint.Checkpoints.hand_on`)."""
+        run, state, c = self.run, self.state, self.run.config
+        if self.bar is not None:
+            self.bar.update(1)
+        last = state.step == c.steps
+        evaluates = state.step % c.eval_every == 0 or last
+        if evaluates:
+            record = self.evaluation()
+        if self.ckpt_dir is not None and (state.step % c.checkpoint_interval == 0 or last):
+            self.checkpoints.save(state.step, run_state(run, state, state.seconds + time.perf_counter() - self.started))
+        if evaluates and self.on_eval is not None:
+            handed = self.checkpoints.hand_on(state.step, last)
+            if handed is None:
+                self.on_eval(dict(record), None)
+            else:
+                self.on_eval({**record, "checkpoint_step": handed[0]}, handed[1])
+                self.checkpoints.handed(handed[1])
+
+    def evaluation(self) -> dict[str, Any]:
+        """The record of an evaluation (rank 0's metrics; other ranks, holding the same
+        weights, only the step), added to the history; the loss sum starts again."""
+        run, state = self.run, self.state
+        record: dict[str, Any] = {"step": state.step}
+        if run.rank == 0:  # other ranks hold the same weights; only rank 0's metrics are kept
+            val = evaluate(run, "val")
+            record.update(train_loss=(state.loss_sum / state.loss_steps).item(),
+                          lr=learning_rate(run.config, state.step - 1), val_acc=val["acc"], val_ece=val["ece"])
+            if not math.isfinite(record["train_loss"]):
+                raise SmileError(f"training diverged at step {state.step} (loss {record['train_loss']}); "
+                                 "lower lr or the loss weights")
+            state.history.append(record)
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_acc=f"{val['acc']:.3f}")
+        state.loss_sum, state.loss_steps = torch.zeros((), device=run.device), 0
+        return record
+
+    def __exit__(self, kind: Any, error: BaseException | None, tb: Any) -> None:
+        try:
+            if error is not None and self.run.config.compile and \
+                    type(error).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                first = next((ln.strip() for ln in str(error).splitlines() if ln.strip()), type(error).__name__)
+                raise SmileError(f"compile=true: torch.compile failed ({first}); set compile=false") from None
+        finally:  # an interrupted run leaves its bar where it stopped, before the error line
+            if self.bar is not None:
+                self.bar.close()
+            if self.prefetch is not None:
+                self.prefetch.close()
+            self.checkpoints.close()  # the last checkpoint is on disk before the run ends, even on error
+        if error is None:
+            self.state.seconds += time.perf_counter() - self.started
+
+
+def final_metrics(run: Run, state: LoopState, started_at: str, consistent: bool | None) -> dict[str, Any]:
+    """``metrics.json``: the final validation and test scores, the paper's interpolation
+    losses (Eq. 1, once, on rank 0's and so every rank's final weights), and what the
+    run was: where, how long, on what data, with what config."""
+    c = run.config
+    val, test = evaluate(run, "val"), evaluate(run, "test", reliability=True)
+    il = interpolation_losses(unwrap(run.model), run.task, c.seed, run.to_device)
+    metrics = {
+        "method": c.method,
+        "dataset": c.dataset,
+        "val_acc": val["acc"],
+        "val_ece": val["ece"],
+        "test_acc": test["acc"],
+        "test_ece": test["ece"],
+        "test_nll": test["nll"],
+        **il,
+        "reliability": test["reliability"],
+        "steps": state.step,
+        "seconds": state.seconds,
+        "started_at": started_at,
+        "finished_at": now_utc(),
+        "workers": run.world_size,
+        "threads": torch.get_num_threads(),
+        "device": str(run.device),
+        "resumed_from": state.resumed_from,
+        "source_weights": run.source_weights,
+        "split_sizes": run.task.split_sizes(),
+        "classes": run.task.classes,
+        "skipped_images": run.task.skipped_images,
+        "method_info": run.method.info(),
+        "history": state.history,
+        "config": c.to_dict(),
+    }
+    if consistent is not None:
+        metrics["ranks_consistent"] = consistent
     return metrics
 
 
@@ -697,16 +538,15 @@ def now_utc() -> str:
 
 
 def ranks_consistent(run: Run) -> bool:
-    """Whether every data-parallel rank holds the same student and teacher parameters
-    (gathered checksums; BatchNorm buffers are rank 0's, broadcast by DDP)."""
+    """Whether every data-parallel rank holds the same student parameters and the same
+    tensors the method says must agree (:meth:`~smile_ray.methods.base.Method.rank_state`:
+    SMILE's teacher) -- gathered checksums; BatchNorm buffers are rank 0's, broadcast by DDP."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return True
-    tensors = list(unwrap(run.model).parameters()) + [t for t in run.method.state_dict().get("teacher", {}).values()
-                                                    if t.is_floating_point()]
     h = hashlib.sha256()
-    for t in tensors:
+    for t in [*unwrap(run.model).parameters(), *run.method.rank_state()]:
         h.update(t.detach().float().cpu().numpy().tobytes())
     digest = h.hexdigest()
     gathered: list = [None] * dist.get_world_size()

@@ -23,11 +23,11 @@ import shutil
 import pytest
 import torch
 
-from smile_ray.checkpoint import read_checkpoint
 from smile_ray.config import make_config
 from smile_ray.methods.base import unwrap
 from smile_ray.optim import SGD, build_sgd
-from smile_ray.recipe import Run, host_copy, restore, save_checkpoint, setup, train_step
+from smile_ray.checkpoint import CheckpointWriter, LoopState, host_copy, read_checkpoint, restore_run, run_state
+from smile_ray.recipe import Run, setup, train_step
 from smile_ray.registry import METHODS
 
 STEPS = 6
@@ -97,7 +97,8 @@ def test_a_cpu_checkpoint_resumes_into_channels_last_and_fused_sgd(cache, tmp_pa
     first = setup(config, cache, log=lambda m: None)
     start = weights(first)
     steps(first, 0, 3)
-    save_checkpoint(first, tmp_path / "state.pt", 3, [], 0.0, [])
+    CheckpointWriter(background=False).save(run_state(first, LoopState(step=3, loss_sum=torch.zeros(()))),
+                                            tmp_path / "state.pt")
     state = read_checkpoint(tmp_path / "state.pt")
     assert all(b["momentum_buffer"].is_contiguous() for b in state["optimizer"]["state"].values())
 
@@ -110,7 +111,7 @@ def test_a_cpu_checkpoint_resumes_into_channels_last_and_fused_sgd(cache, tmp_pa
                                   weight_decay=c.weight_decay, nesterov=True, fused=fused)
         # read afresh, as a resumed process does: a loaded optimiser may train the very
         # tensors of the dict it was given
-        restore(run, read_checkpoint(tmp_path / "state.pt"), tmp_path / "state.pt")
+        restore_run(run, tmp_path / "state.pt")
         for p in run.model.parameters():
             buf = run.optimizer.state[p].get("momentum_buffer")
             assert buf is None or buf.stride() == p.stride()

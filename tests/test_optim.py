@@ -214,11 +214,12 @@ def test_a_training_process_on_cpu_never_imports_torch_dynamo(cache_dir):
     code = f"""
 import sys
 from smile_ray.config import make_config
-from smile_ray.recipe import setup, train_step, evaluate, checkpoint_state
+from smile_ray.checkpoint import LoopState, run_state
+from smile_ray.recipe import setup, train_step, evaluate
 run = setup(make_config({{"method": "smile", "steps": 3, "ema_every": 1}}), {str(cache_dir)!r}, log=lambda m: None)
 for step in range(3):
     train_step(run, step, *run.task.train_batch(step, 16))
-checkpoint_state(run, 3, [], 0.0, [])
+run_state(run, LoopState(step=3))
 evaluate(run, "val")
 print("torch._dynamo" in sys.modules)
 """

@@ -10,9 +10,8 @@ import torch
 from smile_ray.config import make_config
 from smile_ray.errors import SmileError
 from smile_ray.metrics import expected_calibration_error
-from smile_ray.checkpoint import read_checkpoint
-from smile_ray.recipe import (CheckpointWriter, checkpoint_state, host_copy, setup, train, train_step, uses_bf16,
-                              uses_channels_last)
+from smile_ray.checkpoint import CheckpointWriter, LoopState, host_copy, read_checkpoint, run_state
+from smile_ray.recipe import setup, train, train_step, uses_bf16, uses_channels_last
 
 SHORT = {"steps": 30, "eval_every": 10, "samples_per_class": 3}
 
@@ -218,9 +217,10 @@ def same(a, b):
 def test_a_background_checkpoint_holds_its_steps_state_while_training_goes_on(tmp_path, cache_dir):
     run = setup(make_config({**SHORT, "method": "smile", "ema_every": 1}), cache_dir, log=lambda m: None)
     train_step(run, 0, *run.task.train_batch(0, 48))
-    before = host_copy(checkpoint_state(run, 1, [{"step": 1}], 2.0, []))
+    loop = LoopState(step=1, history=[{"step": 1}], seconds=2.0, loss_sum=torch.zeros(()))
+    before = host_copy(run_state(run, loop))
     writer = CheckpointWriter(background=True)
-    writer.save(run, tmp_path / "state.pt", 1, [{"step": 1}], 2.0, [])
+    writer.save(run_state(run, loop), tmp_path / "state.pt")
     train_step(run, 1, *run.task.train_batch(1, 48))  # weights, momentum and teacher move on at once
     writer.close()
     saved = read_checkpoint(tmp_path / "state.pt")

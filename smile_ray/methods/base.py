@@ -112,6 +112,12 @@ class Method:
     def state_dict(self) -> dict[str, Any]:
         return {}
 
+    def rank_state(self) -> list[Tensor]:
+        """Tensors of the method's own that every data-parallel rank must hold equal, beside
+        the student's parameters (checked at the end of a run: ``ranks_consistent``).
+        Default: none."""
+        return []
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 

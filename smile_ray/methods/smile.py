@@ -228,6 +228,13 @@ class Smile(Method):
     def state_dict(self):
         return {"teacher": self.teacher.state_dict()} if self.teacher is not None else {}
 
+    def rank_state(self):
+        """The mean teacher's parameters and floating-point buffers: each rank updates its
+        own copy from the same student, so they must agree."""
+        if self.teacher is None:
+            return []
+        return [t for t in self.teacher.state_dict().values() if t.is_floating_point()]
+
     def load_state_dict(self, state):
         if self.teacher is not None:
             self.teacher.load_state_dict(state["teacher"])
