@@ -75,6 +75,21 @@ def test_batches_are_a_function_of_step_and_shards_partition_them():
     assert sorted(idx.tolist()) == list(range(20))
 
 
+def test_both_task_kinds_implement_the_task_protocol():
+    from smile_ray.data import Task, TensorTask
+    from smile_ray.data.images import ImageTask
+
+    task = build_task(make_config({"samples_per_class": 4}))
+    members = [n for n in vars(Task) if not n.startswith("_")] + list(Task.__annotations__)
+    assert {"train_batch", "eval_batches", "train_on", "normalize", "builds_ahead", "classes"} <= set(members)
+    assert all(hasattr(task, n) for n in members)
+    assert all(hasattr(ImageTask, n) for n in vars(Task) if callable(vars(Task)[n]) and not n.startswith("_"))
+    assert TensorTask.builds_ahead is False and ImageTask.builds_ahead is True
+    x, _ = task.train_batch(0, 8)
+    task.train_on(torch.device("cpu"))
+    assert torch.equal(task.train_batch(0, 8)[0], x) and task.normalize(x) is x  # float batches, as they were
+
+
 def test_samples_per_class_larger_than_the_pool():
     with pytest.raises(SmileError, match="samples_per_class=500 needs 500 training images of digits class '5', but its pool holds 73 after holding out 40% for test and 20% for validation"):
         build_task(make_config({"samples_per_class": 500}))

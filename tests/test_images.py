@@ -133,6 +133,17 @@ def test_batches_are_a_pure_function_of_seed_step_and_rank(folder):
     assert not a.pin_memory  # CPU run
 
 
+def test_an_image_task_trains_on_the_device_it_is_told(folder):
+    # the Task protocol's train_on: a CUDA run gets uint8 pixels (normalised after the copy)
+    # and pinned batches; a CPU run float batches, unpinned. Nothing here touches a GPU.
+    t = folder_task(folder, data_workers=0)
+    assert t.builds_ahead and not t.uint8_batches
+    t.train_on(torch.device("cuda"))
+    assert t.device.type == "cuda" and t.uint8_batches and t.pin_memory
+    t.train_on(torch.device("cpu"))
+    assert t.device.type == "cpu" and not t.uint8_batches and not t.pin_memory
+
+
 @pytest.mark.parametrize("backbone", ["resnet18", "efficientnet_lite0"])
 def test_uint8_batches_normalised_after_the_copy_are_the_float_batches(folder, backbone):
     # what a CUDA run does: the workers hand over pixels, Run.to_device normalises them

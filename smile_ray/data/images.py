@@ -413,8 +413,7 @@ class ImageTask(StepOrder):
         """Pin for ``device`` and decode there (:attr:`device`); on CUDA hand uint8 pixels,
         normalised after the copy of a quarter of the bytes (:attr:`uint8_batches`)."""
         self.device = device
-        if torch.device(device).type == "cuda":
-            self.uint8_batches = True
+        self.uint8_batches = self.device.type == "cuda"
 
     def normalize(self, x: Tensor) -> Tensor:
         """A uint8 batch (on any device) to the float input the workers would have made.

@@ -81,7 +81,8 @@ def holdout(labels: np.ndarray, classes: Sequence[int], fraction: float) -> tupl
     (:func:`fixed_split`): the first ``round(fraction * n)`` of the class's permutation
     are held out, at least one, and never the class's last image (a class with one
     training image has no validation image)."""
-    val, pool = fixed_split(labels, classes, lambda n: [0 if n < 2 else max(1, min(round_half_up(fraction * n), n - 1))])
+    val, pool = fixed_split(labels, classes,
+                            lambda n: [0 if n < 2 else max(1, min(round_half_up(fraction * n), n - 1))])
     return val, pool
 
 
