@@ -90,6 +90,18 @@ def test_the_config_module_needs_no_registry_module_and_no_torch():
     assert {d for d in registry if d.startswith("smile_ray")} <= {"smile_ray.errors", "smile_ray.errors.SmileError"}
 
 
+def test_no_import_climbs_back_up_from_the_ground_floor_or_the_core_rooms():
+    mods = modules()
+    for low in ("smile_ray.errors", "smile_ray.paths"):  # the cache folder's home imports nothing of ours
+        assert not [d for d in mods[low] if d.startswith("smile_ray")], low
+    # data, models and methods sit below the source-model cache (pretrain) and the recipe
+    # that use them: the cache folder comes from paths, not from pretrain
+    for name, deps in mods.items():
+        if name.startswith(("smile_ray.data", "smile_ray.models", "smile_ray.methods")):
+            climbs = [d for d in deps if d.startswith(("smile_ray.pretrain", "smile_ray.recipe"))]
+            assert not climbs, f"{name} imports {climbs}"
+
+
 def test_no_module_outside_methods_branches_on_a_method_name():
     from smile_ray.registry import METHODS
 
