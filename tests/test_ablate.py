@@ -4,35 +4,13 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import assert_as_uninterrupted, interrupt_after_rows
 from smile_ray.orchestration.ablate import run_ablation
 from smile_ray.stats import paired_stats
 from smile_ray.cli import main
-
-DEFS = {
-    "base": {"method": "smile", "steps": 20, "eval_every": 10},
-    "seeds": 2,
-    "samples_per_class": [3],
-    "max_concurrent": 2,
-    "components": {
-        "feature_mixup": {"feature_mixup": False},
-        "source_label": {"source_label": False},
-        "mean_teacher": {"mean_teacher": False},
-        "label_mixup": {"label_mixup": False},
-        "head_l2": {"head_l2": False},
-        "plain_tail": {"plain_tail": False},
-    },
-    "tune_space": {"mixup_alpha": {"loguniform": [0.05, 2.0]}, "source_label_weight": {"loguniform": [0.01, 1.0]}},
-}
-
-
-def write_defs(path, **changes):
-    path.write_text(yaml.safe_dump({**DEFS, **changes}, sort_keys=False))
-    return path
-
+from study_files import DEFINITIONS, write_defs
 
 def test_tiny_ablation_end_to_end(ray_local, tmp_path, cache_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -97,62 +75,27 @@ def test_tune_budget_searches_each_arm_over_what_it_still_uses(ray_local, tmp_pa
 
 
 @pytest.mark.parametrize(
-    "argv, changes, expect",
+    "argv, expect",
     [
-        (["--drop", "teacher"], {}, "unknown component 'teacher' (valid: feature_mixup, source_label, mean_teacher"),
-        (["--drop", "feature_mixup+source_label+mean_teacher+label_mixup+head_l2+plain_tail"], {}, "leaves an empty method"),
-        (["--drop", "source_label", "--seeds", "1"], {}, "--seeds=1 must be an integer >= 2 (a paired test needs at least 2 seeds)"),
-        ([], {}, "nothing to ablate"),
-        (["--drop", "source_label"], {"components": {"x": "off"}}, "components.x must be a mapping"),
-        (["--drop", "source_label"], {"oops": 1}, "unknown key 'oops'"),
-        (["--drop", "source_label", "--set", "ema_decay=2"], {}, "ema_decay=2.0 is out of range"),
-        (["--drop", "source_label", "--set", "delta_weight=0.1"], {},
+        (["--drop", "teacher"], "unknown component 'teacher' (valid: feature_mixup, source_label, mean_teacher"),
+        (["--drop", "feature_mixup+source_label+mean_teacher+label_mixup+head_l2+plain_tail"], "leaves an empty method"),
+        (["--drop", "source_label", "--seeds", "1"], "--seeds=1 must be an integer >= 2 (a paired test needs at least 2 seeds)"),
+        ([], "nothing to ablate"),
+        (["--drop", "source_label", "--set", "ema_decay=2"], "ema_decay=2.0 is out of range"),
+        (["--drop", "source_label", "--set", "delta_weight=0.1"],
          "--set delta_weight: smile does not read it with this config, so it would do nothing"),
-        (["--drop", "source_label", "--seeds", "many"], {}, "--seeds='many': expected a number of seeds or auto"),
-        (["--drop", "source_label", "--max-seeds", "8"], {}, "--max-seeds only goes with --seeds auto"),
-        (["--drop", "source_label", "--seeds", "auto", "--max-seeds", "1"], {}, "--max-seeds=1 must be >= 2"),
-        (["--drop", "source_label", "--seeds", "auto", "--max-seeds", "3"], {"seeds": 5},
-         "--max-seeds=3 must be at least the first round's seeds (5)"),
+        (["--drop", "source_label", "--seeds", "many"], "--seeds='many': expected a number of seeds or auto"),
+        (["--drop", "source_label", "--max-seeds", "8"], "--max-seeds only goes with --seeds auto"),
+        (["--drop", "source_label", "--seeds", "auto", "--max-seeds", "1"], "--max-seeds=1 must be >= 2"),
     ],
 )
-def test_bad_input_is_one_line(tmp_path, capfd, monkeypatch, argv, changes, expect):
+def test_bad_input_is_one_line(tmp_path, capfd, monkeypatch, argv, expect):
     monkeypatch.chdir(tmp_path)
-    defs = write_defs(tmp_path / "defs.yaml", **changes)
+    defs = write_defs(tmp_path / "defs.yaml")
     code = main(["ablate", "--definitions", str(defs), "--output", str(tmp_path / "o"), *argv])
     lines = capfd.readouterr().err.strip().splitlines()
     assert code != 0 and len(lines) == 1 and expect in lines[0], lines
     assert not (tmp_path / "o").exists() and not (tmp_path / "mlflow.db").exists()
-
-
-def test_a_shared_base_may_hold_a_knob_only_some_arm_reads_and_one_component_may_be_dropped(tmp_path):
-    """feature_weight is read by the full method though not by the arm without feature
-    mixup: legitimate in the shared base. A file naming one component: dropping it leaves
-    the method without that part, not an empty method."""
-    from smile_ray.orchestration.ablate import build_arms
-    from smile_ray.orchestration.spaces import load_definitions
-
-    defs = load_definitions(write_defs(tmp_path / "defs.yaml"), overrides={"feature_weight": 0.05})
-    assert build_arms(defs, ["feature_mixup"], False)["-feature_mixup"] == {"feature_mixup": False}
-    one = load_definitions(write_defs(tmp_path / "one.yaml", components={"source_label": {"source_label": False}}))
-    assert build_arms(one, ["source_label"], False) == {"full": {}, "-source_label": {"source_label": False}}
-    assert list(build_arms(one, [], True)) == ["full", "-source_label"]
-
-
-def test_bad_base_and_definitions_files(tmp_path, capfd, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    defs = write_defs(tmp_path / "defs.yaml")
-    not_config = tmp_path / "list.yaml"
-    not_config.write_text("- 1\n- 2\n")
-    malformed = tmp_path / "bad.yaml"
-    malformed.write_text("components: {a: [\n")
-    for argv, expect in [
-        (["--definitions", str(defs), "--base", str(tmp_path / "best.json")], "best.json: no such file"),
-        (["--definitions", str(defs), "--base", str(not_config)], "expected a mapping of config keys"),
-        (["--definitions", str(malformed)], "malformed YAML"),
-    ]:
-        code = main(["ablate", *argv, "--drop", "source_label", "--output", str(tmp_path / "o")])
-        lines = capfd.readouterr().err.strip().splitlines()
-        assert code != 0 and len(lines) == 1 and expect in lines[0], (argv, lines)
 
 
 def test_paired_statistics_by_hand():
@@ -237,16 +180,6 @@ def test_an_interrupted_ablation_resumes_without_rerunning_finished_runs(tmp_pat
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     kids = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
     assert len(kids) == 4 and all(k.info.status == "FINISHED" for k in kids)
-
-
-def test_a_samples_per_class_override_replaces_the_grid_and_seed_is_refused(tmp_path):
-    from smile_ray.orchestration.spaces import load_definitions
-
-    defs = write_defs(tmp_path / "defs.yaml", samples_per_class=[2, 5])
-    assert load_definitions(defs).samples == (2, 5)
-    assert load_definitions(defs, overrides={"samples_per_class": 4}).samples == (4,)
-    with pytest.raises(Exception, match="--set seed"):
-        load_definitions(defs, overrides={"seed": 3})
 
 
 def _rows(diffs_by_arm, seeds, spc=5, base=80.0):

@@ -7,29 +7,13 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import assert_as_uninterrupted, interrupt_after_rows
 from smile_ray.cli import main
 from smile_ray.orchestration.compare import run_compare
 from smile_ray.stats import paired_stats
-
-SETTINGS = {
-    "base": {"steps": 20, "eval_every": 10},
-    "columns": {"3 per class": {"samples_per_class": 3},
-                # a setting that diverges at its first evaluation: its runs fail, the rest are kept
-                "diverging": {"samples_per_class": 3, "lr": 1.0e6}},
-    "seeds": 2,
-    "max_concurrent": 2,
-    "tune_spaces": {"smile": {"mixup_alpha": {"loguniform": [0.05, 2.0]}}},
-}
-
-
-def write_settings(path, **changes):
-    path.write_text(yaml.safe_dump({**SETTINGS, **changes}, sort_keys=False))
-    return path
-
+from study_files import write_settings
 
 def test_tiny_comparison_end_to_end(ray_local, tmp_path, cache_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -110,40 +94,18 @@ def run_cli(capfd, *argv):
     return code, capfd.readouterr().err
 
 
-@pytest.mark.parametrize("argv, changes, expect", [
-    (["--methods", "l2,nope"], {}, "unknown method 'nope'"),
-    (["--methods", "l2,smile", "--set", "bss_weight=0.1"], {}, "--set bss_weight: none of l2, smile reads it"),
-    (["--methods", "l2,smile", "--set", "seed=1"], {}, "--set seed"),
-    (["--methods", "l2"], {"columns": {"samples_per_class": []}}, "columns.samples_per_class: expected a non-empty"),
-    (["--methods", "l2"], {"columns": [1, 2]}, "columns must be"),
-    (["--methods", "l2"], {"base": {"method": "smile"}}, "base.method: a comparison takes its methods from --methods"),
-    (["--methods", "l2"], {"columns": {"a": {"lr": -1}}}, "lr"),
-    (["--methods", "l2"], {"tune_spaces": {"nope": {}}}, "unknown method 'nope'"),
-    (["--methods", "l2"], {"colums": {}}, "unknown key 'colums'"),
-    (["--methods", "l2", "--seeds", "1"], {}, "at least 2 seeds"),
-    (["--methods", "l2", "--output", "/proc/x"], {}, "--output /proc/x: cannot write in /proc"),
-    (["--methods", "l2,"], {}, "--methods 'l2,': an empty method name"),
-    (["--methods", "l2,smile", "--set", "samples_per_class=5"], {}, "--set samples_per_class: the columns of"),
+@pytest.mark.parametrize("argv, expect", [
+    (["--methods", "l2,nope"], "unknown method 'nope'"),
+    (["--methods", "l2,smile", "--set", "bss_weight=0.1"], "--set bss_weight: none of l2, smile reads it"),
+    (["--methods", "l2,smile", "--set", "seed=1"], "--set seed"),
+    (["--methods", "l2", "--seeds", "1"], "at least 2 seeds"),
+    (["--methods", "l2", "--output", "/proc/x"], "--output /proc/x: cannot write in /proc"),
+    (["--methods", "l2,"], "--methods 'l2,': an empty method name"),
+    (["--methods", "l2,smile", "--set", "samples_per_class=5"], "--set samples_per_class: the columns of"),
 ])
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capfd, monkeypatch, argv, changes, expect):
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capfd, monkeypatch, argv, expect):
     monkeypatch.chdir(tmp_path)
-    settings = write_settings(tmp_path / "settings.yaml", **changes)
+    settings = write_settings(tmp_path / "settings.yaml")
     code, err = run_cli(capfd, "compare", "--settings", str(settings), "--output", str(tmp_path / "out"), *argv)
     assert code == 2 and len(err.strip().splitlines()) == 1 and expect in err, err
     assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
-
-
-def test_a_malformed_settings_file_is_one_line(tmp_path, capfd, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "bad.yaml").write_text("base: {steps: 20\ncolumns: [")
-    code, err = run_cli(capfd, "compare", "--settings", str(tmp_path / "bad.yaml"), "--output", str(tmp_path / "out"))
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "bad.yaml" in err, err
-    assert not (tmp_path / "out").exists()
-
-
-def test_shipped_settings_load_by_name():
-    from smile_ray.orchestration.spaces import load_settings
-
-    for name in ("digits", "fashion_mnist"):
-        s = load_settings(name, ["l2", "mixup", "smile"])
-        assert s.seeds >= 5 and len(s.columns) == 2 and set(s.tune_spaces) >= {"l2", "mixup", "smile"}
