@@ -220,37 +220,36 @@ def test_the_table_pairs_each_arm_over_the_seeds_it_shares_with_full():
     assert f"| {np.mean([1.0, -1.0, 0.5, 0.0, 1.0, -0.5]):+.2f} |" in line["-b"]
 
 
-def test_seeds_auto_runs_rounds_until_resolved_or_max(ray_local, tmp_path, cache_dir, monkeypatch):
-    """--seeds auto --max-seeds 4 from 2 seeds: after round 1 every unresolved arm (and
-    full) gets seeds 2-3 in a second Tune experiment; a resolved arm gets none; no run is
-    repeated, and the table says which arms resolved."""
+def test_seeds_auto_runs_a_second_round_for_an_arm_that_cannot_resolve(ray_local, tmp_path, cache_dir, monkeypatch):
+    """--seeds auto --max-seeds 3 from 2 seeds, dropping a component whose "off" is the
+    default (head_l2 stays on): that arm is the full method, seed for seed, so its paired
+    interval is [0, 0] and cannot exclude zero. Round 1 therefore cannot resolve it: a
+    second Tune experiment must run seed 2 for it and for full, and the ablation stops
+    there, at --max-seeds; no run is repeated and the table says the arm did not
+    resolve. (That a resolved arm gets no more seeds is
+    test_adaptive_seeds_add_rounds_only_to_unresolved_arms, over recorded rows.)"""
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "abl"
-    code = main(["ablate", "--definitions", str(write_defs(tmp_path / "defs.yaml")), "--output", str(out),
-                 "--drop", "source_label", "--drop", "feature_mixup+label_mixup", "--seeds", "auto", "--max-seeds", "4"])
+    defs = write_defs(tmp_path / "defs.yaml", base={"method": "smile", "steps": 10, "eval_every": 10},
+                      components={**DEFINITIONS["components"], "nothing": {"head_l2": True}})
+    code = main(["ablate", "--definitions", str(defs), "--output", str(out), "--drop", "nothing",
+                 "--seeds", "auto", "--max-seeds", "3"])
     assert code == 0
     rows = pq.read_table(out / "ablation.parquet").to_pylist()
-    keys = [(r["arm"], r["seed"]) for r in rows]
-    assert len(keys) == len(set(keys))  # nothing ran twice
-    seeds = {a: sorted(s for aa, s in keys if aa == a) for a in ("full", "-source_label", "-feature_mixup+label_mixup")}
-    from smile_ray.orchestration.ablate import resolution
-    first = resolution([r for r in rows if r["seed"] < 2], list(seeds))
-    for arm in ("-source_label", "-feature_mixup+label_mixup"):
-        assert seeds[arm] == ([0, 1] if first[3, arm]["resolved"] else [0, 1, 2, 3])
-    assert seeds["full"] == ([0, 1] if all(r["resolved"] for r in first.values()) else [0, 1, 2, 3])
-    assert (out / "tune-round2").is_dir() == (seeds["full"] == [0, 1, 2, 3])
+    assert sorted((r["arm"], r["seed"]) for r in rows) == [("-nothing", s) for s in range(3)] + [("full", s)
+                                                                                                 for s in range(3)]
+    acc = {(r["arm"], r["seed"]): r["test_acc"] for r in rows}
+    assert all(acc["-nothing", s] == acc["full", s] for s in range(3))  # why round 1 could not resolve it
+    assert len(list((out / "tune").glob("*/run/metrics.json"))) == 4
+    assert len(list((out / "tune-round2").glob("*/run/metrics.json"))) == 2 and not (out / "tune-round3").exists()
     state = json.loads((out / "ablation.json").read_text())
-    assert state["max_seeds"] == 4 and sum(len(r) for r in state["rounds"]) == len(rows) == len(state["runs"])
+    assert state["max_seeds"] == 3 and [len(r) for r in state["rounds"]] == [4, 2] and len(state["runs"]) == 6
     md = (out / "ablation.md").read_text()
-    assert "adaptive seeds (2 per round, at most 4" in md and "Adaptive seeds:" in md
-    final = resolution(rows, list(seeds))
-    for arm in ("-source_label", "-feature_mixup+label_mixup"):
-        n = len(seeds[arm])
-        said = f"resolved at {n} seeds" if final[3, arm]["resolved"] else "not resolved at 4 seeds"
-        assert f"3/class, {arm}: {said}" in md
+    assert "adaptive seeds (2 per round, at most 3" in md and "Adaptive seeds:" in md
+    assert "3/class, -nothing: not resolved at 3 seeds" in md
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     parent = client.get_run(state["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.params["seeds"] == "auto"
     kids = client.search_runs([parent.info.experiment_id],
                               filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert len(kids) == len(rows) and all(k.info.status == "FINISHED" for k in kids)
+    assert len(kids) == 6 and all(k.info.status == "FINISHED" for k in kids)
