@@ -128,7 +128,7 @@ def test_runs_take_the_definitions_resources(ray_local, tmp_path, cache_dir, mon
     assert sorted(r["test_acc"] for r in rows) == sorted(m["test_acc"] for m in runs)
 
 
-def test_an_interrupted_ablation_resumes_without_rerunning_finished_runs(tmp_path, cache_dir):
+def test_an_interrupted_ablation_resumes_without_rerunning_finished_runs(ray_address, tmp_path, cache_dir):
     """Ctrl-C while the last run trains (no run left waiting: Tune hands back the stopped
     run as TERMINATED, which used to end in a KeyError traceback with MLflow runs left
     RUNNING): exit 130, one line naming --resume, the resumed run as an uninterrupted one."""
@@ -141,7 +141,8 @@ def test_an_interrupted_ablation_resumes_without_rerunning_finished_runs(tmp_pat
                       max_concurrent=1)
     out = tmp_path / "abl"
     env = {**os.environ, "SMILE_RAY_CACHE": str(cache_dir)}
-    cmd = [sys.executable, "-m", "smile_ray", "ablate", "--definitions", str(defs), "--output", str(out)]
+    cmd = [sys.executable, "-m", "smile_ray", "ablate", "--definitions", str(defs), "--output", str(out),
+           "--address", ray_address, "--cache-dir", str(cache_dir)]
     proc = subprocess.Popen(cmd + ["--drop", "source_label"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     err, finished = interrupt_after_rows(proc, r"\s*\d/4\s", 3, last_batch=True)

@@ -57,7 +57,7 @@ def test_tiny_comparison_end_to_end(ray_local, tmp_path, cache_dir, monkeypatch)
     assert all(k.info.status == "FAILED" for k in kids if k.data.tags["setting"] == "diverging")
 
 
-def test_ctrl_c_while_the_last_run_trains_is_an_interrupt_and_resumes_as_uninterrupted(tmp_path, cache_dir):
+def test_ctrl_c_while_the_last_run_trains_is_an_interrupt_and_resumes_as_uninterrupted(ray_address, tmp_path, cache_dir):
     """No run left waiting: Tune hands back the stopped run as TERMINATED; the comparison
     used to exit 0 with that cell "(failed)". Now: exit 130, one line naming --resume, no
     MLflow run left RUNNING, and the resumed run ends as an uninterrupted one."""
@@ -65,8 +65,9 @@ def test_ctrl_c_while_the_last_run_trains_is_an_interrupt_and_resumes_as_uninter
                               columns={"samples_per_class": [3]}, max_concurrent=1, tune_spaces={})
     out = tmp_path / "cmp"
     env = {**os.environ, "SMILE_RAY_CACHE": str(cache_dir)}
+    joined = ["--address", ray_address, "--cache-dir", str(cache_dir)]
     cmd = [sys.executable, "-m", "smile_ray", "compare", "--methods", "l2", "--settings", str(settings),
-           "--output", str(out)]
+           "--output", str(out), *joined]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     err, finished = interrupt_after_rows(proc, r"\s*\d/2\s", 1, last_batch=True)
     assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("error: interrupted; add --resume"), err
@@ -78,7 +79,7 @@ def test_ctrl_c_while_the_last_run_trains_is_an_interrupt_and_resumes_as_uninter
     assert client.get_run(parent_id).info.status == "KILLED"
     assert sorted(k.info.status for k in client.search_runs([exp_id], filter_string=kids)) == ["FINISHED", "KILLED"]
 
-    resumed = subprocess.run(cmd[:4] + ["--output", str(out), "--resume"], cwd=tmp_path, env=env,
+    resumed = subprocess.run(cmd[:4] + ["--output", str(out), "--resume", *joined], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr
     rows = pq.read_table(out / "results.parquet").to_pylist()

@@ -112,9 +112,10 @@ def test_against_a_real_mlflow_server(ray_local, tmp_path, cache_dir):
                 assert time.time() < deadline, "mlflow server did not start"
                 time.sleep(1)
         out = tmp_path / "study"
-        run_study(write_space(tmp_path / "space.yaml"), out, tracking_uri=uri, experiment="served",
+        # two trials, one batch of max_concurrent: what goes through the server is the same per trial
+        run_study(write_space(tmp_path / "space.yaml", num_samples=2), out, tracking_uri=uri, experiment="served",
                   cache_dir=cache_dir, verbose=0)
-        check_study(out, client, 4)
+        check_study(out, client, 2)
         served = client.get_experiment_by_name("served")
         assert served is not None
         # the address printed at the end opens the parent run in the model-training view
@@ -164,12 +165,13 @@ def test_bad_command_lines(tmp_path, capfd, monkeypatch):
     assert [e.name for e in client.search_experiments()] in ([], ["Default"])
 
 
-def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path, cache_dir):
+def test_interrupted_study_resumes_without_rerunning_finished_trials(ray_address, tmp_path, cache_dir):
     space = write_space(tmp_path / "space.yaml", num_samples=4, max_concurrent=1,
                         base={"method": "smile", "steps": 60, "eval_every": 20, "samples_per_class": 3})
     out = tmp_path / "study"
     env = {**os.environ, "SMILE_RAY_CACHE": str(cache_dir)}
-    cmd = [sys.executable, "-m", "smile_ray", "tune", "--space", str(space), "--output", str(out)]
+    joined = ["--address", ray_address, "--cache-dir", str(cache_dir)]
+    cmd = [sys.executable, "-m", "smile_ray", "tune", "--space", str(space), "--output", str(out), *joined]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     err, finished = interrupt_after_rows(proc, r"\s*\d/4\s+\d+m\d\ds\s+\w{8,}\s", 2)
     assert proc.returncode != 0 and "--resume" in err.strip().splitlines()[-1]
@@ -183,7 +185,7 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path, c
     rows = [ln for ln in err.splitlines() if re.match(r"\s*\d/4\s+\d+m\d\ds\s+\w{8,}\s", ln)]
     assert len(rows) >= 2 and all(len(ln) <= 120 for ln in rows), err
 
-    resume = [sys.executable, "-m", "smile_ray", "tune", "--output", str(out), "--resume"]
+    resume = [sys.executable, "-m", "smile_ray", "tune", "--output", str(out), "--resume", *joined]
     resumed = subprocess.run(resume, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr
     rows = pq.read_table(out / "trials.parquet").to_pylist()
@@ -203,14 +205,15 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path, c
     assert client.get_run(parent_id).info.status == "FINISHED"
 
 
-def test_ctrl_c_while_the_last_trial_runs_is_an_interrupt_and_resumes_as_uninterrupted(tmp_path, cache_dir):
+def test_ctrl_c_while_the_last_trial_runs_is_an_interrupt_and_resumes_as_uninterrupted(ray_address, tmp_path, cache_dir):
     """Ctrl-C with no trial left waiting: Tune returns its stopped trials as TERMINATED, so
     the study used to end as if complete (exit 0, a partial trial in the table)."""
     space = write_space(tmp_path / "space.yaml", num_samples=2, max_concurrent=1, search="random",
                         base={"method": "smile", "steps": 60, "eval_every": 20, "samples_per_class": 3, "threads": 1})
     out = tmp_path / "study"
     env = {**os.environ, "SMILE_RAY_CACHE": str(cache_dir)}
-    cmd = [sys.executable, "-m", "smile_ray", "tune", "--space", str(space), "--output", str(out)]
+    joined = ["--address", ray_address, "--cache-dir", str(cache_dir)]
+    cmd = [sys.executable, "-m", "smile_ray", "tune", "--space", str(space), "--output", str(out), *joined]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     err, finished = interrupt_after_rows(proc, r"\s*\d/2\s+\d+m\d\ds\s+\w{8,}\s", 1, last_batch=True)
     assert proc.returncode == 130, err
@@ -221,7 +224,7 @@ def test_ctrl_c_while_the_last_trial_runs_is_an_interrupt_and_resumes_as_uninter
     assert client.get_run(parent_id).info.status == "KILLED"
     assert sorted(k.info.status for k in children(client, parent_id)) == ["FINISHED", "KILLED"]
 
-    resume = [sys.executable, "-m", "smile_ray", "tune", "--output", str(out), "--resume"]
+    resume = [sys.executable, "-m", "smile_ray", "tune", "--output", str(out), "--resume", *joined]
     resumed = subprocess.run(resume, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr
     rows = pq.read_table(out / "trials.parquet").to_pylist()
