@@ -1,7 +1,8 @@
 """MLflow tracking (smile_ray.orchestration.tracking) of a `train` run, on a real sqlite
 store: the run holds its params, curves, test metrics, reliability diagram, model and
 code version, and the model loads back from MLflow. A study's trials' models and best
-model: tests/test_api.py::test_the_python_api_example_runs."""
+model: tests/test_api.py::test_the_python_api_example_runs. The study logger draws trials'
+diagrams on its own thread, off Tune's loop."""
 from __future__ import annotations
 
 import json
