@@ -49,6 +49,19 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def ray_address(ray_local) -> str:
+    """The address of the module's local Ray, for the ``smile-ray`` subprocesses a test
+    starts: given as their ``--address``, they join it as drivers of their own instead of
+    each starting (and stopping) a Ray, which is most of a short study's time. For tests
+    whose subject is not Ray's start-up: a command that starts its own Ray is still run
+    by test_ray_train.py's terminal test, and test_tune.py::test_bad_command_lines checks
+    an unreachable --address."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
 def descendants(pid: int) -> list[int]:
     """The pids of every living process below ``pid`` in the process tree."""
     children: dict[int, list[int]] = {}

@@ -4,35 +4,13 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import assert_as_uninterrupted, interrupt_after_rows
 from smile_ray.orchestration.ablate import run_ablation
 from smile_ray.stats import paired_stats
 from smile_ray.cli import main
-
-DEFS = {
-    "base": {"method": "smile", "steps": 20, "eval_every": 10},
-    "seeds": 2,
-    "samples_per_class": [3],
-    "max_concurrent": 2,
-    "components": {
-        "feature_mixup": {"feature_mixup": False},
-        "source_label": {"source_label": False},
-        "mean_teacher": {"mean_teacher": False},
-        "label_mixup": {"label_mixup": False},
-        "head_l2": {"head_l2": False},
-        "plain_tail": {"plain_tail": False},
-    },
-    "tune_space": {"mixup_alpha": {"loguniform": [0.05, 2.0]}, "source_label_weight": {"loguniform": [0.01, 1.0]}},
-}
-
-
-def write_defs(path, **changes):
-    path.write_text(yaml.safe_dump({**DEFS, **changes}, sort_keys=False))
-    return path
-
+from study_files import DEFINITIONS, write_defs
 
 def test_tiny_ablation_end_to_end(ray_local, tmp_path, cache_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -97,62 +75,27 @@ def test_tune_budget_searches_each_arm_over_what_it_still_uses(ray_local, tmp_pa
 
 
 @pytest.mark.parametrize(
-    "argv, changes, expect",
+    "argv, expect",
     [
-        (["--drop", "teacher"], {}, "unknown component 'teacher' (valid: feature_mixup, source_label, mean_teacher"),
-        (["--drop", "feature_mixup+source_label+mean_teacher+label_mixup+head_l2+plain_tail"], {}, "leaves an empty method"),
-        (["--drop", "source_label", "--seeds", "1"], {}, "--seeds=1 must be an integer >= 2 (a paired test needs at least 2 seeds)"),
-        ([], {}, "nothing to ablate"),
-        (["--drop", "source_label"], {"components": {"x": "off"}}, "components.x must be a mapping"),
-        (["--drop", "source_label"], {"oops": 1}, "unknown key 'oops'"),
-        (["--drop", "source_label", "--set", "ema_decay=2"], {}, "ema_decay=2.0 is out of range"),
-        (["--drop", "source_label", "--set", "delta_weight=0.1"], {},
+        (["--drop", "teacher"], "unknown component 'teacher' (valid: feature_mixup, source_label, mean_teacher"),
+        (["--drop", "feature_mixup+source_label+mean_teacher+label_mixup+head_l2+plain_tail"], "leaves an empty method"),
+        (["--drop", "source_label", "--seeds", "1"], "--seeds=1 must be an integer >= 2 (a paired test needs at least 2 seeds)"),
+        ([], "nothing to ablate"),
+        (["--drop", "source_label", "--set", "ema_decay=2"], "ema_decay=2.0 is out of range"),
+        (["--drop", "source_label", "--set", "delta_weight=0.1"],
          "--set delta_weight: smile does not read it with this config, so it would do nothing"),
-        (["--drop", "source_label", "--seeds", "many"], {}, "--seeds='many': expected a number of seeds or auto"),
-        (["--drop", "source_label", "--max-seeds", "8"], {}, "--max-seeds only goes with --seeds auto"),
-        (["--drop", "source_label", "--seeds", "auto", "--max-seeds", "1"], {}, "--max-seeds=1 must be >= 2"),
-        (["--drop", "source_label", "--seeds", "auto", "--max-seeds", "3"], {"seeds": 5},
-         "--max-seeds=3 must be at least the first round's seeds (5)"),
+        (["--drop", "source_label", "--seeds", "many"], "--seeds='many': expected a number of seeds or auto"),
+        (["--drop", "source_label", "--max-seeds", "8"], "--max-seeds only goes with --seeds auto"),
+        (["--drop", "source_label", "--seeds", "auto", "--max-seeds", "1"], "--max-seeds=1 must be >= 2"),
     ],
 )
-def test_bad_input_is_one_line(tmp_path, capfd, monkeypatch, argv, changes, expect):
+def test_bad_input_is_one_line(tmp_path, capfd, monkeypatch, argv, expect):
     monkeypatch.chdir(tmp_path)
-    defs = write_defs(tmp_path / "defs.yaml", **changes)
+    defs = write_defs(tmp_path / "defs.yaml")
     code = main(["ablate", "--definitions", str(defs), "--output", str(tmp_path / "o"), *argv])
     lines = capfd.readouterr().err.strip().splitlines()
     assert code != 0 and len(lines) == 1 and expect in lines[0], lines
     assert not (tmp_path / "o").exists() and not (tmp_path / "mlflow.db").exists()
-
-
-def test_a_shared_base_may_hold_a_knob_only_some_arm_reads_and_one_component_may_be_dropped(tmp_path):
-    """feature_weight is read by the full method though not by the arm without feature
-    mixup: legitimate in the shared base. A file naming one component: dropping it leaves
-    the method without that part, not an empty method."""
-    from smile_ray.orchestration.ablate import build_arms
-    from smile_ray.orchestration.spaces import load_definitions
-
-    defs = load_definitions(write_defs(tmp_path / "defs.yaml"), overrides={"feature_weight": 0.05})
-    assert build_arms(defs, ["feature_mixup"], False)["-feature_mixup"] == {"feature_mixup": False}
-    one = load_definitions(write_defs(tmp_path / "one.yaml", components={"source_label": {"source_label": False}}))
-    assert build_arms(one, ["source_label"], False) == {"full": {}, "-source_label": {"source_label": False}}
-    assert list(build_arms(one, [], True)) == ["full", "-source_label"]
-
-
-def test_bad_base_and_definitions_files(tmp_path, capfd, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    defs = write_defs(tmp_path / "defs.yaml")
-    not_config = tmp_path / "list.yaml"
-    not_config.write_text("- 1\n- 2\n")
-    malformed = tmp_path / "bad.yaml"
-    malformed.write_text("components: {a: [\n")
-    for argv, expect in [
-        (["--definitions", str(defs), "--base", str(tmp_path / "best.json")], "best.json: no such file"),
-        (["--definitions", str(defs), "--base", str(not_config)], "expected a mapping of config keys"),
-        (["--definitions", str(malformed)], "malformed YAML"),
-    ]:
-        code = main(["ablate", *argv, "--drop", "source_label", "--output", str(tmp_path / "o")])
-        lines = capfd.readouterr().err.strip().splitlines()
-        assert code != 0 and len(lines) == 1 and expect in lines[0], (argv, lines)
 
 
 def test_paired_statistics_by_hand():
@@ -185,7 +128,7 @@ def test_runs_take_the_definitions_resources(ray_local, tmp_path, cache_dir, mon
     assert sorted(r["test_acc"] for r in rows) == sorted(m["test_acc"] for m in runs)
 
 
-def test_an_interrupted_ablation_resumes_without_rerunning_finished_runs(tmp_path, cache_dir):
+def test_an_interrupted_ablation_resumes_without_rerunning_finished_runs(ray_address, tmp_path, cache_dir):
     """Ctrl-C while the last run trains (no run left waiting: Tune hands back the stopped
     run as TERMINATED, which used to end in a KeyError traceback with MLflow runs left
     RUNNING): exit 130, one line naming --resume, the resumed run as an uninterrupted one."""
@@ -198,7 +141,8 @@ def test_an_interrupted_ablation_resumes_without_rerunning_finished_runs(tmp_pat
                       max_concurrent=1)
     out = tmp_path / "abl"
     env = {**os.environ, "SMILE_RAY_CACHE": str(cache_dir)}
-    cmd = [sys.executable, "-m", "smile_ray", "ablate", "--definitions", str(defs), "--output", str(out)]
+    cmd = [sys.executable, "-m", "smile_ray", "ablate", "--definitions", str(defs), "--output", str(out),
+           "--address", ray_address, "--cache-dir", str(cache_dir)]
     proc = subprocess.Popen(cmd + ["--drop", "source_label"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     err, finished = interrupt_after_rows(proc, r"\s*\d/4\s", 3, last_batch=True)
@@ -239,16 +183,6 @@ def test_an_interrupted_ablation_resumes_without_rerunning_finished_runs(tmp_pat
     assert len(kids) == 4 and all(k.info.status == "FINISHED" for k in kids)
 
 
-def test_a_samples_per_class_override_replaces_the_grid_and_seed_is_refused(tmp_path):
-    from smile_ray.orchestration.spaces import load_definitions
-
-    defs = write_defs(tmp_path / "defs.yaml", samples_per_class=[2, 5])
-    assert load_definitions(defs).samples == (2, 5)
-    assert load_definitions(defs, overrides={"samples_per_class": 4}).samples == (4,)
-    with pytest.raises(Exception, match="--set seed"):
-        load_definitions(defs, overrides={"seed": 3})
-
-
 def _rows(diffs_by_arm, seeds, spc=5, base=80.0):
     """Ablation rows whose arm - full differences are the given per-seed points."""
     rows = [{"arm": "full", "seed": k, "samples_per_class": spc, "test_acc": (base + k) / 100} for k in seeds]
@@ -287,37 +221,36 @@ def test_the_table_pairs_each_arm_over_the_seeds_it_shares_with_full():
     assert f"| {np.mean([1.0, -1.0, 0.5, 0.0, 1.0, -0.5]):+.2f} |" in line["-b"]
 
 
-def test_seeds_auto_runs_rounds_until_resolved_or_max(ray_local, tmp_path, cache_dir, monkeypatch):
-    """--seeds auto --max-seeds 4 from 2 seeds: after round 1 every unresolved arm (and
-    full) gets seeds 2-3 in a second Tune experiment; a resolved arm gets none; no run is
-    repeated, and the table says which arms resolved."""
+def test_seeds_auto_runs_a_second_round_for_an_arm_that_cannot_resolve(ray_local, tmp_path, cache_dir, monkeypatch):
+    """--seeds auto --max-seeds 3 from 2 seeds, dropping a component whose "off" is the
+    default (head_l2 stays on): that arm is the full method, seed for seed, so its paired
+    interval is [0, 0] and cannot exclude zero. Round 1 therefore cannot resolve it: a
+    second Tune experiment must run seed 2 for it and for full, and the ablation stops
+    there, at --max-seeds; no run is repeated and the table says the arm did not
+    resolve. (That a resolved arm gets no more seeds is
+    test_adaptive_seeds_add_rounds_only_to_unresolved_arms, over recorded rows.)"""
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "abl"
-    code = main(["ablate", "--definitions", str(write_defs(tmp_path / "defs.yaml")), "--output", str(out),
-                 "--drop", "source_label", "--drop", "feature_mixup+label_mixup", "--seeds", "auto", "--max-seeds", "4"])
+    defs = write_defs(tmp_path / "defs.yaml", base={"method": "smile", "steps": 10, "eval_every": 10},
+                      components={**DEFINITIONS["components"], "nothing": {"head_l2": True}})
+    code = main(["ablate", "--definitions", str(defs), "--output", str(out), "--drop", "nothing",
+                 "--seeds", "auto", "--max-seeds", "3"])
     assert code == 0
     rows = pq.read_table(out / "ablation.parquet").to_pylist()
-    keys = [(r["arm"], r["seed"]) for r in rows]
-    assert len(keys) == len(set(keys))  # nothing ran twice
-    seeds = {a: sorted(s for aa, s in keys if aa == a) for a in ("full", "-source_label", "-feature_mixup+label_mixup")}
-    from smile_ray.orchestration.ablate import resolution
-    first = resolution([r for r in rows if r["seed"] < 2], list(seeds))
-    for arm in ("-source_label", "-feature_mixup+label_mixup"):
-        assert seeds[arm] == ([0, 1] if first[3, arm]["resolved"] else [0, 1, 2, 3])
-    assert seeds["full"] == ([0, 1] if all(r["resolved"] for r in first.values()) else [0, 1, 2, 3])
-    assert (out / "tune-round2").is_dir() == (seeds["full"] == [0, 1, 2, 3])
+    assert sorted((r["arm"], r["seed"]) for r in rows) == [("-nothing", s) for s in range(3)] + [("full", s)
+                                                                                                 for s in range(3)]
+    acc = {(r["arm"], r["seed"]): r["test_acc"] for r in rows}
+    assert all(acc["-nothing", s] == acc["full", s] for s in range(3))  # why round 1 could not resolve it
+    assert len(list((out / "tune").glob("*/run/metrics.json"))) == 4
+    assert len(list((out / "tune-round2").glob("*/run/metrics.json"))) == 2 and not (out / "tune-round3").exists()
     state = json.loads((out / "ablation.json").read_text())
-    assert state["max_seeds"] == 4 and sum(len(r) for r in state["rounds"]) == len(rows) == len(state["runs"])
+    assert state["max_seeds"] == 3 and [len(r) for r in state["rounds"]] == [4, 2] and len(state["runs"]) == 6
     md = (out / "ablation.md").read_text()
-    assert "adaptive seeds (2 per round, at most 4" in md and "Adaptive seeds:" in md
-    final = resolution(rows, list(seeds))
-    for arm in ("-source_label", "-feature_mixup+label_mixup"):
-        n = len(seeds[arm])
-        said = f"resolved at {n} seeds" if final[3, arm]["resolved"] else "not resolved at 4 seeds"
-        assert f"3/class, {arm}: {said}" in md
+    assert "adaptive seeds (2 per round, at most 3" in md and "Adaptive seeds:" in md
+    assert "3/class, -nothing: not resolved at 3 seeds" in md
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     parent = client.get_run(state["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.params["seeds"] == "auto"
     kids = client.search_runs([parent.info.experiment_id],
                               filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert len(kids) == len(rows) and all(k.info.status == "FINISHED" for k in kids)
+    assert len(kids) == 6 and all(k.info.status == "FINISHED" for k in kids)

@@ -95,36 +95,6 @@ def test_an_unwritable_output_is_one_line_and_leaves_nothing(tmp_path, capfd, ca
     assert sorted(tmp_path.rglob("*")) == before
 
 
-def test_a_second_train_on_a_held_output_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path, capfd, cache_dir):
-    """Two trains on one --output both ran and the last writer won; now the second is
-    refused while the first holds the folder, and a holder killed with SIGKILL (no
-    clean-up at all) leaves the folder free."""
-    import signal
-
-    from smile_ray.checkpoint import folder_lock
-
-    out = tmp_path / "run"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom smile_ray.checkpoint import folder_lock\n"
-         "with folder_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(300)\n", str(out)],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        code, err = run(capfd, "train", "--output", str(out), "--cache-dir", str(cache_dir), "--quiet")
-        lines = err.strip().splitlines()
-        assert code == 2 and len(lines) == 1, err
-        assert lines[0].startswith(f"error: --output {out} is in use by another run (pid {holder.pid} on "), err
-        assert sorted(p.name for p in out.iterdir()) == [".smile-ray.lock"]  # the refused run wrote nothing
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait(timeout=30)
-    with folder_lock(out):  # free again
-        pass
-    with folder_lock(tmp_path / "new"):  # a folder the lock made and nothing used is removed again
-        assert (tmp_path / "new").is_dir()
-    assert not (tmp_path / "new").exists()
-
-
 def test_bad_config_files(bad, tmp_path):
     malformed = tmp_path / "malformed.yaml"
     malformed.write_text("steps: [1, 2\n")

@@ -7,29 +7,13 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import assert_as_uninterrupted, interrupt_after_rows
 from smile_ray.cli import main
 from smile_ray.orchestration.compare import run_compare
 from smile_ray.stats import paired_stats
-
-SETTINGS = {
-    "base": {"steps": 20, "eval_every": 10},
-    "columns": {"3 per class": {"samples_per_class": 3},
-                # a setting that diverges at its first evaluation: its runs fail, the rest are kept
-                "diverging": {"samples_per_class": 3, "lr": 1.0e6}},
-    "seeds": 2,
-    "max_concurrent": 2,
-    "tune_spaces": {"smile": {"mixup_alpha": {"loguniform": [0.05, 2.0]}}},
-}
-
-
-def write_settings(path, **changes):
-    path.write_text(yaml.safe_dump({**SETTINGS, **changes}, sort_keys=False))
-    return path
-
+from study_files import write_settings
 
 def test_tiny_comparison_end_to_end(ray_local, tmp_path, cache_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -73,7 +57,7 @@ def test_tiny_comparison_end_to_end(ray_local, tmp_path, cache_dir, monkeypatch)
     assert all(k.info.status == "FAILED" for k in kids if k.data.tags["setting"] == "diverging")
 
 
-def test_ctrl_c_while_the_last_run_trains_is_an_interrupt_and_resumes_as_uninterrupted(tmp_path, cache_dir):
+def test_ctrl_c_while_the_last_run_trains_is_an_interrupt_and_resumes_as_uninterrupted(ray_address, tmp_path, cache_dir):
     """No run left waiting: Tune hands back the stopped run as TERMINATED; the comparison
     used to exit 0 with that cell "(failed)". Now: exit 130, one line naming --resume, no
     MLflow run left RUNNING, and the resumed run ends as an uninterrupted one."""
@@ -81,8 +65,9 @@ def test_ctrl_c_while_the_last_run_trains_is_an_interrupt_and_resumes_as_uninter
                               columns={"samples_per_class": [3]}, max_concurrent=1, tune_spaces={})
     out = tmp_path / "cmp"
     env = {**os.environ, "SMILE_RAY_CACHE": str(cache_dir)}
+    joined = ["--address", ray_address, "--cache-dir", str(cache_dir)]
     cmd = [sys.executable, "-m", "smile_ray", "compare", "--methods", "l2", "--settings", str(settings),
-           "--output", str(out)]
+           "--output", str(out), *joined]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     err, finished = interrupt_after_rows(proc, r"\s*\d/2\s", 1, last_batch=True)
     assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("error: interrupted; add --resume"), err
@@ -94,7 +79,7 @@ def test_ctrl_c_while_the_last_run_trains_is_an_interrupt_and_resumes_as_uninter
     assert client.get_run(parent_id).info.status == "KILLED"
     assert sorted(k.info.status for k in client.search_runs([exp_id], filter_string=kids)) == ["FINISHED", "KILLED"]
 
-    resumed = subprocess.run(cmd[:4] + ["--output", str(out), "--resume"], cwd=tmp_path, env=env,
+    resumed = subprocess.run(cmd[:4] + ["--output", str(out), "--resume", *joined], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr
     rows = pq.read_table(out / "results.parquet").to_pylist()
@@ -110,40 +95,18 @@ def run_cli(capfd, *argv):
     return code, capfd.readouterr().err
 
 
-@pytest.mark.parametrize("argv, changes, expect", [
-    (["--methods", "l2,nope"], {}, "unknown method 'nope'"),
-    (["--methods", "l2,smile", "--set", "bss_weight=0.1"], {}, "--set bss_weight: none of l2, smile reads it"),
-    (["--methods", "l2,smile", "--set", "seed=1"], {}, "--set seed"),
-    (["--methods", "l2"], {"columns": {"samples_per_class": []}}, "columns.samples_per_class: expected a non-empty"),
-    (["--methods", "l2"], {"columns": [1, 2]}, "columns must be"),
-    (["--methods", "l2"], {"base": {"method": "smile"}}, "base.method: a comparison takes its methods from --methods"),
-    (["--methods", "l2"], {"columns": {"a": {"lr": -1}}}, "lr"),
-    (["--methods", "l2"], {"tune_spaces": {"nope": {}}}, "unknown method 'nope'"),
-    (["--methods", "l2"], {"colums": {}}, "unknown key 'colums'"),
-    (["--methods", "l2", "--seeds", "1"], {}, "at least 2 seeds"),
-    (["--methods", "l2", "--output", "/proc/x"], {}, "--output /proc/x: cannot write in /proc"),
-    (["--methods", "l2,"], {}, "--methods 'l2,': an empty method name"),
-    (["--methods", "l2,smile", "--set", "samples_per_class=5"], {}, "--set samples_per_class: the columns of"),
+@pytest.mark.parametrize("argv, expect", [
+    (["--methods", "l2,nope"], "unknown method 'nope'"),
+    (["--methods", "l2,smile", "--set", "bss_weight=0.1"], "--set bss_weight: none of l2, smile reads it"),
+    (["--methods", "l2,smile", "--set", "seed=1"], "--set seed"),
+    (["--methods", "l2", "--seeds", "1"], "at least 2 seeds"),
+    (["--methods", "l2", "--output", "/proc/x"], "--output /proc/x: cannot write in /proc"),
+    (["--methods", "l2,"], "--methods 'l2,': an empty method name"),
+    (["--methods", "l2,smile", "--set", "samples_per_class=5"], "--set samples_per_class: the columns of"),
 ])
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capfd, monkeypatch, argv, changes, expect):
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capfd, monkeypatch, argv, expect):
     monkeypatch.chdir(tmp_path)
-    settings = write_settings(tmp_path / "settings.yaml", **changes)
+    settings = write_settings(tmp_path / "settings.yaml")
     code, err = run_cli(capfd, "compare", "--settings", str(settings), "--output", str(tmp_path / "out"), *argv)
     assert code == 2 and len(err.strip().splitlines()) == 1 and expect in err, err
     assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
-
-
-def test_a_malformed_settings_file_is_one_line(tmp_path, capfd, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "bad.yaml").write_text("base: {steps: 20\ncolumns: [")
-    code, err = run_cli(capfd, "compare", "--settings", str(tmp_path / "bad.yaml"), "--output", str(tmp_path / "out"))
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "bad.yaml" in err, err
-    assert not (tmp_path / "out").exists()
-
-
-def test_shipped_settings_load_by_name():
-    from smile_ray.orchestration.spaces import load_settings
-
-    for name in ("digits", "fashion_mnist"):
-        s = load_settings(name, ["l2", "mixup", "smile"])
-        assert s.seeds >= 5 and len(s.columns) == 2 and set(s.tune_spaces) >= {"l2", "mixup", "smile"}

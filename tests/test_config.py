@@ -153,15 +153,3 @@ def test_a_shipped_preset_is_a_config_by_name(tmp_path, monkeypatch):
     assert resolve_config("fashion_mnist").steps == 3
     with pytest.raises(SmileError, match="nope: no such file"):
         resolve_config("nope")
-
-
-def test_shipped_spaces_and_ablations_are_found_from_any_directory(tmp_path, monkeypatch):
-    from smile_ray.orchestration.spaces import load_definitions, load_study
-
-    monkeypatch.chdir(tmp_path)  # outside the repository: no search_spaces/ here
-    assert load_study("smile").base.method == "smile"
-    assert load_study("search_spaces/l2.yaml").base.method == "l2"
-    assert load_definitions("ablations/smile.yaml").components
-    assert load_definitions("fashion_mnist").base.backbone == "efficientnet_lite0"
-    with pytest.raises(SmileError, match="no such file"):
-        load_study("search_spaces/nope.yaml")

@@ -1,8 +1,6 @@
 """Which device a run trains on (:func:`smile_ray.recipe.pick_device`), and which GPUs a
 trial may hold (:func:`smile_ray.orchestration.spaces.check_gpus`): decisions tested as
-pure functions, without a GPU."""
-import json
-
+pure functions, without a GPU (a trial through Tune on the CPU: tests/test_trainable.py)."""
 import pytest
 import torch
 
@@ -55,41 +53,3 @@ def test_gpus_a_trial_can_use_are_accepted(gpus, workers, expected):
 def test_gpus_a_trial_cannot_use_are_refused(gpus, workers, message):
     with pytest.raises(SmileError, match=message):
         check_gpus(gpus, workers, "resources.gpus")
-
-
-def test_a_tune_trial_without_gpus_trains_on_the_cpu(tmp_path, cache_dir, ray_local):
-    """Through Tune and the trainable: the device a `gpus: 0` trial resolved is recorded."""
-    import yaml
-
-    from smile_ray.orchestration.tune import run_study
-
-    space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump({
-        "base": {"method": "l2", "steps": 10, "eval_every": 10, "samples_per_class": 3},
-        "num_samples": 1, "search": "random", "resources": {"cpus": 1, "gpus": 0},
-        "space": {"lr": {"choice": [0.01]}},
-    }))
-    out = tmp_path / "study"
-    run_study(space, out, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", cache_dir=cache_dir, verbose=0)
-    [metrics] = [json.loads(p.read_text()) for p in (out / "tune").glob("*/run/metrics.json")]
-    assert metrics["device"] == "cpu"
-
-
-def test_a_study_whose_trials_all_fail_ends_on_their_own_one_line_error(tmp_path, cache_dir, ray_local):
-    """What a study prints when a trial's own error is a user's (a GPU where CUDA does not
-    work, here a divergence, which a CPU can produce): that line, not only a folder."""
-    import yaml
-
-    from smile_ray.orchestration.tune import run_study
-
-    space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump({
-        "base": {"method": "l2", "steps": 10, "eval_every": 10, "samples_per_class": 3, "lr": 1.0e6},
-        "num_samples": 1, "search": "random", "space": {"lr": {"choice": [1.0e6]}},
-    }))
-    with pytest.raises(SmileError) as e:
-        run_study(space, tmp_path / "study", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", cache_dir=cache_dir,
-                  verbose=0)
-    text = str(e.value)
-    assert text.startswith(f"no trial of {tmp_path / 'study'} finished: training diverged at step 10"), text
-    assert "\n" not in text

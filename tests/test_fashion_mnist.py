@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import os
 import struct
-import time
 from pathlib import Path
 
 import numpy as np
@@ -256,9 +255,7 @@ def test_real_files():
     assert np.bincount(data.train_labels).tolist() == [6000] * 10
     assert np.bincount(data.test_labels).tolist() == [1000] * 10
     assert data.mean == pytest.approx(0.2860, abs=1e-3) and data.std == pytest.approx(0.3530, abs=1e-3)
-    start = time.perf_counter()
     t = build_task(make_config({"dataset": "fashion_mnist", "image_size": 32, "samples_per_class": 5}))
-    assert time.perf_counter() - start < 10
     assert t.split_sizes() == {"train": 50, "val": 1000, "test": 10000}
     assert t.splits["test"][0].shape == (10000, 1, 32, 32)
     assert torch.bincount(t.splits["test"][1]).tolist() == [1000] * 10

@@ -106,3 +106,11 @@ def test_reliability_bins_by_hand_and_their_ece():
     assert rel["accuracy"][0] is None and rel["confidence"][0] is None
     ece = sum(n / 3 * abs(a - c) for n, a, c in zip(rel["count"], rel["accuracy"], rel["confidence"]) if n)
     assert ece == pytest.approx(expected_calibration_error(logits, labels), rel=1e-6)
+
+
+def test_expected_calibration_error_by_hand():
+    # confidences 0.9 (right), 0.9 (wrong), 0.6 (right): bins at 0.9 and 0.6
+    logits = torch.log(torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6]]))
+    labels = torch.tensor([0, 1, 1])
+    expected = (2 / 3) * abs(0.5 - 0.9) + (1 / 3) * abs(1.0 - 0.6)
+    assert expected_calibration_error(logits, labels) == pytest.approx(expected, rel=1e-5)

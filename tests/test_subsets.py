@@ -134,16 +134,3 @@ def test_the_tensor_datasets_take_the_subset_keys(tmp_path):
     assert f.num_classes == 3 and f.split_sizes() == {"train": 3 * 5, "val": 300, "test": 15}
     with pytest.raises(SmileError, match=r"after holding out 100 per class for validation"):
         build_task(make_config({"dataset": "fashion_mnist", "data_root": str(tmp_path), "train_images": 300}))
-
-
-def test_a_checkpoint_resumes_only_under_its_own_subset(tmp_path):
-    from smile_ray.checkpoint import check_same_config
-
-    state = {"config": make_config().to_dict()}
-    check_same_config(state, make_config({"data_workers": 3}), tmp_path / "state.pt")  # changes no batch
-    with pytest.raises(SmileError, match=r"was made with class_fraction=1.0, not 0.5"):
-        check_same_config(state, make_config({"class_fraction": 0.5}), tmp_path / "state.pt")
-    # a checkpoint of an earlier version, without a key, is refused (no defaults filled in)
-    older = {"config": {k: v for k, v in state["config"].items() if k != "sample_rate"}}
-    with pytest.raises(SmileError, match=r"was made with sample_rate=None, not 0.0"):
-        check_same_config(older, make_config(), tmp_path / "state.pt")

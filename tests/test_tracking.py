@@ -1,7 +1,8 @@
 """MLflow tracking (smile_ray.orchestration.tracking) of a `train` run, on a real sqlite
 store: the run holds its params, curves, test metrics, reliability diagram, model and
 code version, and the model loads back from MLflow. A study's trials' models and best
-model: tests/test_api.py::test_the_python_api_example_runs."""
+model: tests/test_api.py::test_the_python_api_example_runs. The study logger draws trials'
+diagrams on its own thread, off Tune's loop."""
 from __future__ import annotations
 
 import json
@@ -86,3 +87,38 @@ def test_a_file_store_refusal_keeps_mlflows_whole_hint(tmp_path, monkeypatch):
     assert "\n" not in line and line.startswith(f"--tracking-uri {uri!r} is not usable: ")
     assert "MLFLOW_ALLOW_FILE_STORE=true" in line and "https://mlflow.org/docs/" in line
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_study_logger_draws_diagrams_off_tunes_loop_and_waits_for_them(tmp_path, caplog, monkeypatch):
+    """A trial's reliability diagram is drawn and logged on the logger's own thread (Tune's
+    controller starts no trial while a callback runs); the experiment's end waits for
+    every diagram, and one that cannot be drawn is a warning, not a failed study."""
+    import pickle
+    import threading
+    from types import SimpleNamespace
+
+    from smile_ray.orchestration import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.connect(uri)
+    exp = tracking.experiment_id(client, "drawing", uri)
+    parent = client.create_run(exp).info.run_id
+    logger = tracking.StudyLogger(uri, exp, parent, "study", {"method": "smile", "dataset": "digits"})
+    bins = {"bins": 2, "count": [3, 1], "accuracy": [0.5, 1.0], "confidence": [0.4, 0.9]}
+    good, bad = SimpleNamespace(trial_id="good", config={}), SimpleNamespace(trial_id="bad", config={})
+    drawn_on, draw = [], tracking.StudyLogger._draw
+
+    def recording(self, *args):
+        drawn_on.append(threading.current_thread())
+        return draw(self, *args)
+    monkeypatch.setattr(tracking.StudyLogger, "_draw", recording)
+    logger.on_trial_result(0, [], good, {"step": 1, "val_acc": 0.5, "reliability": json.dumps(bins)})
+    logger.on_trial_result(0, [], bad, {"step": 1, "reliability": json.dumps({"bins": 2})})
+    pickle.loads(pickle.dumps(logger))  # Tune snapshots its callbacks while diagrams are drawn
+    with caplog.at_level("WARNING"):
+        logger.on_experiment_end([])
+    assert drawn_on and all(t is not threading.main_thread() for t in drawn_on)
+    assert {a.path for a in client.list_artifacts(logger.runs["good"])} == {"reliability.png"}
+    assert client.list_artifacts(logger.runs["bad"]) == []
+    assert "no reliability diagram for trial bad" in caplog.text
+    assert client.get_metric_history(logger.runs["good"], "val_acc")[0].value == 0.5

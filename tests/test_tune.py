@@ -2,7 +2,6 @@
 import json
 import os
 import re
-import statistics
 import socket
 import subprocess
 import sys
@@ -17,23 +16,7 @@ from conftest import assert_as_uninterrupted, interrupt_after_rows
 from smile_ray.cli import main
 from smile_ray.errors import SmileError
 from smile_ray.orchestration.tune import run_study
-
-TINY = {
-    "base": {"method": "smile", "steps": 20, "eval_every": 10, "samples_per_class": 3},
-    "num_samples": 4,
-    "max_concurrent": 2,
-    "space": {
-        "mixup_alpha": {"loguniform": [0.05, 2.0]},
-        "feature_weight": {"uniform": [0.0, 0.1]},
-        "label_mixup": {"choice": [True, False]},
-    },
-}
-
-
-def write_space(path, **changes):
-    path.write_text(yaml.safe_dump({**TINY, **changes}))
-    return path
-
+from study_files import SPACE, write_space
 
 def children(client, parent_id):
     exp = client.get_run(parent_id).info.experiment_id
@@ -129,9 +112,10 @@ def test_against_a_real_mlflow_server(ray_local, tmp_path, cache_dir):
                 assert time.time() < deadline, "mlflow server did not start"
                 time.sleep(1)
         out = tmp_path / "study"
-        run_study(write_space(tmp_path / "space.yaml"), out, tracking_uri=uri, experiment="served",
+        # two trials, one batch of max_concurrent: what goes through the server is the same per trial
+        run_study(write_space(tmp_path / "space.yaml", num_samples=2), out, tracking_uri=uri, experiment="served",
                   cache_dir=cache_dir, verbose=0)
-        check_study(out, client, 4)
+        check_study(out, client, 2)
         served = client.get_experiment_by_name("served")
         assert served is not None
         # the address printed at the end opens the parent run in the model-training view
@@ -151,34 +135,6 @@ def test_against_a_real_mlflow_server(ray_local, tmp_path, cache_dir):
 def run_cli(capfd, *argv):
     code = main(list(argv))
     return code, capfd.readouterr().err
-
-
-@pytest.mark.parametrize(
-    "changes, expect",
-    [
-        ({"space": {"mixup_alpha": {"normal": [0, 1]}}}, "unknown distribution 'normal'"),
-        ({"space": {"mixup_alpha": {"uniform": [2.0, 0.5]}}}, "low 2.0 must be below high 0.5"),
-        ({"space": {"mixup_alpha": {"loguniform": [0.0, 1.0]}}}, "loguniform: low 0.0 must be > 0"),
-        ({"space": {"alpha": {"uniform": [0.1, 1.0]}}}, "'alpha' is not a config key"),
-        ({"space": {"ema_decay": {"uniform": [0.5, 1.5]}}}, "ema_decay=1.5 is out of range"),
-        ({"metric": "val_f1"}, "metric 'val_f1' is not reported by the trainer"),
-        ({"metric": "test_acc"}, "validation metrics only"),
-        ({"num_samples": 0}, "num_samples=0 must be an integer >= 1"),
-        ({"search": "bayes"}, "search 'bayes'"),
-        ({"bogus": 1}, "unknown key 'bogus'"),
-        ({"space": {"mixup_alpha": {"grid": [0.1, 0.2]}}}, "grid values need search: grid or random"),
-        ({"replicates": 0}, "replicates=0 must be an integer >= 1"),
-        ({"replicates": 2, "resources": {"workers": 2}}, "replicates=2 with resources.workers=2"),
-        ({"replicates": 2, "space": {"seed": {"randint": [0, 9]}}}, "space.seed with replicates=2"),
-    ],
-)
-def test_bad_space_files_are_one_line_and_create_nothing(tmp_path, capfd, monkeypatch, changes, expect):
-    monkeypatch.chdir(tmp_path)
-    space = write_space(tmp_path / "space.yaml", **changes)
-    code, err = run_cli(capfd, "tune", "--space", str(space), "--output", str(tmp_path / "s"))
-    lines = err.strip().splitlines()
-    assert code != 0 and len(lines) == 1 and expect in lines[0], err
-    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "s").exists()
 
 
 def test_bad_command_lines(tmp_path, capfd, monkeypatch):
@@ -209,12 +165,13 @@ def test_bad_command_lines(tmp_path, capfd, monkeypatch):
     assert [e.name for e in client.search_experiments()] in ([], ["Default"])
 
 
-def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path, cache_dir):
+def test_interrupted_study_resumes_without_rerunning_finished_trials(ray_address, tmp_path, cache_dir):
     space = write_space(tmp_path / "space.yaml", num_samples=4, max_concurrent=1,
                         base={"method": "smile", "steps": 60, "eval_every": 20, "samples_per_class": 3})
     out = tmp_path / "study"
     env = {**os.environ, "SMILE_RAY_CACHE": str(cache_dir)}
-    cmd = [sys.executable, "-m", "smile_ray", "tune", "--space", str(space), "--output", str(out)]
+    joined = ["--address", ray_address, "--cache-dir", str(cache_dir)]
+    cmd = [sys.executable, "-m", "smile_ray", "tune", "--space", str(space), "--output", str(out), *joined]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     err, finished = interrupt_after_rows(proc, r"\s*\d/4\s+\d+m\d\ds\s+\w{8,}\s", 2)
     assert proc.returncode != 0 and "--resume" in err.strip().splitlines()[-1]
@@ -228,7 +185,7 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path, c
     rows = [ln for ln in err.splitlines() if re.match(r"\s*\d/4\s+\d+m\d\ds\s+\w{8,}\s", ln)]
     assert len(rows) >= 2 and all(len(ln) <= 120 for ln in rows), err
 
-    resume = [sys.executable, "-m", "smile_ray", "tune", "--output", str(out), "--resume"]
+    resume = [sys.executable, "-m", "smile_ray", "tune", "--output", str(out), "--resume", *joined]
     resumed = subprocess.run(resume, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr
     rows = pq.read_table(out / "trials.parquet").to_pylist()
@@ -248,14 +205,15 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path, c
     assert client.get_run(parent_id).info.status == "FINISHED"
 
 
-def test_ctrl_c_while_the_last_trial_runs_is_an_interrupt_and_resumes_as_uninterrupted(tmp_path, cache_dir):
+def test_ctrl_c_while_the_last_trial_runs_is_an_interrupt_and_resumes_as_uninterrupted(ray_address, tmp_path, cache_dir):
     """Ctrl-C with no trial left waiting: Tune returns its stopped trials as TERMINATED, so
     the study used to end as if complete (exit 0, a partial trial in the table)."""
     space = write_space(tmp_path / "space.yaml", num_samples=2, max_concurrent=1, search="random",
                         base={"method": "smile", "steps": 60, "eval_every": 20, "samples_per_class": 3, "threads": 1})
     out = tmp_path / "study"
     env = {**os.environ, "SMILE_RAY_CACHE": str(cache_dir)}
-    cmd = [sys.executable, "-m", "smile_ray", "tune", "--space", str(space), "--output", str(out)]
+    joined = ["--address", ray_address, "--cache-dir", str(cache_dir)]
+    cmd = [sys.executable, "-m", "smile_ray", "tune", "--space", str(space), "--output", str(out), *joined]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     err, finished = interrupt_after_rows(proc, r"\s*\d/2\s+\d+m\d\ds\s+\w{8,}\s", 1, last_batch=True)
     assert proc.returncode == 130, err
@@ -266,7 +224,7 @@ def test_ctrl_c_while_the_last_trial_runs_is_an_interrupt_and_resumes_as_uninter
     assert client.get_run(parent_id).info.status == "KILLED"
     assert sorted(k.info.status for k in children(client, parent_id)) == ["FINISHED", "KILLED"]
 
-    resume = [sys.executable, "-m", "smile_ray", "tune", "--output", str(out), "--resume"]
+    resume = [sys.executable, "-m", "smile_ray", "tune", "--output", str(out), "--resume", *joined]
     resumed = subprocess.run(resume, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr
     rows = pq.read_table(out / "trials.parquet").to_pylist()
@@ -299,7 +257,7 @@ def test_a_study_started_by_a_shipped_name_resumes(ray_local, tmp_path, cache_di
     assert run_study("tiny", out, resume=True, cache_dir=cache_dir, verbose=0)["val_acc"] == first["val_acc"]
     with pytest.raises(SmileError, match="drop --space"):
         run_study(write_space(tmp_path / "other.yaml"), out, resume=True, cache_dir=cache_dir, verbose=0)
-    (shipped / "search_spaces" / "tiny.yaml").write_text(yaml.safe_dump({**TINY, "num_samples": 5}))
+    (shipped / "search_spaces" / "tiny.yaml").write_text(yaml.safe_dump({**SPACE, "num_samples": 5}))
     with pytest.raises(SmileError, match="changed since the study started"):
         run_study(None, out, resume=True, cache_dir=cache_dir, verbose=0)
 
@@ -319,112 +277,3 @@ def test_a_trial_that_no_node_can_hold_is_refused_at_once(ray_local, tmp_path, c
             run_study(space, tmp_path / "study", cache_dir=cache_dir, verbose=0)
         assert expect in str(e.value) and "\n" not in str(e.value)
         assert not (tmp_path / "study").exists()
-
-
-def test_trials_with_two_workers_report_every_evaluation(ray_local, tmp_path, cache_dir, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    space = write_space(tmp_path / "space.yaml", num_samples=1, max_concurrent=1, search="random",
-                        resources={"cpus": 2, "workers": 2},
-                        space={"mixup_alpha": {"uniform": [0.1, 1.0]}})
-    out = tmp_path / "study"
-    run_study(space, out, cache_dir=cache_dir, verbose=0)
-    rows = pq.read_table(out / "trials.parquet").to_pylist()
-    assert len(rows) == 1 and rows[0]["status"] == "TERMINATED" and rows[0]["steps"] == 20
-    trained = list((out / "tune").glob("*/run/metrics.json"))
-    assert len(trained) == 1
-    m = json.loads(trained[0].read_text())
-    assert m["workers"] == 2 and m["ranks_consistent"] is True and m["val_acc"] == rows[0]["val_acc"]
-    # Tune saw every evaluation, as for an in-process trial: ASHA can act on it, and the
-    # MLflow child holds the curve
-    results = [json.loads(x) for x in trained[0].parents[1].joinpath("result.json").read_text().splitlines() if x]
-    assert [r["step"] for r in results if "val_acc" in r and "test_acc" not in r] == [10, 20]
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    parent_id = json.loads((out / "study.json").read_text())["parent_run_id"]
-    (kid,) = children(client, parent_id)
-    assert sorted(h.step for h in client.get_metric_history(kid.info.run_id, "val_acc")) == [10, 20]
-
-
-def test_replicated_trials_report_the_mean_of_their_seeds(ray_local, tmp_path, cache_dir, monkeypatch):
-    """replicates: 3 -> each trial runs seeds s, s+1, s+2 (s = base seed) as separate
-    processes; Tune, the table and MLflow see their mean at every evaluation, the per-seed
-    values are kept, and best.json's config (seed s) is replicate 0."""
-    monkeypatch.chdir(tmp_path)
-    out = tmp_path / "study"
-    space = write_space(tmp_path / "space.yaml", replicates=3, num_samples=2, search="random",
-                        space={"mixup_alpha": {"loguniform": [0.05, 2.0]}})
-    run_study(space, out, cache_dir=cache_dir, verbose=0)
-    s0 = 2022  # the config's default seed: TINY's base does not set one
-    rows = pq.read_table(out / "trials.parquet").to_pylist()
-    assert len(rows) == 2 and all(r["status"] == "TERMINATED" for r in rows)
-    for r in rows:
-        per_seed = [r[f"val_acc_r{i}"] for i in range(3)]
-        assert r["val_acc"] == pytest.approx(sum(per_seed) / 3)
-        assert r["val_acc_std"] == pytest.approx(statistics.stdev(per_seed))
-        assert r["test_acc"] == pytest.approx(sum(r[f"test_acc_r{i}"] for i in range(3)) / 3)
-        trial_dir = next((out / "tune").glob(f"*{r['trial_id']}*"))
-        seeds = [json.loads((trial_dir / "run" / f"replicate-{i}" / "metrics.json").read_text())
-                 for i in range(3)]
-        assert [m["config"]["seed"] for m in seeds] == [s0, s0 + 1, s0 + 2]
-        assert [m["val_acc"] for m in seeds] == pytest.approx(per_seed)
-        # distinct seeds draw distinct training subsets: the curves differ
-        assert len({tuple(h["train_loss"] for h in m["history"]) for m in seeds}) == 3
-    best = json.loads((out / "best.json").read_text())
-    assert best["replicates"]["seeds"] == [s0, s0 + 1, s0 + 2]
-    assert best["replicates"]["val_acc"]["mean"] == pytest.approx(max(r["val_acc"] for r in rows))
-    assert len(best["replicates"]["test_acc"]["per_seed"]) == 3 and best["config"]["seed"] == s0
-
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    parent_id = json.loads((out / "study.json").read_text())["parent_run_id"]
-    for kid in children(client, parent_id):
-        history = client.get_metric_history(kid.info.run_id, "val_acc")
-        assert sorted(m.step for m in history) == [10, 20]  # one mean per evaluation, not one per seed
-        assert {"val_acc_std", "val_acc_r2", "test_acc_r0"} <= set(kid.data.metrics)
-
-    # the report says the trials are means over seeds and gives their spread, not a column per seed
-    from smile_ray.reports.report import build_report
-    md = build_report([out], tmp_path / "report.md").read_text()
-    assert f"Each trial ran 3 seeds ({s0}, {s0 + 1}, {s0 + 2})" in md
-    header = next(ln for ln in md.splitlines() if ln.startswith("| trial |"))
-    assert "mixup_alpha" in header and "_r0" not in header and "_std" not in header
-    assert sum(" ± " in ln for ln in md.splitlines() if ln.startswith("| ") and "TERMINATED" in ln) == 2
-
-    # replicate 0 of the winner is `train --config best.json`, in this process
-    from smile_ray.config import make_config
-    from smile_ray.recipe import train
-    again = train(make_config(best["config"]), tmp_path / "again", cache_dir=cache_dir, progress=False)
-    assert again["val_acc"] == pytest.approx(best["replicates"]["val_acc"]["per_seed"][0], abs=1.5 / 179)
-
-
-def test_study_logger_draws_diagrams_off_tunes_loop_and_waits_for_them(tmp_path, caplog, monkeypatch):
-    """A trial's reliability diagram is drawn and logged on the logger's own thread (Tune's
-    controller starts no trial while a callback runs); the experiment's end waits for
-    every diagram, and one that cannot be drawn is a warning, not a failed study."""
-    import pickle
-    import threading
-    from types import SimpleNamespace
-
-    from smile_ray.orchestration import tracking
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = tracking.connect(uri)
-    exp = tracking.experiment_id(client, "drawing", uri)
-    parent = client.create_run(exp).info.run_id
-    logger = tracking.StudyLogger(uri, exp, parent, "study", {"method": "smile", "dataset": "digits"})
-    bins = {"bins": 2, "count": [3, 1], "accuracy": [0.5, 1.0], "confidence": [0.4, 0.9]}
-    good, bad = SimpleNamespace(trial_id="good", config={}), SimpleNamespace(trial_id="bad", config={})
-    drawn_on, draw = [], tracking.StudyLogger._draw
-
-    def recording(self, *args):
-        drawn_on.append(threading.current_thread())
-        return draw(self, *args)
-    monkeypatch.setattr(tracking.StudyLogger, "_draw", recording)
-    logger.on_trial_result(0, [], good, {"step": 1, "val_acc": 0.5, "reliability": json.dumps(bins)})
-    logger.on_trial_result(0, [], bad, {"step": 1, "reliability": json.dumps({"bins": 2})})
-    pickle.loads(pickle.dumps(logger))  # Tune snapshots its callbacks while diagrams are drawn
-    with caplog.at_level("WARNING"):
-        logger.on_experiment_end([])
-    assert drawn_on and all(t is not threading.main_thread() for t in drawn_on)
-    assert {a.path for a in client.list_artifacts(logger.runs["good"])} == {"reliability.png"}
-    assert client.list_artifacts(logger.runs["bad"]) == []
-    assert "no reliability diagram for trial bad" in caplog.text
-    assert client.get_metric_history(logger.runs["good"], "val_acc")[0].value == 0.5
