@@ -22,7 +22,7 @@ SETTINGS = {
                 "diverging": {"samples_per_class": 3, "lr": 1.0e6}},
     "seeds": 2,
     "max_concurrent": 2,
-    "tune_spaces": {"smile": {"mixup_alpha": {"loguniform": [0.05, 2.0]}}},
+    "tune_space": {"smile": {"mixup_alpha": {"loguniform": [0.05, 2.0]}}},
 }
 
 
@@ -78,7 +78,7 @@ def test_ctrl_c_while_the_last_run_trains_is_an_interrupt_and_resumes_as_uninter
     used to exit 0 with that cell "(failed)". Now: exit 130, one line naming --resume, no
     MLflow run left RUNNING, and the resumed run ends as an uninterrupted one."""
     settings = write_settings(tmp_path / "settings.yaml", base={"steps": 60, "eval_every": 20, "threads": 1},
-                              columns={"samples_per_class": [3]}, max_concurrent=1, tune_spaces={})
+                              columns={"samples_per_class": [3]}, max_concurrent=1, tune_space={})
     out = tmp_path / "cmp"
     env = {**os.environ, "SMILE_RAY_CACHE": str(cache_dir)}
     cmd = [sys.executable, "-m", "smile_ray", "compare", "--methods", "l2", "--settings", str(settings),
@@ -118,7 +118,7 @@ def run_cli(capfd, *argv):
     (["--methods", "l2"], {"columns": [1, 2]}, "columns must be"),
     (["--methods", "l2"], {"base": {"method": "smile"}}, "base.method: a comparison takes its methods from --methods"),
     (["--methods", "l2"], {"columns": {"a": {"lr": -1}}}, "lr"),
-    (["--methods", "l2"], {"tune_spaces": {"nope": {}}}, "unknown method 'nope'"),
+    (["--methods", "l2"], {"tune_space": {"nope": {}}}, "unknown method 'nope'"),
     (["--methods", "l2"], {"colums": {}}, "unknown key 'colums'"),
     (["--methods", "l2", "--seeds", "1"], {}, "at least 2 seeds"),
     (["--methods", "l2", "--output", "/proc/x"], {}, "--output /proc/x: cannot write in /proc"),
@@ -146,4 +146,4 @@ def test_shipped_settings_load_by_name():
 
     for name in ("digits", "fashion_mnist"):
         s = load_settings(name, ["l2", "mixup", "smile"])
-        assert s.seeds >= 5 and len(s.columns) == 2 and set(s.tune_spaces) >= {"l2", "mixup", "smile"}
+        assert s.seeds >= 5 and len(s.columns) == 2 and set(s.tune_space) >= {"l2", "mixup", "smile"}

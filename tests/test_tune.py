@@ -48,6 +48,8 @@ def check_study(out, client, num_trials):
     assert all(r["status"] == "TERMINATED" and r["steps"] == 20 for r in rows)
     best = json.loads((out / "best.json").read_text())
     assert best["val_acc"] == max(r["val_acc"] for r in rows)
+    # what the report reads: the searched keys as recorded, not guessed from the columns
+    assert set(best["study"]["searched"]) == {"mixup_alpha", "feature_weight", "label_mixup"}
     winner = next(r for r in rows if r["trial_id"] == best["trial_id"])
     assert best["config"]["mixup_alpha"] == winner["mixup_alpha"] and best["test_acc"] == winner["test_acc"]
     assert (out / "val_acc_vs_params.png").stat().st_size > 1000
@@ -409,7 +411,11 @@ def test_study_logger_draws_diagrams_off_tunes_loop_and_waits_for_them(tmp_path,
     client = tracking.connect(uri)
     exp = tracking.experiment_id(client, "drawing", uri)
     parent = client.create_run(exp).info.run_id
-    logger = tracking.StudyLogger(uri, exp, parent, "study", {"method": "smile", "dataset": "digits"})
+    from smile_ray.orchestration.spaces import Resources
+    from smile_ray.orchestration.trainable import TrialSetup
+
+    setup = TrialSetup(Resources(), base={"method": "smile", "dataset": "digits"})
+    logger = tracking.StudyLogger(uri, exp, parent, "study", setup)
     bins = {"bins": 2, "count": [3, 1], "accuracy": [0.5, 1.0], "confidence": [0.4, 0.9]}
     good, bad = SimpleNamespace(trial_id="good", config={}), SimpleNamespace(trial_id="bad", config={})
     drawn_on, draw = [], tracking.StudyLogger._draw
