@@ -121,6 +121,8 @@ def run_cli(capfd, *argv):
     (["--methods", "l2"], {"tune_space": {"nope": {}}}, "unknown method 'nope'"),
     (["--methods", "l2"], {"colums": {}}, "unknown key 'colums'"),
     (["--methods", "l2", "--seeds", "1"], {}, "at least 2 seeds"),
+    (["--methods", "l2", "--seeds", "auto"], {}, "--seeds auto: adaptive seeds are an ablation's"),
+    (["--methods", "l2", "--seeds", "many"], {}, "--seeds='many': expected a number of seeds"),
     (["--methods", "l2", "--output", "/proc/x"], {}, "--output /proc/x: cannot write in /proc"),
     (["--methods", "l2,"], {}, "--methods 'l2,': an empty method name"),
     (["--methods", "l2,smile", "--set", "samples_per_class=5"], {}, "--set samples_per_class: the columns of"),
