@@ -48,7 +48,8 @@ def test_a_trials_config_and_tags_are_one_reading_for_the_trainable_and_mlflow(t
     assert tuning.config_for({"mixup_alpha": 0.3}) == {**base, "mixup_alpha": 0.3} and tuning.tags_for({}) == {}
     runs = [{"config": {**base, "seed": s}, "tags": {"arm": "full", "seed": s}} for s in range(2)]
     arms = TrialSetup(Resources(), runs=runs)
-    assert arms.config_for({"run": 1}) == runs[1]["config"] and arms.tags_for({"run": 1}) == {"arm": "full", "seed": "1"}
+    assert arms.config_for({"run": 1}) == runs[1]["config"]
+    assert arms.tags_for({"run": 1}) == {"arm": "full", "seed": "1"}
     assert arms.at("/x").experiment_path == "/x" and arms.experiment_path == ""  # frozen: a copy
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -92,7 +92,8 @@ COMPARE_LEGEND = ("Cells: mean ± std test accuracy (%) over the shared seeds, t
 
 def ablation_title(base: dict[str, Any]) -> str:
     """An ablation's title (``ablation.md``'s heading and the report's), from its base config."""
-    return f"Ablation of {base.get('method')} on {base.get('dataset')} ({base.get('backbone')}, {base.get('steps')} steps)"
+    return (f"Ablation of {base.get('method')} on {base.get('dataset')} ({base.get('backbone')}, "
+            f"{base.get('steps')} steps)")
 
 
 def comparison_title(base: dict[str, Any]) -> str:
