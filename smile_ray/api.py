@@ -35,6 +35,7 @@ notebooks: ``on_eval``, ``on_end``, ``prepare_model``) and the orchestration mod
 """
 from __future__ import annotations
 
+import inspect
 import json
 import pickle
 import tempfile
@@ -246,42 +247,70 @@ class StudyResult:
         return make_config(self.best["config"])
 
 
-def tune(
-    space: str | Path | Mapping[str, Any] | None,
-    output: str | Path | None = None,
-    *,
-    num_samples: int | None = None,
-    overrides: Iterable[str] | Mapping[str, Any] | None = None,
-    address: str | None = None,
-    tracking_uri: str | None = None,
-    experiment: str | None = None,
-    resume: bool = False,
-    cache_dir: str | Path | None = None,
-    storage: str | None = None,
-    progress: bool = True,
-    **keys: Any,
-) -> StudyResult:
+#: the options every study takes (``tune``, ``ablate``, ``compare``), declared once, with
+#: their defaults: the CLI's cluster (``--address``, ``--storage``), tracking
+#: (``--tracking-uri``, ``--experiment``) and resume (``--resume``) groups, the
+#: source-model cache and the live trial table on stderr (``progress``, ``--quiet``'s opposite)
+STUDY_OPTIONS: dict[str, Any] = {"address": None, "tracking_uri": None, "experiment": None, "storage": None,
+                                 "resume": False, "cache_dir": None, "progress": True}
+#: the study options a resumed study takes from its state file: giving one again is refused
+SAVED_OPTIONS = (("--tracking-uri", "tracking_uri"), ("--experiment", "experiment"), ("--storage", "storage"))
+#: each study command's noun in messages
+STUDY_KINDS = {"tune": "study", "ablate": "ablation", "compare": "comparison"}
+
+
+def study_options(fn: Callable) -> Callable:
+    """Give ``fn`` (whose last parameter is ``**keys``) the :data:`STUDY_OPTIONS` as
+    keyword-only parameters in its signature (``help()``, an editor's hints); ``fn``
+    finds them in ``keys`` and takes them out with :func:`_split_options`."""
+    sig = inspect.signature(fn)
+    *params, var = sig.parameters.values()
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+             for name, default in STUDY_OPTIONS.items()]
+    fn.__signature__ = sig.replace(parameters=[*params, *extra, var])
+    return fn
+
+
+def _split_options(keys: dict[str, Any]) -> dict[str, Any]:
+    """The study options out of ``keys`` (which keeps the config keys), as the
+    orchestration's study takes them (``progress`` as ``verbose``)."""
+    opts = {name: keys.pop(name, default) for name, default in STUDY_OPTIONS.items()}
+    opts["verbose"] = 1 if opts.pop("progress") else 0
+    return opts
+
+
+def _study_output(command: str, name: str, output, opts: dict[str, Any], sets: dict[str, Any],
+                  *given: tuple[str, Any]) -> Path:
+    """The study's folder (default ``runs/<name>-TIME``); on a resume, the refusal of
+    options the saved study fixes (``given``, ``--set`` and the saved study options)."""
+    if opts["resume"]:
+        check_resume(STUDY_KINDS[command], output, *given, ("--set", sets),
+                     *((flag, opts[key]) for flag, key in SAVED_OPTIONS))
+    return Path(output) if output is not None else default_output(name)
+
+
+@study_options
+def tune(space: str | Path | Mapping[str, Any] | None, output: str | Path | None = None, *,
+         num_samples: int | None = None, overrides: Iterable[str] | Mapping[str, Any] | None = None,
+         **keys: Any) -> StudyResult:
     """Search hyper-parameters (``smile-ray tune``): Ray Tune + HyperOpt on the
     validation metric. ``space`` is a search-space file, a shipped name (``"smile"``) or
-    a dict of the file's sections; keyword config keys change its base. ``progress``: the
-    live trial table on stderr. Returns the study's best trial and its trials."""
+    a dict of the file's sections; keyword config keys change its base. The study
+    options (:data:`STUDY_OPTIONS`: ``address``, ``tracking_uri``, ``experiment``,
+    ``storage``, ``resume``, ``cache_dir``; ``progress``: the live trial table on
+    stderr) as the command's. Returns the study's best trial and its trials."""
     from smile_ray.orchestration.spaces import load_study
     from smile_ray.orchestration.tune import run_study
 
+    opts = _split_options(keys)
     sets = _overrides(overrides, keys)
-    if resume:
-        check_resume("study", output, ("--num-samples", num_samples), ("--set", sets),
-                     ("--tracking-uri", tracking_uri), ("--experiment", experiment),
-                     ("--storage", storage))
-    elif space is None:
-        raise SmileError("tune needs --space FILE (a search-space YAML; see search_spaces/)")
     name = Path(space).stem if isinstance(space, (str, Path)) else "space"
-    out = Path(output) if output is not None else default_output(f"tune-{name}")
+    out = _study_output("tune", f"tune-{name}", output, opts, sets, ("--num-samples", num_samples))
+    if space is None and not opts["resume"]:
+        raise SmileError("tune needs --space FILE (a search-space YAML; see search_spaces/)")
     if space is not None:
         space = _as_file(space, out, "space.yaml", lambda p: load_study(p, sets, num_samples))
-    best = run_study(space, out, num_samples=num_samples, overrides=sets or None, address=address,
-                     tracking_uri=tracking_uri, experiment=experiment, resume=resume, cache_dir=cache_dir,
-                     storage=storage, verbose=1 if progress else 0)
+    best = run_study(space, out, num_samples=num_samples, overrides=sets or None, **opts)
     import pyarrow.parquet as pq
 
     return StudyResult(out, best, pq.read_table(out / "trials.parquet").to_pandas(), _mlflow_ui(out / "study.json"))
@@ -300,61 +329,54 @@ class TableResult:
     failed: list[str] = field(default_factory=list)
 
 
-def ablate(
-    definitions: str | Path | Mapping[str, Any] = "ablations/smile.yaml",
-    output: str | Path | None = None,
-    *,
-    drop: Iterable[str] = (),
-    all_components: bool = False,
-    seeds: int | str | None = None,
-    max_seeds: int | None = None,
-    base: str | Path | None = None,
-    overrides: Iterable[str] | Mapping[str, Any] | None = None,
-    tune_budget: int = 0,
-    address: str | None = None,
-    tracking_uri: str | None = None,
-    experiment: str | None = None,
-    cache_dir: str | Path | None = None,
-    resume: bool = False,
-    storage: str | None = None,
-    progress: bool = True,
-    **keys: Any,
-) -> TableResult:
+def _table_result(out: Path, runs_file: str, state_file: str, table: str, failed: Iterable[str] = ()) -> TableResult:
+    import pyarrow.parquet as pq
+
+    return TableResult(out, pq.read_table(out / runs_file).to_pandas(), table, _mlflow_ui(out / state_file),
+                       list(failed))
+
+
+@study_options
+def ablate(definitions: str | Path | Mapping[str, Any] = "ablations/smile.yaml", output: str | Path | None = None, *,
+           drop: Iterable[str] = (), all_components: bool = False, seeds: int | str | None = None,
+           max_seeds: int | None = None, base: str | Path | None = None,
+           overrides: Iterable[str] | Mapping[str, Any] | None = None, tune_budget: int = 0,
+           **keys: Any) -> TableResult:
     """Compare the full method with arms that drop components (``smile-ray ablate``).
     ``drop`` names arms (``"source_label"``, ``"a+b"``), ``all_components`` is
     leave-one-out, ``seeds`` a count or ``"auto"`` (with ``max_seeds``), ``base`` a config
-    file (a study's best.json) replacing the definitions' base."""
+    file (a study's best.json) replacing the definitions' base; the study options as
+    :func:`tune`'s."""
     from smile_ray.orchestration.ablate import run_ablation
     from smile_ray.orchestration.spaces import load_definitions
 
+    opts = _split_options(keys)
     sets = _overrides(overrides, keys)
     drops = [drop] if isinstance(drop, str) else list(drop)
-    if resume:
-        check_resume("ablation", output, ("--drop", drops), ("--all", all_components), ("--seeds", seeds),
-                     ("--max-seeds", max_seeds), ("--base", base), ("--set", sets),
-                     ("--tune-budget", tune_budget), ("--storage", storage))
+    out = _study_output("ablate", "ablate", output, opts, sets, ("--drop", drops), ("--all", all_components),
+                        ("--seeds", seeds), ("--max-seeds", max_seeds), ("--base", base),
+                        ("--tune-budget", tune_budget))
     n_seeds, max_seeds = parse_seeds(seeds, max_seeds)
-    out = Path(output) if output is not None else default_output("ablate")
-    if not resume:
+    if not opts["resume"]:
         definitions = _as_file(definitions, out, "definitions.yaml",
                                lambda p: load_definitions(p, base, sets, n_seeds))
     table = run_ablation(definitions, out, drops=drops, all_components=all_components, seeds=n_seeds,
-                         max_seeds=max_seeds, base_file=base, overrides=sets or None, tune_budget=tune_budget,
-                         address=address, tracking_uri=tracking_uri, experiment=experiment, cache_dir=cache_dir,
-                         resume=resume, storage=storage, verbose=1 if progress else 0)
-    import pyarrow.parquet as pq
-
-    return TableResult(out, pq.read_table(out / "ablation.parquet").to_pandas(), table,
-                       _mlflow_ui(out / "ablation.json"))
+                         max_seeds=max_seeds, base_file=base, overrides=sets or None, tune_budget=tune_budget, **opts)
+    return _table_result(out, "ablation.parquet", "ablation.json", table)
 
 
 AUTO_MAX_SEEDS = 20
 
 
-def parse_seeds(seeds: int | str | None, max_seeds: int | None) -> tuple[int | None, int | None]:
-    """``seeds`` (K, ``"K"`` or ``"auto"``) and ``max_seeds`` -> (K, or None for the
-    file's; M, or None for fixed seeds)."""
+def parse_seeds(seeds: int | str | None, max_seeds: int | None = None, *,
+                adaptive: bool = True) -> tuple[int | None, int | None]:
+    """``--seeds`` of ``ablate`` and ``compare`` (one option, ``K|auto``): K (``K`` or
+    ``"K"``) or ``"auto"`` (adaptive seeds, an ablation's only: ``adaptive``), and
+    ``max_seeds`` -> (K, or None for the file's; M, or None for fixed seeds)."""
     if seeds == "auto":
+        if not adaptive:
+            raise SmileError("--seeds auto: adaptive seeds are an ablation's (ablate --seeds auto); "
+                             "a comparison runs a fixed number of seeds: give --seeds K")
         if max_seeds is not None and max_seeds < 2:
             raise SmileError(f"--max-seeds={max_seeds} must be >= 2")
         return None, max_seeds or AUTO_MAX_SEEDS
@@ -365,42 +387,29 @@ def parse_seeds(seeds: int | str | None, max_seeds: int | None) -> tuple[int | N
     try:
         return int(seeds), None
     except ValueError:
-        raise SmileError(f"--seeds={seeds!r}: expected a number of seeds or auto") from None
+        raise SmileError(f"--seeds={seeds!r}: expected a number of seeds{' or auto' if adaptive else ''}") from None
 
 
-def compare(
-    methods: str | Iterable[str] = "l2,mixup,smile",
-    settings: str | Path | Mapping[str, Any] = "digits",
-    output: str | Path | None = None,
-    *,
-    seeds: int | None = None,
-    overrides: Iterable[str] | Mapping[str, Any] | None = None,
-    tune_budget: int = 0,
-    address: str | None = None,
-    tracking_uri: str | None = None,
-    experiment: str | None = None,
-    cache_dir: str | Path | None = None,
-    resume: bool = False,
-    storage: str | None = None,
-    progress: bool = True,
-    on_failed: Callable[[str], None] | None = None,
-    **keys: Any,
-) -> TableResult:
+@study_options
+def compare(methods: str | Iterable[str] = "l2,mixup,smile", settings: str | Path | Mapping[str, Any] = "digits",
+            output: str | Path | None = None, *, seeds: int | str | None = None,
+            overrides: Iterable[str] | Mapping[str, Any] | None = None, tune_budget: int = 0,
+            on_failed: Callable[[str], None] | None = None, **keys: Any) -> TableResult:
     """Compare methods over shared seeds (``smile-ray compare``): ``methods`` as
-    ``"l2,smile"`` or a list, ``settings`` a settings file, a shipped name or a dict.
-    A failed run is left out of the table and named in ``failed`` (and to ``on_failed``)."""
+    ``"l2,smile"`` or a list, ``settings`` a settings file, a shipped name or a dict;
+    ``seeds`` a count (``"auto"`` is refused: adaptive seeds are an ablation's); the
+    study options as :func:`tune`'s. A failed run is left out of the table and named in
+    ``failed`` (and to ``on_failed``)."""
     from smile_ray.orchestration.compare import parse_methods, run_compare
     from smile_ray.orchestration.spaces import load_settings
 
+    opts = _split_options(keys)
     sets = _overrides(overrides, keys)
-    if resume:
-        check_resume("comparison", output, ("--seeds", seeds), ("--set", sets), ("--tune-budget", tune_budget),
-                     ("--tracking-uri", tracking_uri), ("--experiment", experiment),
-                     ("--storage", storage))
+    out = _study_output("compare", "compare", output, opts, sets, ("--seeds", seeds), ("--tune-budget", tune_budget))
+    n_seeds, _ = parse_seeds(seeds, adaptive=False)
     names = parse_methods(methods if isinstance(methods, str) else ",".join(methods))
-    out = Path(output) if output is not None else default_output("compare")
-    if not resume:
-        settings = _as_file(settings, out, "settings.yaml", lambda p: load_settings(p, names, sets, seeds))
+    if not opts["resume"]:
+        settings = _as_file(settings, out, "settings.yaml", lambda p: load_settings(p, names, sets, n_seeds))
     failed: list[str] = []
 
     def note(line: str) -> None:
@@ -408,13 +417,9 @@ def compare(
         if on_failed is not None:
             on_failed(line)
 
-    table = run_compare(names, settings, out, seeds=seeds, overrides=sets or None, tune_budget=tune_budget,
-                        address=address, tracking_uri=tracking_uri, experiment=experiment, cache_dir=cache_dir,
-                        resume=resume, on_failed=note, storage=storage, verbose=1 if progress else 0)
-    import pyarrow.parquet as pq
-
-    return TableResult(out, pq.read_table(out / "results.parquet").to_pandas(), table,
-                       _mlflow_ui(out / "compare.json"), failed)
+    table = run_compare(names, settings, out, seeds=n_seeds, overrides=sets or None, tune_budget=tune_budget,
+                        on_failed=note, **opts)
+    return _table_result(out, "results.parquet", "compare.json", table, failed)
 
 
 def report(dirs: str | Path | Iterable[str | Path], output: str | Path = "report.md") -> Path:

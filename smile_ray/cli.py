@@ -47,7 +47,55 @@ STORAGE_HELP = ("Where runs keep their files on a cluster of several nodes: s3:/
                 "folder mounted at the same path on every node. Needed there (refused without it); the study's "
                 "tables stay in --output, each run's metrics.json comes home beside them, models and checkpoints "
                 "stay in storage. [none: everything under --output, for one machine]")
-storage_option = click.option("--storage", metavar="URI", help=STORAGE_HELP)
+ADDRESS_HELP = "Ray cluster to join ('auto', host:port or ray://host:port) [start a local Ray]."
+cache_option = click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+                            help="Where pre-trained source models are cached [$SMILE_RAY_CACHE or ~/.cache/smile-ray].")
+
+
+def options(*decorators):
+    """Several click options as one decorator (a group that commands share)."""
+    def apply(f):
+        for decorator in reversed(decorators):
+            f = decorator(f)
+        return f
+    return apply
+
+
+#: where a study or a Ray Train run runs: the cluster to join and the storage its nodes share
+cluster_options = options(click.option("--address", help=ADDRESS_HELP),
+                          click.option("--storage", metavar="URI", help=STORAGE_HELP))
+
+
+def tracking_options(uri_help: str = "MLflow tracking URI, e.g. http://host:5000 [sqlite:///$PWD/mlflow.db].",
+                     experiment_help: str = "MLflow experiment name [smile-ray-DATASET]."):
+    """``--tracking-uri`` and ``--experiment``: where MLflow records the work."""
+    return options(click.option("--tracking-uri", help=uri_help), click.option("--experiment", help=experiment_help))
+
+
+def resume_options(kind: str, default: str):
+    """``--output`` and ``--resume`` of a study command (``kind``: study, ablation, comparison)."""
+    return options(
+        click.option("--output", type=click.Path(file_okay=False, path_type=Path),
+                     help=f"Output directory [{default}]."),
+        click.option("--resume", is_flag=True, help=f"Continue the interrupted {kind} in --output with its saved "
+                     "settings; finished runs are kept."))
+
+
+def study_options(kind: str, default: str):
+    """What every study command takes besides its own options: --output and --resume,
+    the cluster, the tracking, the source-model cache, bare KEY=VALUE overrides,
+    --quiet and --log-level. The command passes the first four groups on to the library
+    untouched (its ``**study``: output, resume, address, storage, tracking_uri,
+    experiment, cache_dir)."""
+    return options(resume_options(kind, default), cluster_options, tracking_options(), cache_option,
+                   assignments_argument, common_options)
+
+
+#: ``--seeds`` of ablate and compare: one option, K or auto (compare refuses auto in one line)
+seeds_option = click.option(
+    "--seeds", metavar="K|auto",
+    help="Seeds per cell, 0..K-1, shared by every arm or method [the file's seeds]; auto (ablate only): rounds of "
+    "the file's seeds, adding seeds to the arms whose 95 % interval still contains zero, up to --max-seeds.")
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -124,10 +172,7 @@ def cli() -> None:
 )
 @click.option("--overwrite", is_flag=True,
               help="Start afresh even if --output holds a checkpoint (replaced at the new run's first evaluation).")
-@click.option(
-    "--cache-dir", type=click.Path(file_okay=False, path_type=Path),
-    help="Where pre-trained source models are cached [$SMILE_RAY_CACHE or ~/.cache/smile-ray].",
-)
+@cache_option
 @click.option(
     "--workers", type=click.IntRange(min=1),
     help="Run data-parallel on N Ray Train workers (DDP; gloo on CPU, nccl with --gpu). "
@@ -136,17 +181,16 @@ def cli() -> None:
     "(benchmarks/ray_overhead.py) and N CPU workers share the same cores.",
 )
 @click.option("--gpu", is_flag=True, help="One GPU per Ray Train worker.")
-@click.option("--address", help="Ray cluster to join ('auto', host:port or ray://host:port) [start a local Ray].")
+@cluster_options
 @click.option(
     "--max-failures", type=click.IntRange(min=-1), default=1, show_default=True,
     help="Worker failures to recover from (restarting at the latest checkpoint); -1: no limit.",
 )
-@storage_option
 @click.option("--cpus-per-worker", type=click.IntRange(min=1),
               help="CPUs (and torch threads) per Ray Train worker [CPU workers share the cluster's CPUs].")
-@click.option("--tracking-uri", help="Record the run in MLflow: params, curves, test metrics, reliability diagram, "
-              "the model (e.g. sqlite:///mlflow.db or http://host:5000) [not recorded].")
-@click.option("--experiment", help="MLflow experiment name, with --tracking-uri [smile-ray-DATASET].")
+@tracking_options("Record the run in MLflow: params, curves, test metrics, reliability diagram, the model "
+                  "(e.g. sqlite:///mlflow.db or http://host:5000) [not recorded].",
+                  "MLflow experiment name, with --tracking-uri [smile-ray-DATASET].")
 @assignments_argument
 @common_options
 def train(method, dataset, config_file, overrides, output, overwrite, cache_dir, quiet, workers, gpu, address, storage,
@@ -180,19 +224,9 @@ def train(method, dataset, config_file, overrides, output, overwrite, cache_dir,
               help="Search-space YAML, or a shipped one by name: " + ", ".join(shipped_names("search_spaces"))
               + ". With --resume, the saved one (giving it again is fine).")
 @click.option("--num-samples", type=int, help="Number of trials [the file's num_samples].")
-@click.option("--output", type=click.Path(file_okay=False, path_type=Path),
-              help="Study directory [runs/tune-SPACE-TIME].")
-@click.option("--address", help="Ray cluster to join ('auto', host:port or ray://host:port) [start a local Ray].")
-@click.option("--tracking-uri", help="MLflow tracking URI, e.g. http://host:5000 [sqlite:///$PWD/mlflow.db].")
-@click.option("--experiment", help="MLflow experiment name [smile-ray-DATASET].")
-@click.option("--resume", is_flag=True, help="Continue the interrupted study in --output; finished trials are kept.")
-@storage_option
 @set_option("the space file's base")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Source-model cache.")
-@assignments_argument
-@common_options
-def tune(space_file, num_samples, output, address, tracking_uri, experiment, resume, storage, overrides,
-         cache_dir, assignments, quiet) -> None:
+@study_options("study", "runs/tune-SPACE-TIME")
+def tune(space_file, num_samples, overrides, assignments, quiet, **study) -> None:
     """Search hyper-parameters with Ray Tune + HyperOpt; track everything in MLflow.
 
     Tuning optimises the validation metric; test accuracy is recorded per trial but never
@@ -200,11 +234,9 @@ def tune(space_file, num_samples, output, address, tracking_uri, experiment, res
     (the best trial's full config and metrics: use it as `train --config`) and a PNG of the
     metric against each searched parameter.
     """
-    study = api.tune(space_file, output, num_samples=num_samples, overrides=all_overrides(overrides, assignments),
-                     address=address,
-                     tracking_uri=tracking_uri, experiment=experiment, resume=resume, cache_dir=cache_dir,
-                     storage=storage, progress=not quiet)
-    best, output = study.best, study.output
+    result = api.tune(space_file, num_samples=num_samples, overrides=all_overrides(overrides, assignments),
+                      progress=not quiet, **study)
+    best, output = result.best, result.output
     s = best["study"]
     click.echo(f"best trial {best['trial_id']}: {best['metric']} {best[best['metric']]:.4f}  "
                f"test_acc {best['test_acc']:.4f}  ({s['trials']} trials, {s['wall_seconds']:.0f} s in all)")
@@ -219,27 +251,16 @@ def tune(space_file, num_samples, output, address, tracking_uri, experiment, res
 @click.option("--drop", "drops", multiple=True, metavar="COMPONENT[+COMPONENT]",
               help="One arm without this component (repeatable; a+b drops both in one arm).")
 @click.option("--all", "all_components", is_flag=True, help="Leave-one-component-out over every defined component.")
-@click.option("--seeds", metavar="K|auto",
-              help="Seeds per arm, 0..K-1, shared by every arm [the file's seeds]; auto: rounds of the file's seeds, "
-              "adding seeds to the arms whose 95 % interval still contains zero, up to --max-seeds.")
+@seeds_option
 @click.option("--max-seeds", type=int, help="With --seeds auto: the most seeds any arm runs [20].")
 @click.option("--base", "base_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Base config file (e.g. a tune study's best.json) instead of the definitions' base.")
 @set_option("the base, to every run (samples_per_class replaces the file's grid)")
 @click.option("--tune-budget", type=int, default=0, show_default=True,
               help="Tune each arm first with this many HyperOpt trials (on validation) over the parameters it still uses.")
-@click.option("--output", type=click.Path(file_okay=False, path_type=Path), help="Output directory [runs/ablate-TIME].")
-@click.option("--address", help="Ray cluster to join [start a local Ray].")
-@click.option("--tracking-uri", help="MLflow tracking URI [sqlite:///$PWD/mlflow.db].")
-@click.option("--experiment", help="MLflow experiment name [smile-ray-DATASET].")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Source-model cache.")
-@click.option("--resume", is_flag=True,
-              help="Continue the interrupted ablation in --output with its saved settings; finished runs are kept.")
-@storage_option
-@assignments_argument
-@common_options
-def ablate(definitions, drops, all_components, seeds, max_seeds, base_file, overrides, tune_budget, output, address,
-           tracking_uri, experiment, cache_dir, resume, storage, assignments, quiet) -> None:
+@study_options("ablation", "runs/ablate-TIME")
+def ablate(definitions, drops, all_components, seeds, max_seeds, base_file, overrides, tune_budget, assignments, quiet,
+           **study) -> None:
     """Compare the full method with arms that drop components, over shared seeds.
 
     Writes OUTPUT/ablation.parquet (a row per arm x seed), OUTPUT/ablation.md (mean ± std
@@ -248,10 +269,9 @@ def ablate(definitions, drops, all_components, seeds, max_seeds, base_file, over
     OUTPUT/ablation.png; prints the table. With --seeds auto the table also says which
     arms resolved (interval excluding zero) and at how many seeds.
     """
-    result = api.ablate(definitions, output, drop=drops, all_components=all_components, seeds=seeds,
-                        max_seeds=max_seeds, base=base_file, overrides=all_overrides(overrides, assignments),
-                        tune_budget=tune_budget, address=address, tracking_uri=tracking_uri, experiment=experiment,
-                        cache_dir=cache_dir, resume=resume, storage=storage, progress=not quiet)
+    result = api.ablate(definitions, drop=drops, all_components=all_components, seeds=seeds, max_seeds=max_seeds,
+                        base=base_file, overrides=all_overrides(overrides, assignments), tune_budget=tune_budget,
+                        progress=not quiet, **study)
     table, output = result.table, result.output
     click.echo(for_terminal(table), nl=False)
     click.echo(f"wrote {output / 'ablation.parquet'}, {output / 'ablation.md'}, {output / 'ablation.png'}")
@@ -264,22 +284,12 @@ def ablate(definitions, drops, all_components, seeds, max_seeds, base_file, over
 @click.option("--settings", "settings_file", type=click.Path(dir_okay=False, path_type=Path), default=Path("digits"),
               show_default=True, help="Comparison settings (base config, columns, seeds, per-method tune spaces), "
               "or a shipped file by name: " + ", ".join(shipped_names("compare")) + ".")
-@click.option("--seeds", type=int, help="Seeds per cell, 0..K-1, shared by every method [the file's seeds].")
+@seeds_option
 @set_option("the settings' base, to every run (a key the columns set is refused: the columns decide it)")
 @click.option("--tune-budget", type=int, default=0, show_default=True,
               help="First give each method this many HyperOpt trials per column (on validation) over its own knobs.")
-@click.option("--output", type=click.Path(file_okay=False, path_type=Path), help="Output directory [runs/compare-TIME].")
-@click.option("--address", help="Ray cluster to join [start a local Ray].")
-@click.option("--tracking-uri", help="MLflow tracking URI [sqlite:///$PWD/mlflow.db].")
-@click.option("--experiment", help="MLflow experiment name [smile-ray-DATASET].")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Source-model cache.")
-@click.option("--resume", is_flag=True,
-              help="Continue the interrupted comparison in --output with its saved settings; finished runs are kept.")
-@storage_option
-@assignments_argument
-@common_options
-def compare(methods_text, settings_file, seeds, overrides, tune_budget, output, address, tracking_uri, experiment,
-            cache_dir, resume, storage, assignments, quiet) -> None:
+@study_options("comparison", "runs/compare-TIME")
+def compare(methods_text, settings_file, seeds, overrides, tune_budget, assignments, quiet, **study) -> None:
     """Compare fine-tuning methods over shared seeds: the paper's Table 2 from one command.
 
     Every (method, column, seed) is a Ray Tune trial. Writes OUTPUT/table.md (rows =
@@ -289,10 +299,9 @@ def compare(methods_text, settings_file, seeds, overrides, tune_budget, output, 
     OUTPUT/table.png, and an MLflow parent run with a child per run; prints the table.
     A failed run is named on one line and left out; the rest are kept.
     """
-    result = api.compare(methods_text, settings_file, output, seeds=seeds,
-                         overrides=all_overrides(overrides, assignments), tune_budget=tune_budget, address=address,
-                         tracking_uri=tracking_uri, experiment=experiment, cache_dir=cache_dir, resume=resume,
-                         storage=storage, progress=not quiet, on_failed=lambda line: click.echo(line, err=True))
+    result = api.compare(methods_text, settings_file, seeds=seeds, overrides=all_overrides(overrides, assignments),
+                         tune_budget=tune_budget, progress=not quiet,
+                         on_failed=lambda line: click.echo(line, err=True), **study)
     table, output = result.table, result.output
     click.echo(for_terminal(table), nl=False)
     click.echo(f"wrote {output / 'results.parquet'}, {output / 'table.md'}, {output / 'table.png'}")
@@ -308,7 +317,7 @@ def report(dirs, output, quiet) -> None:
     """One Markdown report, with plots, of output directories of train, tune, ablate or compare.
 
     DIR is a run (metrics.json), a study (trials.parquet, best.json), an ablation
-    (ablation.parquet, ablation.md) or a comparison (results.parquet, table.md). The report
+    (ablation.parquet) or a comparison (results.parquet, compare.json). The report
     holds the tables (recomputed, with MDE and IQM), training curves, reliability diagrams,
     interpolation losses and, where the data size varies, accuracy against it.
     """

@@ -31,6 +31,8 @@ EVAL_METRICS = {"val_acc": "max", "val_ece": "min", "train_loss": "min"}
 FINAL_METRICS = ("val_acc", "val_ece", "test_acc", "test_ece", "test_nll", *IL_METRICS, "seconds")
 #: the numbers a run reports to whatever orchestrates it (metrics plus bookkeeping)
 REPORTED = tuple(dict.fromkeys(("step", "lr", *EVAL_METRICS, *FINAL_METRICS)))
+#: a tuning study's columns per trial beside its searched keys (trials.parquet, best.json)
+RESULT_KEYS = ("val_acc", "val_ece", "test_acc", "test_ece", "steps", "seconds")
 #: a replicated tune trial's spread (``val_acc_std``) or one seed's value (``val_acc_r0``) of a metric
 REPLICATE_KEY = re.compile(r"(.+)_(?:std|r\d+)")
 

@@ -39,7 +39,7 @@ SETTINGS = {
                 "diverging": {"samples_per_class": 3, "lr": 1.0e6}},
     "seeds": 2,
     "max_concurrent": 2,
-    "tune_spaces": {"smile": {"mixup_alpha": {"loguniform": [0.05, 2.0]}}},
+    "tune_space": {"smile": {"mixup_alpha": {"loguniform": [0.05, 2.0]}}},
 }
 
 

@@ -52,6 +52,21 @@ def test_bad_input_is_a_smile_error_and_writes_nothing(tmp_path, cache_dir):
     assert not (tmp_path / "x").exists() and not (tmp_path / "s").exists()
 
 
+def test_the_study_options_are_declared_once_and_a_resume_refuses_the_saved_ones(tmp_path):
+    import inspect
+
+    from smile_ray.api import STUDY_OPTIONS
+
+    for f in (smile_ray.tune, smile_ray.ablate, smile_ray.compare):
+        params = inspect.signature(f).parameters
+        assert {n: params[n].default for n in STUDY_OPTIONS} == STUDY_OPTIONS, f.__name__
+    with pytest.raises(SmileError, match="continues the ablation with its saved settings; drop --tracking-uri"):
+        smile_ray.ablate(output=tmp_path / "a", resume=True, tracking_uri="sqlite:///x.db")
+    with pytest.raises(SmileError, match="--seeds auto: adaptive seeds are an ablation's"):
+        smile_ray.compare(output=tmp_path / "c", seeds="auto")
+    assert not any(tmp_path.iterdir())
+
+
 def test_load_model_predicts_what_the_run_measured(tmp_path, cache_dir):
     run = smile_ray.train(output=tmp_path / "r", cache_dir=cache_dir, **SMALL)  # smile: with a source-label head
     loaded = smile_ray.load_model(tmp_path / "r")

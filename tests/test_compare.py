@@ -62,7 +62,7 @@ def test_ctrl_c_while_the_last_run_trains_is_an_interrupt_and_resumes_as_uninter
     used to exit 0 with that cell "(failed)". Now: exit 130, one line naming --resume, no
     MLflow run left RUNNING, and the resumed run ends as an uninterrupted one."""
     settings = write_settings(tmp_path / "settings.yaml", base={"steps": 60, "eval_every": 20, "threads": 1},
-                              columns={"samples_per_class": [3]}, max_concurrent=1, tune_spaces={})
+                              columns={"samples_per_class": [3]}, max_concurrent=1, tune_space={})
     out = tmp_path / "cmp"
     env = {**os.environ, "SMILE_RAY_CACHE": str(cache_dir)}
     joined = ["--address", ray_address, "--cache-dir", str(cache_dir)]
@@ -100,6 +100,8 @@ def run_cli(capfd, *argv):
     (["--methods", "l2,smile", "--set", "bss_weight=0.1"], "--set bss_weight: none of l2, smile reads it"),
     (["--methods", "l2,smile", "--set", "seed=1"], "--set seed"),
     (["--methods", "l2", "--seeds", "1"], "at least 2 seeds"),
+    (["--methods", "l2", "--seeds", "auto"], "--seeds auto: adaptive seeds are an ablation's"),
+    (["--methods", "l2", "--seeds", "many"], "--seeds='many': expected a number of seeds"),
     (["--methods", "l2", "--output", "/proc/x"], "--output /proc/x: cannot write in /proc"),
     (["--methods", "l2,"], "--methods 'l2,': an empty method name"),
     (["--methods", "l2,smile", "--set", "samples_per_class=5"], "--set samples_per_class: the columns of"),

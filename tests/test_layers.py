@@ -5,7 +5,7 @@
 * ``reports/`` imports no Ray, MLflow or orchestration module;
 * ``orchestration/`` modules import the core and each other only through the modules
   meant to be shared (``cluster``, ``ray_train``, ``trainable``, ``runner``, ``spaces``, ``progress``,
-  ``tracking``, ``storage``) and the public ``run_study`` and ``tune_config`` of ``tune``;
+  ``tracking``, ``storage``, ``study``) and the public ``run_study`` and ``tune_config`` of ``tune``;
 * ``api`` (the Python API) imports anything but the command line;
 * no module outside ``methods/`` mentions a method by name in a comparison.
 """
@@ -17,6 +17,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "smile_ray"
 EXTERNAL_ORCHESTRATION = ("ray", "mlflow")
 SHARED_ORCHESTRATION = {"cluster", "ray_train", "trainable", "runner", "spaces", "tracking", "progress", "tune",
+                        "study",
                         "storage"}
 
 

@@ -160,6 +160,17 @@ def test_a_comparison_over_data_sizes(tmp_path):
     assert names == ["compare.png", "size.png", "curves.png", "reliability.png"]
 
 
+def test_a_comparison_is_read_from_its_recorded_state_not_its_markdown(tmp_path):
+    """The columns' order and the reference come from compare.json; table.md is not read
+    (its wording may change), so a folder without it reads the same."""
+    cmp = comparison_dir(tmp_path / "cmp")
+    (cmp / "table.md").unlink()
+    write_json({"columns": ["10 per class", "3 per class"], "reference": "mixup"}, cmp / "compare.json")
+    text = build_report([cmp], tmp_path / "report.md").read_text()
+    assert "## Methods compared on digits (digits_cnn, weights=source, 300 steps)" in text
+    assert "Reference: `mixup`" in text and "| method | 10 per class | 3 per class |" in text
+
+
 def test_a_study(tmp_path):
     out = build_report([study_dir(tmp_path / "study")], tmp_path / "report.md")
     text = out.read_text()

@@ -3,6 +3,7 @@
 settings (``compare --settings``), shipped ones found by name. A bad file is one line
 naming the file, key or value at fault, exit 2, and nothing written; no Ray starts."""
 import pytest
+import yaml
 
 from smile_ray.cli import main
 from smile_ray.errors import SmileError
@@ -120,7 +121,7 @@ def test_a_samples_per_class_override_replaces_the_grid_and_seed_is_refused(tmp_
     ({"columns": [1, 2]}, "columns must be"),
     ({"base": {"method": "smile"}}, "base.method: a comparison takes its methods from --methods"),
     ({"columns": {"a": {"lr": -1}}}, "lr"),
-    ({"tune_spaces": {"nope": {}}}, "unknown method 'nope'"),
+    ({"tune_space": {"nope": {}}}, "unknown method 'nope'"),
     ({"colums": {}}, "unknown key 'colums'"),
 ])
 def test_bad_settings_are_one_line_and_write_nothing(tmp_path, capfd, monkeypatch, changes, expect):
@@ -143,4 +144,42 @@ def test_a_malformed_settings_file_is_one_line(tmp_path, capfd, monkeypatch):
 def test_shipped_settings_load_by_name():
     for name in ("digits", "fashion_mnist"):
         s = load_settings(name, ["l2", "mixup", "smile"])
-        assert s.seeds >= 5 and len(s.columns) == 2 and set(s.tune_spaces) >= {"l2", "mixup", "smile"}
+        assert s.seeds >= 5 and len(s.columns) == 2 and set(s.tune_space) >= {"l2", "mixup", "smile"}
+
+
+# --- the sections every format shares: one parser, one message ----------------------
+
+SPACE = {"base": {"steps": 20}, "space": {"mixup_alpha": {"uniform": [0.1, 1.0]}}}
+DEFINITIONS = {"base": {"steps": 20}, "components": {"source_label": {"source_label": False}}}
+SETTINGS = {"base": {"steps": 20}, "columns": {"samples_per_class": [3]}}
+LOADERS = [(SPACE, lambda p: load_study(p)), (DEFINITIONS, lambda p: load_definitions(p)),
+           (SETTINGS, lambda p: load_settings(p, ["l2", "smile"]))]
+
+
+@pytest.mark.parametrize("section, value, expect", [
+    ("resources", {"cpu": 1}, "resources: unknown key 'cpu' (expected: cpus, gpus, workers)"),
+    ("resources", {"gpus": 2}, "resources.gpus=2 with workers=1"),
+    ("max_concurrent", 0, "max_concurrent=0 must be an integer >= 1"),
+    ("base", {"steps": -1}, "steps"),
+])
+def test_a_shared_section_is_refused_alike_in_every_format(tmp_path, section, value, expect):
+    for i, (content, load) in enumerate(LOADERS):
+        path = tmp_path / f"{i}.yaml"
+        path.write_text(yaml.safe_dump({**content, section: value}))
+        with pytest.raises(SmileError) as e:
+            load(path)
+        assert str(e.value).startswith(str(path)) and expect in str(e.value), str(e.value)
+
+
+def test_one_spelling_of_the_tune_space_and_one_message_for_a_bad_key(tmp_path):
+    bad = {"mixup_alfa": {"uniform": [0.1, 1.0]}}
+    for i, (content, load) in enumerate(LOADERS):
+        path = tmp_path / f"{i}.yaml"
+        section = {"space": bad} if content is SPACE else {"tune_space": {"smile": bad} if content is SETTINGS else bad}
+        path.write_text(yaml.safe_dump({**content, **section}))
+        with pytest.raises(SmileError, match="'mixup_alfa' is not a config key"):
+            load(path)
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump({**SETTINGS, "tune_spaces": {}}))
+    with pytest.raises(SmileError, match="unknown key 'tune_spaces'"):
+        load_settings(path, ["l2"])

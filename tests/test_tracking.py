@@ -103,7 +103,11 @@ def test_study_logger_draws_diagrams_off_tunes_loop_and_waits_for_them(tmp_path,
     client = tracking.connect(uri)
     exp = tracking.experiment_id(client, "drawing", uri)
     parent = client.create_run(exp).info.run_id
-    logger = tracking.StudyLogger(uri, exp, parent, "study", {"method": "smile", "dataset": "digits"})
+    from smile_ray.orchestration.spaces import Resources
+    from smile_ray.orchestration.trainable import TrialSetup
+
+    setup = TrialSetup(Resources(), base={"method": "smile", "dataset": "digits"})
+    logger = tracking.StudyLogger(uri, exp, parent, "study", setup)
     bins = {"bins": 2, "count": [3, 1], "accuracy": [0.5, 1.0], "confidence": [0.4, 0.9]}
     good, bad = SimpleNamespace(trial_id="good", config={}), SimpleNamespace(trial_id="bad", config={})
     drawn_on, draw = [], tracking.StudyLogger._draw

@@ -31,6 +31,8 @@ def check_study(out, client, num_trials):
     assert all(r["status"] == "TERMINATED" and r["steps"] == 20 for r in rows)
     best = json.loads((out / "best.json").read_text())
     assert best["val_acc"] == max(r["val_acc"] for r in rows)
+    # what the report reads: the searched keys as recorded, not guessed from the columns
+    assert set(best["study"]["searched"]) == {"mixup_alpha", "feature_weight", "label_mixup"}
     winner = next(r for r in rows if r["trial_id"] == best["trial_id"])
     assert best["config"]["mixup_alpha"] == winner["mixup_alpha"] and best["test_acc"] == winner["test_acc"]
     assert (out / "val_acc_vs_params.png").stat().st_size > 1000

@@ -38,21 +38,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray import tune
 
-from smile_ray.checkpoint import check_writable, write_json
 from smile_ray.config import find_config_file, make_config
 from smile_ray.errors import SmileError
 from smile_ray.metrics import IL_METRICS
-from smile_ray.orchestration import tracking
-from smile_ray.orchestration.cluster import check_address, connect
 from smile_ray.orchestration.progress import ablation_progress
-from smile_ray.orchestration.runner import (EXPERIMENT_DIR, can_resume, check_cluster, closing_on_error, file_digest,
-                                            finish, run_trials, saved_file, storage_root)
-from smile_ray.orchestration.storage import check_storage, join
-from smile_ray.orchestration.spaces import Definitions, load_definitions
+from smile_ray.orchestration.runner import EXPERIMENT_DIR, can_resume
+from smile_ray.orchestration.spaces import Definitions, check_tune_budget, load_definitions
+from smile_ray.orchestration.storage import join
+from smile_ray.orchestration.study import StudyRun, file_digest, saved_file
 from smile_ray.orchestration.tune import tune_config
-from smile_ray.pretrain import load_source
 from smile_ray.reports.plots import plot_ablation
-from smile_ray.reports.tables import ABLATION_LEGEND, ablation_table
+from smile_ray.reports.tables import ABLATION_LEGEND, ablation_table, ablation_title
 from smile_ray.stats import paired_stats
 
 FULL = "full"
@@ -123,126 +119,73 @@ def next_round(rows, arms, seeds_done: dict[int, int], step: int, max_seeds: int
     return plan
 
 
-def run_ablation(
-    definitions: str | Path,
-    output_dir: str | Path,
-    *,
-    drops: list[str] = (),
-    all_components: bool = False,
-    seeds: int | None = None,
-    max_seeds: int | None = None,
-    base_file: str | Path | None = None,
-    overrides: dict[str, Any] | None = None,
-    tune_budget: int = 0,
-    address: str | None = None,
-    tracking_uri: str | None = None,
-    experiment: str | None = None,
-    cache_dir: str | Path | None = None,
-    resume: bool = False,
-    verbose: int = 1,
-    storage: str | None = None,
-) -> str:
+def run_ablation(definitions: str | Path, output_dir: str | Path, *, drops: list[str] = (),
+                 all_components: bool = False, seeds: int | None = None, max_seeds: int | None = None,
+                 base_file: str | Path | None = None, overrides: dict[str, Any] | None = None, tune_budget: int = 0,
+                 **options: Any) -> str:
     """Run (or ``resume``) the ablation; returns the Markdown table (also in ``ablation.md``).
     ``max_seeds`` turns on adaptive seeds (rounds of ``seeds`` more, up to ``max_seeds``).
-    ``storage``: where the runs keep their files on a cluster of several nodes."""
-    out = Path(output_dir).resolve()
-    if resume:
-        saved = json.loads((out / STATE_FILE).read_text()) if (out / STATE_FILE).is_file() else {}
-        if not saved or not can_resume(saved.get("storage_root") or out, round_dir(0)):
-            raise SmileError(f"--resume: {out} holds no ablation to resume")
-        storage = saved.get("storage")
+    ``options`` are :class:`~smile_ray.orchestration.study.StudyRun`'s (``resume``,
+    ``address``, ``tracking_uri``, ``experiment``, ``cache_dir``, ``storage``, ``verbose``)."""
+    run = StudyRun(output_dir, kind="ablation", state_name=STATE_FILE, holds=(STATE_FILE, "ablation.parquet"),
+                   **options)
+    if run.resume:
+        saved = run.saved
         definitions = saved_file(saved["definitions"], saved.get("definitions_sha256"), None, "--definitions",
                                  "ablations")
         drops, all_components = saved["drops"], saved["all_components"]
         seeds, overrides = saved["seeds"], saved["overrides"]
         base_file = saved["base_file"] and saved_file(saved["base_file"], saved.get("base_sha256"), None, "--base",
                                                       "presets")
-        max_seeds = saved.get("max_seeds")
-        tune_budget, tracking_uri, experiment = saved["tune_budget"], saved["tracking_uri"], saved["experiment"]
-    elif (out / STATE_FILE).exists() or (out / "ablation.parquet").exists():
-        raise SmileError(f"{out} already holds an ablation; use --resume, or another --output")
+        max_seeds, tune_budget = saved.get("max_seeds"), saved["tune_budget"]
 
     # Everything is validated before a single thing is created.
     defs = load_definitions(definitions, base_file, overrides or {}, seeds)
     arms = build_arms(defs, list(drops), all_components)
-    if tune_budget < 0:
-        raise SmileError(f"--tune-budget={tune_budget} must be >= 0")
+    check_tune_budget(tune_budget, bool(defs.tune_space), f"a tune_space in {defs.path}")
     if max_seeds is not None and max_seeds < defs.seeds:
         raise SmileError(f"--max-seeds={max_seeds} must be at least the first round's seeds ({defs.seeds})")
-    if tune_budget and not defs.tune_space:
-        raise SmileError(f"--tune-budget needs a tune_space in {defs.path}")
-    check_writable(out, given=output_dir)
-    check_address(address)  # before the tracking store, which a sqlite URI creates
-    root = storage_root(out, storage)
-    if storage:
-        check_storage(storage, root, fresh=not resume)
-    uri = tracking_uri or tracking.default_tracking_uri()
-    client = tracking.connect(uri)
-    experiment = experiment or f"smile-ray-{defs.base.dataset}"
-    connect(address)
-    check_cluster(storage, defs.resources, address)
-    load_source(defs.base, cache_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    run.start(defs.base, defs.resources)
+    out = run.out
 
-    exp_id = tracking.experiment_id(client, experiment, uri)
-    if resume:
-        runs, parent_id, rounds = saved["runs"], saved["parent_run_id"], saved.get("rounds")
-        arm_configs = saved.get("arm_configs")
-        rounds = rounds or [list(range(len(runs)))]  # an ablation saved before adaptive seeds
-        client.update_run(parent_id, status="RUNNING")
+    if run.resume:
+        runs, rounds, arm_configs = run.saved["runs"], run.saved["rounds"], run.saved["arm_configs"]
     else:
         base = defs.base.to_dict()
-        arm_configs = {}
-        for arm, arm_overrides in arms.items():
-            config = {**base, **arm_overrides}
-            if tune_budget:
-                name = arm.lstrip("-").replace("+", "_")
-                config = tune_config(config, defs.tune_space, tune_budget, out / "tuning" / name, defs.resources,
-                                     defs.max_concurrent, tracking_uri=uri, experiment=experiment,
-                                     cache_dir=cache_dir, address=address,
-                                     root=join(root, "tuning", name) if storage else None)
-            arm_configs[arm] = config
+        arm_configs = {arm: tune_config(run, arm.lstrip("-").replace("+", "_"), {**base, **arm_overrides},
+                                        defs.tune_space, tune_budget, defs.resources, defs.max_concurrent)
+                       for arm, arm_overrides in arms.items()}
         runs = make_runs(arm_configs, [(spc, arm) for spc in defs.samples for arm in arms], range(defs.seeds))
         rounds = [list(range(len(runs)))]
-        parent_id = client.create_run(exp_id, run_name=out.name, tags={"study": out.name, "kind": "ablation",
-                                                                       **tracking.code_version()}).info.run_id
-        client.log_batch(parent_id, params=tracking.flat_params(
-            {"arms": ",".join(arms), "seeds": "auto" if max_seeds else defs.seeds,
-             **({"max_seeds": max_seeds} if max_seeds else {}), "samples_per_class": ",".join(map(str, defs.samples)),
-             "tune_budget": tune_budget, **defs.resources.summary(), **{f"base.{k}": v for k, v in base.items()}}))
+    run.open_parent({}, {
+        "arms": ",".join(arms), "seeds": "auto" if max_seeds else defs.seeds,
+        **({"max_seeds": max_seeds} if max_seeds else {}), "samples_per_class": ",".join(map(str, defs.samples)),
+        "tune_budget": tune_budget, **defs.resources.summary(),
+        **{f"base.{k}": v for k, v in defs.base.to_dict().items()}})
     base_path = find_config_file(base_file).resolve() if base_file else None
-    state = {"definitions": str(defs.path.resolve()), "definitions_sha256": file_digest(defs.path), "drops": list(drops),
-             "all_components": all_components, "seeds": defs.seeds, "max_seeds": max_seeds,
-             "base_file": str(base_path) if base_path else None,
-             "base_sha256": file_digest(base_path) if base_path else None, "overrides": overrides or {},
-             "tune_budget": tune_budget, "tracking_uri": uri, "experiment": experiment,
-             "parent_run_id": parent_id, "mlflow_ui": tracking.ui_link(uri, exp_id, parent_id),
-             "arm_configs": arm_configs, "rounds": rounds, "runs": runs, "storage": storage, "storage_root": root}
-    if resume:
-        state = {**saved, **{k: state[k] for k in ("arm_configs", "rounds", "max_seeds")}}
-    write_json(state, out / STATE_FILE)
+    run.save({"definitions": str(defs.path.resolve()), "definitions_sha256": file_digest(defs.path),
+              "drops": list(drops), "all_components": all_components, "seeds": defs.seeds, "max_seeds": max_seeds,
+              "base_file": str(base_path) if base_path else None,
+              "base_sha256": file_digest(base_path) if base_path else None, "overrides": overrides or {},
+              "tune_budget": tune_budget, "arm_configs": arm_configs, "rounds": rounds, "runs": runs})
 
     arm_names = list(dict.fromkeys(r["tags"]["arm"] for r in runs))
-    setup = {"cache_dir": str(cache_dir) if cache_dir else None, "resources": defs.resources}
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
     r = 0
     while r < len(rounds):
         # The logger and the trainable see every run so far; this round's trials index into them.
-        logger = tracking.StudyLogger(uri, exp_id, parent_id, out.name, defs.base.to_dict(), runs=runs)
         index = rounds[r]
         if len(rounds) > 1 or max_seeds:
             seeds_in = sorted({runs[i]["tags"]["seed"] for i in index})
             print(f"round {r + 1}: {len(index)} runs, seeds {seeds_in[0]}-{seeds_in[-1]}", file=sys.stderr)
-        results = run_trials(out, {**setup, "runs": runs}, {"run": tune.grid_search(index)}, logger,
-                             resume=resume and can_resume(root, round_dir(r)), experiment_dir=round_dir(r), root=root,
-                             expected=len(index), table=ablation_progress(runs, len(index)) if verbose else None,
+        results = run.trials(run.setup(defs.resources, runs=runs), {"run": tune.grid_search(index)},
+                             resume=run.resume and can_resume(run.root, round_dir(r)), experiment_dir=round_dir(r),
+                             expected=len(index), table=ablation_progress(runs, len(index)) if run.verbose else None,
                              tune_config=tune.TuneConfig(max_concurrent_trials=defs.max_concurrent))
         if results.num_errors:
-            logger.close_open_runs("FAILED")
-            client.set_terminated(parent_id, status="FAILED")
-            raise SmileError(f"{results.num_errors} ablation runs failed; see {join(root, round_dir(r))}; "
-                             "fix the cause and add --resume")
+            raise run.fail(f"{results.num_errors} ablation runs failed; see {join(run.root, round_dir(r))}; "
+                           "fix the cause and add --resume")
         rows += [_row(runs[res.config["run"]], res.metrics) for res in results]
         r += 1
         if r == len(rounds) and max_seeds:
@@ -250,29 +193,27 @@ def run_ablation(
                     for spc in defs.samples}
             plan = next_round(rows, arm_names, done, defs.seeds, max_seeds)
             if plan:
-                new = [run for spc, (arms_, seeds_) in plan.items()
-                       for run in make_runs(arm_configs, [(spc, a) for a in arms_], seeds_)]
+                new = [run_ for spc, (arms_, seeds_) in plan.items()
+                       for run_ in make_runs(arm_configs, [(spc, a) for a in arms_], seeds_)]
                 rounds.append(list(range(len(runs), len(runs) + len(new))))
                 runs += new
-                write_json({**state, "rounds": rounds, "runs": runs}, out / STATE_FILE)
+                run.save({"rounds": rounds, "runs": runs})
 
-    with closing_on_error(logger):
+    with run.closing():
         rows.sort(key=lambda r: (r["samples_per_class"], arm_names.index(r["arm"]), r["seed"]))
         pq.write_table(pa.Table.from_pylist(rows), out / "ablation.parquet")
         table = ablation_table(rows, arm_names, FULL)
-        b = defs.base
-        what = f"{b.method} on {b.dataset} ({b.backbone}, {b.steps} steps)"
-        header = (f"# Ablation of {what}\n\n"
+        title = ablation_title(defs.base.to_dict())
+        header = (f"# {title}\n\n"
                   f"{seeds_text(rows, defs.seeds, max_seeds)}, {len(runs)} runs, {time.perf_counter() - started:.0f} s"
                   f"{f', each arm tuned with {tune_budget} trials' if tune_budget else ''}. "
                   f"Reference: the full method. {ABLATION_LEGEND}\n\n")
         if max_seeds:
             table += "\n" + resolution_text(rows, arm_names, max_seeds)
         (out / "ablation.md").write_text(header + table)
-        plot = plot_ablation(rows, arm_names, out / "ablation.png", f"Ablation of {what}: test accuracy per arm")
-        finish(logger, [out / "ablation.parquet", out / "ablation.md", plot, defs.path])
+        plot = plot_ablation(rows, arm_names, out / "ablation.png", f"{title}: test accuracy per arm")
+        run.finish([out / "ablation.parquet", out / "ablation.md", plot, defs.path])
     return table
-
 
 
 def _row(spec: dict[str, Any], m: dict[str, Any]) -> dict[str, Any]:

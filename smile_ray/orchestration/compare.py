@@ -4,7 +4,7 @@ Every (method, column, seed) is one Ray Tune trial (:mod:`smile_ray.orchestratio
 on the settings file's ``resources``; the seeds are shared, so every method sees the same
 data subsets, initialisations and draws, and differences are paired. With
 ``--tune-budget T`` each method first gets T HyperOpt trials on the validation split of
-each column, over its own knobs (the settings file's ``tune_spaces``), and then runs its
+each column, over its own knobs (the settings file's ``tune_space``), and then runs its
 seeds with its best config: every method gets the same search budget.
 
 Outputs: ``results.parquet`` (a row per run), ``table.md`` (rows = methods, columns =
@@ -26,25 +26,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray import tune
 
-from smile_ray.checkpoint import check_writable, write_json
 from smile_ray.config import make_config
 from smile_ray.errors import SmileError
 from smile_ray.metrics import IL_METRICS
-from smile_ray.orchestration import tracking
-from smile_ray.orchestration.cluster import check_address, connect
 from smile_ray.orchestration.progress import runs_progress
-from smile_ray.orchestration.runner import (can_resume, check_cluster, closing_on_error, file_digest, finish, run_trials,
-                                            saved_file, storage_root)
-from smile_ray.orchestration.storage import check_storage, join
-from smile_ray.orchestration.spaces import load_settings
+from smile_ray.orchestration.spaces import check_tune_budget, load_settings
+from smile_ray.orchestration.storage import join
+from smile_ray.orchestration.study import StudyRun, file_digest, saved_file
 from smile_ray.orchestration.tune import tune_config
-from smile_ray.pretrain import load_source
 from smile_ray.registry import METHODS
 from smile_ray.reports.plots import plot_compare
-from smile_ray.reports.tables import COMPARE_LEGEND, compare_table
+from smile_ray.reports.tables import COMPARE_LEGEND, compare_table, comparison_title, reference_method
 
 STATE_FILE = "compare.json"
-REFERENCE = "l2"
 
 
 def parse_methods(text: str) -> list[str]:
@@ -63,103 +57,61 @@ def parse_methods(text: str) -> list[str]:
     return methods
 
 
-def run_compare(
-    methods: list[str],
-    settings_file: str | Path,
-    output_dir: str | Path,
-    *,
-    seeds: int | None = None,
-    overrides: dict[str, Any] | None = None,
-    tune_budget: int = 0,
-    address: str | None = None,
-    tracking_uri: str | None = None,
-    experiment: str | None = None,
-    cache_dir: str | Path | None = None,
-    resume: bool = False,
-    verbose: int = 1,
-    on_failed=None,
-    storage: str | None = None,
-) -> str:
+def run_compare(methods: list[str], settings_file: str | Path, output_dir: str | Path, *, seeds: int | None = None,
+                overrides: dict[str, Any] | None = None, tune_budget: int = 0, on_failed=None,
+                **options: Any) -> str:
     """Run (or ``resume``) the comparison; returns the Markdown table (also in table.md).
-    ``on_failed(line)`` is called once per failed run. ``storage``: where the runs keep
-    their files on a cluster of several nodes."""
-    out = Path(output_dir).resolve()
-    if resume:
-        saved = json.loads((out / STATE_FILE).read_text()) if (out / STATE_FILE).is_file() else {}
-        if not saved or not can_resume(saved.get("storage_root") or out):
-            raise SmileError(f"--resume: {out} holds no comparison to resume")
-        storage = saved.get("storage")
+    ``on_failed(line)`` is called once per failed run. ``options`` are
+    :class:`~smile_ray.orchestration.study.StudyRun`'s (``resume``, ``address``,
+    ``tracking_uri``, ``experiment``, ``cache_dir``, ``storage``, ``verbose``)."""
+    run = StudyRun(output_dir, kind="comparison", state_name=STATE_FILE, holds=(STATE_FILE, "results.parquet"),
+                   **options)
+    if run.resume:
+        saved = run.saved
         settings_file = saved_file(saved["settings"], saved.get("settings_sha256"), None, "--settings", "compare")
         methods, seeds = saved["methods"], saved["seeds"]
         overrides, tune_budget = saved["overrides"], saved["tune_budget"]
-        tracking_uri, experiment = saved["tracking_uri"], saved["experiment"]
-    elif (out / STATE_FILE).exists() or (out / "results.parquet").exists():
-        raise SmileError(f"{out} already holds a comparison; use --resume, or another --output")
 
     # Everything is validated before a single thing is created.
     settings = load_settings(settings_file, methods, overrides or {}, seeds)
-    if tune_budget < 0:
-        raise SmileError(f"--tune-budget={tune_budget} must be >= 0")
-    if tune_budget and not any(m in settings.tune_spaces for m in methods):
-        raise SmileError(f"--tune-budget needs tune_spaces for the methods in {settings.path}")
-    check_writable(out, given=output_dir)
-    check_address(address)  # before the tracking store, which a sqlite URI creates
-    root = storage_root(out, storage)
-    if storage:
-        check_storage(storage, root, fresh=not resume)
-    uri = tracking_uri or tracking.default_tracking_uri()
-    client = tracking.connect(uri)
-    experiment = experiment or f"smile-ray-{settings.base.dataset}"
-    connect(address)
-    check_cluster(storage, settings.resources, address)
-    load_source(settings.base, cache_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_tune_budget(tune_budget, any(m in settings.tune_space for m in methods),
+                      f"a tune_space for the methods in {settings.path}")
+    run.start(settings.base, settings.resources)
+    out = run.out
+    columns = list(settings.columns)
+    reference = reference_method(methods)
 
-    exp_id = tracking.experiment_id(client, experiment, uri)
-    if resume:
-        runs, parent_id = saved["runs"], saved["parent_run_id"]
-        client.update_run(parent_id, status="RUNNING")
+    if run.resume:
+        runs = run.saved["runs"]
     else:
         base = settings.base.to_dict()
-        cell_configs = {}
-        for column, col_overrides in settings.columns.items():
-            for m in methods:
-                config = make_config({**base, **col_overrides, "method": m}).to_dict()
-                if tune_budget:
-                    name = f"{m}-{column}".replace("/", "_").replace("=", "_")
-                    config = tune_config(config, settings.tune_spaces.get(m) or {}, tune_budget, out / "tuning" / name,
-                                         settings.resources, settings.max_concurrent, tracking_uri=uri,
-                                         experiment=experiment, cache_dir=cache_dir, address=address,
-                                         root=join(root, "tuning", name) if storage else None)
-                cell_configs[m, column] = config
+        cell_configs = {
+            (m, column): tune_config(run, f"{m}-{column}".replace("/", "_").replace("=", "_"),
+                                     make_config({**base, **col_overrides, "method": m}).to_dict(),
+                                     settings.tune_space.get(m) or {}, tune_budget, settings.resources,
+                                     settings.max_concurrent)
+            for column, col_overrides in settings.columns.items() for m in methods}
         runs = [
             {"tags": {"method": m, "setting": column, "seed": seed},
              "config": make_config({**cell_configs[m, column], "seed": seed}).to_dict()}
-            for column in settings.columns for m in methods for seed in range(settings.seeds)
+            for column in columns for m in methods for seed in range(settings.seeds)
         ]
-        parent_id = client.create_run(exp_id, run_name=out.name, tags={"study": out.name, "kind": "comparison",
-                                                                       **tracking.code_version()}).info.run_id
-        client.log_batch(parent_id, params=tracking.flat_params(
-            {"methods": ",".join(methods), "settings": ",".join(settings.columns), "seeds": settings.seeds,
-             "tune_budget": tune_budget, **settings.resources.summary(), **{f"base.{k}": v for k, v in base.items()}}))
-        write_json({"methods": methods, "settings": str(Path(settings.path).resolve()),
-                    "settings_sha256": file_digest(settings.path), "seeds": settings.seeds,
-                    "overrides": overrides or {}, "tune_budget": tune_budget, "tracking_uri": uri,
-                    "experiment": experiment, "parent_run_id": parent_id,
-                    "mlflow_ui": tracking.ui_link(uri, exp_id, parent_id), "runs": runs, "storage": storage,
-                    "storage_root": root}, out / STATE_FILE)
+    run.open_parent({}, {"methods": ",".join(methods), "settings": ",".join(columns), "seeds": settings.seeds,
+                         "tune_budget": tune_budget, **settings.resources.summary(),
+                         **{f"base.{k}": v for k, v in settings.base.to_dict().items()}})
+    run.save({"methods": methods, "settings": str(Path(settings.path).resolve()),
+              "settings_sha256": file_digest(settings.path), "seeds": settings.seeds, "overrides": overrides or {},
+              "tune_budget": tune_budget, "runs": runs, "columns": columns, "reference": reference})
 
-    logger = tracking.StudyLogger(uri, exp_id, parent_id, out.name, settings.base.to_dict(), runs=runs)
-    setup = {"runs": runs, "cache_dir": str(cache_dir) if cache_dir else None, "resources": settings.resources}
     started = time.perf_counter()
-    results = run_trials(out, setup, {"run": tune.grid_search(list(range(len(runs))))}, logger, resume=resume,
-                         expected=len(runs), root=root,
-                         table=runs_progress(runs, ["method", "setting", "seed"], len(runs)) if verbose else None,
+    results = run.trials(run.setup(settings.resources, runs=runs), {"run": tune.grid_search(list(range(len(runs))))},
+                         expected=len(runs),
+                         table=runs_progress(runs, ["method", "setting", "seed"], len(runs)) if run.verbose else None,
                          tune_config=tune.TuneConfig(max_concurrent_trials=settings.max_concurrent))
 
-    with closing_on_error(logger):
+    with run.closing():
         rows, failed = [], []
-        searched = sorted({k for space in settings.tune_spaces.values() for k in space}) if tune_budget else []
+        searched = sorted({k for space in settings.tune_space.values() for k in space}) if tune_budget else []
         for res in results:
             spec = runs[res.config["run"]]
             m = res.metrics or {}
@@ -176,25 +128,20 @@ def run_compare(
                          "val_acc": m["val_acc"], "test_acc": m["test_acc"], "test_ece": m["test_ece"],
                          "seconds": m["seconds"], **{k: m.get(k) for k in IL_METRICS}})
         if not rows:
-            logger.close_open_runs("FAILED")
-            client.set_terminated(parent_id, status="FAILED")
-            raise SmileError(f"every run of {out} failed; see {join(root, 'tune')}")
+            raise run.fail(f"every run of {out} failed; see {join(run.root, 'tune')}")
         order = {(t["method"], t["setting"], t["seed"]): i for i, t in enumerate(r["tags"] for r in runs)}
         rows.sort(key=lambda r: order[r["method"], r["setting"], r["seed"]])
         pq.write_table(pa.Table.from_pylist(rows), out / "results.parquet")
-        reference = REFERENCE if REFERENCE in methods else methods[0]
-        table = compare_table(rows, methods, list(settings.columns), reference)
+        table = compare_table(rows, methods, columns, reference)
         b = settings.base
         run_desc = f"{b.backbone}, weights={b.weights}, {b.steps} steps"
-        what = f"{b.dataset} ({run_desc})"
-        header = (f"# Methods compared on {what}\n\n"
+        header = (f"# {comparison_title(b.to_dict())}\n\n"
                   f"{settings.seeds} seeds per cell, {len(runs)} runs ({len(failed)} failed), "
                   f"{time.perf_counter() - started:.0f} s"
                   f"{f', each method tuned with {tune_budget} trials per column' if tune_budget else ', reference settings'}. "
                   f"Reference: {reference}. {COMPARE_LEGEND}\n\n")
         (out / "table.md").write_text(header + table + "".join(f"\n{line}" for line in failed))
-        plot = plot_compare(rows, methods, list(settings.columns), out / "table.png",
+        plot = plot_compare(rows, methods, columns, out / "table.png",
                             f"Test accuracy on {b.dataset} ({run_desc}, {settings.seeds} seeds)")
-        finish(logger, [out / "results.parquet", out / "table.md", plot, Path(settings.path)])
+        run.finish([out / "results.parquet", out / "table.md", plot, Path(settings.path)])
     return table
-

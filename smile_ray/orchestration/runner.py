@@ -1,5 +1,6 @@
 """A set of trials under Ray Tune, tracked in MLflow (a parent run and a child per
-trial), resumable: what ``tune``, ``ablate`` and ``compare`` share.
+trial), resumable: the Tune experiment of a study
+(:class:`~smile_ray.orchestration.study.StudyRun` opens and closes the study around it).
 
 The caller validates everything and opens the MLflow parent first; :func:`run_trials`
 then runs (or, with ``resume``, restores) the Tune experiment ``<root>/tune`` and leaves
@@ -13,25 +14,20 @@ come home to the output folder once the trials have ended.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import signal
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric
 from ray import tune
 
-from smile_ray.config import find_shipped
 from smile_ray.errors import SmileError
 from smile_ray.orchestration import storage
-from smile_ray.orchestration.cluster import alive_nodes, check_fits
 from smile_ray.orchestration.progress import TrialTable
 from smile_ray.orchestration.tracking import StudyLogger
-from smile_ray.orchestration.trainable import trainable
+from smile_ray.orchestration.trainable import TrialSetup, trainable
 
 EXPERIMENT_DIR = "tune"
 NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"
@@ -49,42 +45,6 @@ def can_resume(root: str | Path, experiment_dir: str = EXPERIMENT_DIR) -> bool:
         return tune.Tuner.can_restore(storage.join(str(root), experiment_dir))
     except OSError as e:  # storage out of reach
         raise SmileError(f"--resume: cannot read the study's storage {root}: {str(e).splitlines()[0]}") from None
-
-
-def file_digest(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def saved_file(saved: str, digest: str | None, given: str | Path | None, flag: str, kind: str) -> str:
-    """For ``--resume``: the file a study started with. Its path was saved resolved (a
-    shipped name like ``smile`` as the shipped file it named), with its content's digest:
-    a resumed study must draw from the file its first trials drew from. ``given`` (the
-    flag repeated on the resume command) must name that same file."""
-    path = Path(saved)
-    if given is not None and find_shipped(given, kind).resolve() != path:
-        raise SmileError(f"--resume continues with the saved {flag} {path}; drop {flag} {given}")
-    if not path.is_file():
-        raise SmileError(f"--resume: {path} ({flag} of the study) is gone; restore it to continue")
-    if digest and file_digest(path) != digest:
-        raise SmileError(f"--resume: {path} ({flag} of the study) changed since the study started; "
-                         "restore it to continue, or start a new study in another --output")
-    return str(path)
-
-
-def storage_root(out: Path, store: str | None) -> str:
-    """Where the study in ``out`` keeps its trials: ``out`` itself without ``--storage``."""
-    return storage.study_root(store, out) if store else str(out)
-
-
-def check_cluster(store: str | None, resources=None, address: str | None = None) -> None:
-    """After connecting: a cluster of several nodes needs ``--storage``, and some node
-    (or node type of its autoscaler) must hold a trial's ``resources``
-    (:func:`~smile_ray.orchestration.cluster.check_fits`)."""
-    storage.require_for_cluster(store, alive_nodes())
-    if resources is not None:
-        check_fits(resources.bundles(), "each trial (resources: " + ", ".join(
-            f"{k.removeprefix('resources_')}: {v:g}" for k, v in resources.summary().items()) + ")",
-            started_here=address is None)
 
 
 @contextmanager
@@ -129,7 +89,7 @@ def interrupts_to_tune():
 
 def run_trials(
     out: Path,
-    setup: dict[str, Any],
+    setup: TrialSetup,
     param_space: dict[str, Any],
     logger: StudyLogger,
     *,
@@ -148,7 +108,7 @@ def run_trials(
     client, parent_id = logger.client, logger.parent_run_id
     root = root or str(out)
     experiment = storage.join(root, experiment_dir)
-    fn = trainable({**setup, "experiment_path": experiment})
+    fn = trainable(setup.at(experiment))
     # Tune's newer console output prints its experiment box and paths on stdout even at
     # verbose=0; the older engine at verbose=0 prints nothing, leaving stdout to the
     # results and stderr to ``table``. Set for the fit only: the caller's environment is
@@ -192,37 +152,3 @@ def run_trials(
         raise KeyboardInterrupt
     storage.bring_home(experiment, out / experiment_dir)
     return results
-
-
-@contextmanager
-def closing_on_error(logger: StudyLogger):
-    """Around a study's work after its trials (tables, plots, artifacts): an interrupt
-    marks the parent and any open child KILLED, an error FAILED, so that no run is left
-    RUNNING whenever the Ctrl-C comes."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        logger.close_open_runs("KILLED")
-        logger.client.set_terminated(logger.parent_run_id, status="KILLED")
-        raise
-    except BaseException:
-        logger.close_open_runs("FAILED")
-        logger.client.set_terminated(logger.parent_run_id, status="FAILED")
-        raise
-
-
-def finish(logger: StudyLogger, artifacts: list[Path], metrics: dict[str, float] | None = None) -> None:
-    """Log the study's files and numbers on the parent run and mark it FINISHED."""
-    client, parent_id = logger.client, logger.parent_run_id
-    for f in artifacts:
-        client.log_artifact(parent_id, str(f))
-    if metrics:
-        now = int(time.time() * 1000)
-        client.log_batch(parent_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
-    logger.close_open_runs("FAILED")
-    client.set_terminated(parent_id, status="FINISHED")
-
-
-def fail(logger: StudyLogger, message: str) -> SmileError:
-    logger.client.set_terminated(logger.parent_run_id, status="FAILED")
-    return SmileError(message)

@@ -33,7 +33,8 @@ and an optional ``tune_space`` (as ``space`` above, for ``--tune-budget``).
 A comparison-settings file (``search_spaces/compare/``) has ``base`` (no ``method``:
 ``--methods`` names them), ``columns`` (``{samples_per_class: [2, 5]}``, a column per
 value, or ``{name: {overrides}}``), ``seeds``, ``max_concurrent``, ``resources`` and
-optional ``tune_spaces`` (method -> space, for ``--tune-budget``).
+optional ``tune_space`` (method -> space, for ``--tune-budget``; the ablation file's
+key, keyed by method).
 
 This module is plain Python: it knows the file formats, not Ray.
 """
@@ -168,10 +169,10 @@ def _number(where: str, value: Any) -> float:
     return float(value)
 
 
-def parse_param(path: Path, name: Any, spec: Any, base: Config) -> Param:
-    where = f"{path}: space.{name}"
+def parse_param(path: Path, name: Any, spec: Any, base: Config, section: str = "space") -> Param:
+    where = f"{path}: {section}.{name}"
     if name not in KEYS:
-        raise SmileError(f"{path}: space: {name!r} is not a config key")
+        raise SmileError(f"{path}: {section}: {name!r} is not a config key")
     if not isinstance(spec, dict) or len(spec) != 1:
         raise SmileError(f"{where}: expected one distribution, e.g. {{uniform: [low, high]}}")
     kind, args = next(iter(spec.items()))
@@ -202,54 +203,96 @@ def parse_param(path: Path, name: Any, spec: Any, base: Config) -> Param:
     return Param(name, kind, nums)
 
 
-def read_sections(path: Path, allowed: tuple[str, ...], required: str) -> dict[str, Any]:
-    """A YAML file's top-level mapping, restricted to ``allowed`` keys."""
-    raw = read_yaml(path)
-    if not isinstance(raw, dict):
-        raise SmileError(f"{path}: expected a mapping with a {required!r} section")
-    unknown = [k for k in raw if k not in allowed]
-    if unknown:
-        raise SmileError(f"{path}: unknown key {unknown[0]!r} (expected: {', '.join(allowed)})")
-    return raw
+class Sections:
+    """A file's top-level mapping, restricted to ``allowed`` keys, with the one parser of
+    each section the three formats share (``base``, ``seeds``, ``max_concurrent``,
+    ``resources``, a tune space): a section means the same in every file, and a bad one
+    is refused with the same line whichever file holds it."""
+
+    def __init__(self, path: Path, raw: Any, allowed: tuple[str, ...], required: str):
+        if not isinstance(raw, dict):
+            raise SmileError(f"{path}: expected a mapping with a {required!r} section")
+        unknown = [k for k in raw if k not in allowed]
+        if unknown:
+            raise SmileError(f"{path}: unknown key {unknown[0]!r} (expected: {', '.join(allowed)})")
+        self.path, self.raw = path, raw
+
+    @classmethod
+    def read(cls, path: Path, allowed: tuple[str, ...], required: str) -> "Sections":
+        return cls(path, read_yaml(path), allowed, required)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.raw.get(key, default)
+
+    def base(self, overrides: dict[str, Any] | None) -> Config:
+        return parse_base(self.path, self.raw.get("base"), overrides)
+
+    def count(self, key: str, default: int, minimum: int, given: int | None = None, why: str = "") -> int:
+        """An integer section (``seeds``, ``num_samples``, ``max_concurrent``, ...); ``given``
+        (its ``--key`` option) replaces the file's value."""
+        if given is not None:
+            return check_int(given, f"--{key.replace('_', '-')}", minimum, why)
+        return check_int(self.raw.get(key, default), f"{self.path}: {key}", minimum, why)
+
+    def resources(self, base: Config) -> Resources:
+        return parse_resources(self.path, self.raw.get("resources"), base)
+
+    def space(self, key: str, base: Config, *, required: bool = False) -> dict[str, Any]:
+        return parse_space(self.path, key, self.raw.get(key), base, required=required)
+
+
+def parse_space(path: Path, section: str, raw: Any, base: Config, *, required: bool = False) -> dict[str, Any]:
+    """A tune space (config key -> distribution), each parameter checked against ``base``;
+    returned as written, for :func:`parse_study` to read once more around the config it
+    will search (an arm's or a method's, in ``ablate`` and ``compare``)."""
+    raw = raw or {}
+    if not isinstance(raw, dict) or (required and not raw):
+        raise SmileError(f"{path}: {section} must map config keys to distributions")
+    for name, spec in raw.items():
+        parse_param(path, name, spec, base, section=section)
+    return dict(raw)
 
 
 def load_study(path: str | Path, overrides: dict[str, Any] | None = None, num_samples: int | None = None) -> Study:
     """Read and validate a space file (a path, or the name of a shipped one);
     ``overrides`` (``--set``) change the base config."""
     path = find_shipped(path, "search_spaces")
-    raw = read_sections(path, TOP_LEVEL, "space")
-    base = parse_base(path, raw.get("base"), overrides)
+    return parse_study(path, read_yaml(path), overrides, num_samples)
 
-    metric = raw.get("metric", "val_acc")
+
+def parse_study(path: Path, raw: Any, overrides: dict[str, Any] | None = None,
+                num_samples: int | None = None) -> Study:
+    """A space file's mapping, validated (``path`` names it in messages and is the
+    study's record): what :func:`load_study` reads, or a study built in memory (an arm's
+    or a method's tuning inside ``ablate`` and ``compare``)."""
+    sections = Sections(path, raw, TOP_LEVEL, "space")
+    base = sections.base(overrides)
+
+    metric = sections.get("metric", "val_acc")
     if metric == "test_acc" or str(metric).startswith("test"):
         raise SmileError(f"{path}: metric {metric!r}: tuning selects on validation metrics only ({', '.join(EVAL_METRICS)})")
     if metric not in EVAL_METRICS:
         raise SmileError(f"{path}: metric {metric!r} is not reported by the trainer (choose from: {', '.join(EVAL_METRICS)})")
-    mode = raw.get("mode", EVAL_METRICS[metric])
+    mode = sections.get("mode", EVAL_METRICS[metric])
     if mode not in ("max", "min"):
         raise SmileError(f"{path}: mode {mode!r} must be max or min")
 
-    if num_samples is not None:
-        n = check_int(num_samples, "--num-samples", 1)
-    else:
-        n = check_int(raw.get("num_samples", 10), f"{path}: num_samples", 1)
-    search = raw.get("search", "hyperopt")
+    n = sections.count("num_samples", 10, 1, num_samples)
+    search = sections.get("search", "hyperopt")
     if search not in SEARCHES:
         raise SmileError(f"{path}: search {search!r} (choose from: {', '.join(SEARCHES)})")
-    scheduler = str(raw.get("scheduler", "none")).lower()
+    scheduler = str(sections.get("scheduler", "none")).lower()
     if scheduler not in SCHEDULERS:
         raise SmileError(f"{path}: scheduler {scheduler!r} (choose from: {', '.join(SCHEDULERS)})")
-    concurrent = check_int(raw.get("max_concurrent", 2), f"{path}: max_concurrent", 1)
-    seed = check_int(raw.get("seed", 0), f"{path}: seed", 0)
-    resources = parse_resources(path, raw.get("resources"), base)
-    replicates = check_int(raw.get("replicates", 1), f"{path}: replicates", 1)
+    concurrent = sections.count("max_concurrent", 2, 1)
+    seed = sections.count("seed", 0, 0)
+    resources = sections.resources(base)
+    replicates = sections.count("replicates", 1, 1)
     if replicates > 1 and resources.workers > 1:
         raise SmileError(f"{path}: replicates={replicates} with resources.workers={resources.workers}: "
                          "replicated trials run in one process per seed; use workers: 1")
 
-    space_raw = raw.get("space")
-    if not isinstance(space_raw, dict) or not space_raw:
-        raise SmileError(f"{path}: space must map config keys to distributions")
+    space_raw = sections.space("space", base, required=True)
     space = tuple(parse_param(path, name, spec, base) for name, spec in space_raw.items())
     from smile_ray.methods import check_keys_read
 
@@ -261,6 +304,24 @@ def load_study(path: str | Path, overrides: dict[str, Any] | None = None, num_sa
         raise SmileError(f"{path}: space.seed with replicates={replicates}: replicates choose the seeds "
                          "(base.seed, base.seed + 1, ...)")
     return Study(path, base, metric, mode, n, search, concurrent, scheduler, resources, seed, space, replicates)
+
+
+def check_tune_budget(budget: int, searchable: bool, needs: str) -> None:
+    """``--tune-budget`` is a count, and needs a space to search (``needs`` says which)."""
+    if budget < 0:
+        raise SmileError(f"--tune-budget={budget} must be >= 0")
+    if budget and not searchable:
+        raise SmileError(f"--tune-budget needs {needs}")
+
+
+def tuning_study(path: Path, config: dict[str, Any], space: dict[str, Any], budget: int, resources: Resources,
+                 max_concurrent: int) -> tuple[Study, dict[str, Any]]:
+    """The HyperOpt study ``ablate`` and ``compare`` run for one arm or method with
+    ``--tune-budget``: ``budget`` trials on ``val_acc`` over ``space`` around ``config``,
+    with the file's ``resources``; also the mapping it was parsed from (its record)."""
+    raw = {"base": config, "metric": "val_acc", "num_samples": budget, "max_concurrent": max_concurrent,
+           "space": space, "resources": {"cpus": resources.cpus, "gpus": resources.gpus, "workers": resources.workers}}
+    return parse_study(path, raw), raw
 
 
 ABLATION_TOP_LEVEL = ("base", "seeds", "samples_per_class", "max_concurrent", "resources", "components", "tune_space")
@@ -287,17 +348,14 @@ def load_definitions(path: str | Path, base_file: str | Path | None = None, over
     replacing the file's grid; the run seeds are ``0..seeds-1``, so ``--set seed`` is
     refused."""
     path = find_shipped(path, "ablations")
-    raw = read_sections(path, ABLATION_TOP_LEVEL, "components")
+    sections = Sections.read(path, ABLATION_TOP_LEVEL, "components")
     overrides = dict(overrides or {})
     if "seed" in overrides:
         raise SmileError("--set seed: an ablation runs seeds 0..K-1 in every arm; choose K with --seeds")
     spc_override = overrides.pop("samples_per_class", None)
-    if base_file is not None:
-        base = resolve_config(base_file, overrides)
-    else:
-        base = parse_base(path, raw.get("base"), overrides)
+    base = resolve_config(base_file, overrides) if base_file is not None else sections.base(overrides)
 
-    components = raw.get("components")
+    components = sections.get("components")
     if not isinstance(components, dict) or not components:
         raise SmileError(f"{path}: components must map names to the overrides that turn them off")
     for name, off in components.items():
@@ -309,29 +367,20 @@ def load_definitions(path: str | Path, base_file: str | Path | None = None, over
     # the base is shared by every arm: a knob is fine where some arm reads it
     check_keys_read(overrides, [base] + [make_config({**base.to_dict(), **off}) for off in components.values()])
 
-    if seeds is not None:
-        n = check_int(seeds, "--seeds", 2, "a paired test needs at least 2 seeds")
-    else:
-        n = check_int(raw.get("seeds", 5), f"{path}: seeds", 2, "a paired test needs at least 2 seeds")
+    n = sections.count("seeds", 5, 2, seeds, "a paired test needs at least 2 seeds")
     if spc_override is not None:
         samples = [spc_override]
         where = "--set"
     else:
-        samples = raw.get("samples_per_class", [base.samples_per_class])
+        samples = sections.get("samples_per_class", [base.samples_per_class])
         samples = samples if isinstance(samples, list) else [samples]
         where = f"{path}: samples_per_class"
     samples = [make_config({**base.to_dict(), "samples_per_class": s}, where=where).samples_per_class for s in samples]
-    concurrent = check_int(raw.get("max_concurrent", 2), f"{path}: max_concurrent", 1)
-    resources = parse_resources(path, raw.get("resources"), base)
-    tune_space = raw.get("tune_space") or {}
-    if not isinstance(tune_space, dict):
-        raise SmileError(f"{path}: tune_space must map config keys to distributions")
-    for name, spec in tune_space.items():
-        parse_param(path, name, spec, base)
-    return Definitions(path, base, n, tuple(samples), concurrent, resources, dict(components), tune_space)
+    return Definitions(path, base, n, tuple(samples), sections.count("max_concurrent", 2, 1), sections.resources(base),
+                       dict(components), sections.space("tune_space", base))
 
 
-COMPARE_TOP_LEVEL = ("base", "columns", "seeds", "max_concurrent", "resources", "tune_spaces")
+COMPARE_TOP_LEVEL = ("base", "columns", "seeds", "max_concurrent", "resources", "tune_space")
 
 
 @dataclass(frozen=True)
@@ -344,7 +393,7 @@ class Settings:
     seeds: int
     max_concurrent: int
     resources: Resources
-    tune_spaces: dict[str, dict[str, Any]]  # method -> {key: distribution}
+    tune_space: dict[str, dict[str, Any]]  # method -> {key: distribution}
 
 
 def parse_columns(path: Path, raw: Any) -> dict[str, dict[str, Any]]:
@@ -369,17 +418,17 @@ def load_settings(path: str | Path, methods: list[str], overrides: dict[str, Any
     from smile_ray.methods import check_keys_read, method_class
 
     path = find_shipped(path, "compare")
-    raw = read_sections(path, COMPARE_TOP_LEVEL, "columns")
+    sections = Sections.read(path, COMPARE_TOP_LEVEL, "columns")
     overrides = dict(overrides or {})
-    base_raw = raw.get("base") if isinstance(raw.get("base"), dict) else {}
+    base_raw = sections.get("base") if isinstance(sections.get("base"), dict) else {}
     for key, why in (("seed", "a comparison runs seeds 0..K-1 for every method; choose K with --seeds"),
                      ("method", "a comparison takes its methods from --methods")):
         if key in overrides:
             raise SmileError(f"--set {key}: {why}")
         if key in base_raw:
             raise SmileError(f"{path}: base.{key}: {why}")
-    base = parse_base(path, raw.get("base"), overrides)
-    columns = parse_columns(path, raw.get("columns"))
+    base = sections.base(overrides)
+    columns = parse_columns(path, sections.get("columns"))
     configs = {}
     for m in methods:
         for name, col in columns.items():
@@ -390,17 +439,12 @@ def load_settings(path: str | Path, methods: list[str], overrides: dict[str, Any
             raise SmileError(f"--set {key}: the columns of {path} set {key} ({', '.join(setters)}), and a run takes "
                              "its column's value; change it in the file's columns")
     check_keys_read(overrides, configs.values())  # a knob of a method not in the run would do nothing
-    if seeds is not None:
-        n = check_int(seeds, "--seeds", 2, "a paired comparison needs at least 2 seeds")
-    else:
-        n = check_int(raw.get("seeds", 5), f"{path}: seeds", 2, "a paired comparison needs at least 2 seeds")
-    concurrent = check_int(raw.get("max_concurrent", 2), f"{path}: max_concurrent", 1)
-    resources = parse_resources(path, raw.get("resources"), base)
-    spaces = raw.get("tune_spaces") or {}
+    n = sections.count("seeds", 5, 2, seeds, "a paired comparison needs at least 2 seeds")
+    spaces = sections.get("tune_space") or {}
     if not isinstance(spaces, dict) or not all(isinstance(v, dict) for v in spaces.values()):
-        raise SmileError(f"{path}: tune_spaces must map method names to {{key: distribution}}")
-    for m, space in spaces.items():
+        raise SmileError(f"{path}: tune_space must map method names to {{key: distribution}}")
+    for m in spaces:
         method_class(m)  # an unknown method name is one line
-        for name, spec in space.items():
-            parse_param(path, name, spec, base.replace(method=m))
-    return Settings(path, base, columns, n, concurrent, resources, {m: dict(s) for m, s in spaces.items()})
+    per_method = {m: parse_space(path, f"tune_space.{m}", space, base.replace(method=m)) for m, space in spaces.items()}
+    return Settings(path, base, columns, n, sections.count("max_concurrent", 2, 1), sections.resources(base),
+                    per_method)

@@ -36,7 +36,7 @@ import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
@@ -44,6 +44,9 @@ from ray import tune
 
 from smile_ray.errors import SmileError
 from smile_ray.metrics import REPLICATE_KEY, REPORTED
+
+if TYPE_CHECKING:
+    from smile_ray.orchestration.trainable import TrialSetup
 
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -262,14 +265,14 @@ class StudyLogger(tune.Callback):
 
     LOGGED = tuple(k for k in REPORTED if k != "step")
 
-    def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, study_name: str, base: dict[str, Any],
-                 runs: list[dict[str, Any]] | None = None):
-        self.runs_spec = runs  # an ablation's runs ({"config", "tags"}): trial.config is {"run": index}
+    def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, study_name: str, setup: TrialSetup):
+        # how a trial's params become its config and tags, as the trainable reads them (not
+        # ``self.setup``: Tune calls a callback's setup())
+        self.trial_setup = setup
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.parent_run_id = parent_run_id
         self.study_name = study_name
-        self.base = base
         self.runs: dict[str, str] = {}
         self._logged: set[tuple[str, str, int]] = set()  # (trial, metric, step) already logged
         self._drawn: set[str] = set()  # trials whose reliability diagram is logged
@@ -298,17 +301,10 @@ class StudyLogger(tune.Callback):
                     self.runs[trial] = run.info.run_id
         return self._client
 
-    def _config_of(self, trial) -> tuple[dict[str, Any], dict[str, str]]:
-        """The trial's full config and its run's tags (an ablation's or comparison's)."""
-        if self.runs_spec is not None and "run" in trial.config:
-            spec = self.runs_spec[trial.config["run"]]
-            return spec["config"], {k: str(v) for k, v in spec["tags"].items()}
-        return {**self.base, **trial.config}, {}
-
     def _run_for(self, trial) -> str:
         client = self.client
         if trial.trial_id not in self.runs:
-            config, extra = self._config_of(trial)
+            config, extra = self.trial_setup.config_for(trial.config), self.trial_setup.tags_for(trial.config)
             run = client.create_run(
                 self.experiment,
                 run_name="-".join([self.study_name, *(v for k, v in extra.items() if k != "seed")]
@@ -352,7 +348,8 @@ class StudyLogger(tune.Callback):
         self._drawing.append((trial_id, what, self._drawer.submit(fn, *args)))
 
     def _log_reliability(self, run_id: str, trial, reliability: dict[str, Any]) -> None:
-        self._submit(trial.trial_id, "reliability diagram", self._draw, run_id, self._config_of(trial)[0], reliability)
+        config = self.trial_setup.config_for(trial.config)
+        self._submit(trial.trial_id, "reliability diagram", self._draw, run_id, config, reliability)
 
     def _log_model(self, run_id: str, trial) -> None:
         with tempfile.TemporaryDirectory() as tmp:

@@ -26,8 +26,10 @@ trains on the CPU even on a GPU node.
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from queue import Empty
 from typing import Any
@@ -46,28 +48,53 @@ TRIAL_DRIVER_CPU = 0.01  # a trial that launches a TorchTrainer holds (almost) n
 RUN_DIR = "run"  # a trial's run directory (metrics.json, model.pt) inside its trial directory
 
 
-def trial_config(params: dict[str, Any], setup: dict[str, Any]) -> dict[str, Any]:
-    if "run" in params:
-        return setup["runs"][params["run"]]["config"]
-    return {**setup["base"], **params}
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every trial of one Tune experiment shares, and how a trial's parameters
+    become its config: a tuning study's trials are ``base`` with the searched values
+    (``params`` = ``{key: value}``), an ablation's or comparison's are run number
+    ``params["run"]`` of ``runs`` (each ``{"config": full config, "tags": {...}}``). The
+    trainable and the MLflow logger both ask :meth:`config_for`, so a child run's params
+    are the config its trial trained."""
+
+    resources: Resources
+    cache_dir: str | None = None
+    base: dict[str, Any] | None = None
+    runs: list[dict[str, Any]] | None = None
+    replicates: int = 1
+    experiment_path: str = ""  # the Tune experiment's folder in the study's storage, set by run_trials
+
+    def config_for(self, params: dict[str, Any]) -> dict[str, Any]:
+        if self.runs is not None and "run" in params:
+            return self.runs[params["run"]]["config"]
+        return {**(self.base or {}), **params}
+
+    def tags_for(self, params: dict[str, Any]) -> dict[str, str]:
+        """The run's tags (an ablation's arm and seed, a comparison's method, column and seed)."""
+        if self.runs is not None and "run" in params:
+            return {k: str(v) for k, v in self.runs[params["run"]]["tags"].items()}
+        return {}
+
+    def at(self, experiment_path: str) -> "TrialSetup":
+        return dataclasses.replace(self, experiment_path=experiment_path)
 
 
-def run_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
+def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     """The Tune function trainable."""
-    config = make_config(trial_config(params, setup))
-    res: Resources = setup["resources"]
+    config = make_config(setup.config_for(params))
+    res = setup.resources
     # The trial's run folder in the experiment's storage, written through staged(): not
     # get_trial_dir(), a local working directory that Ray copies to storage only for a
     # fresh actor on the driver's node (a reused actor's, or another node's, would be lost).
-    location = join(setup["experiment_path"], Path(tune.get_context().get_trial_dir()).name, RUN_DIR)
-    if setup.get("replicates", 1) > 1:
-        run_replicates(config.to_dict(), setup["replicates"], location, res, setup["cache_dir"])
+    location = join(setup.experiment_path, Path(tune.get_context().get_trial_dir()).name, RUN_DIR)
+    if setup.replicates > 1:
+        run_replicates(config.to_dict(), setup.replicates, location, res, setup.cache_dir)
         return
     if res.workers > 1:
         with staged(location) as out:
             train_distributed(config, out, workers=res.workers, use_gpu=res.gpus > 0,
                               cpus_per_worker=(res.cpus - TRIAL_DRIVER_CPU) / res.workers,
-                              cache_dir=setup["cache_dir"], storage_path=join(location, "ray"), report_to_tune=True)
+                              cache_dir=setup.cache_dir, storage_path=join(location, "ray"), report_to_tune=True)
         return
     device = assigned_device(config.device)
 
@@ -80,7 +107,7 @@ def run_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
 
     checkpoint = tune.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else nullcontext(None) as resume_dir, staged(location) as out:
-        train(config, out, cache_dir=setup["cache_dir"], resume_from=resume_dir, on_eval=on_eval, on_end=on_end,
+        train(config, out, cache_dir=setup.cache_dir, resume_from=resume_dir, on_eval=on_eval, on_end=on_end,
               device=device, log=lambda msg: None)
 
 
@@ -161,11 +188,11 @@ def run_replicates(config: dict[str, Any], k: int, location: str, res: Resources
         ray.kill(queue.actor)
 
 
-def trainable(setup: dict[str, Any]):
+def trainable(setup: TrialSetup):
     """:func:`run_trial` bound to ``setup`` with the resources its trials hold."""
-    res: Resources = setup["resources"]
+    res = setup.resources
     fn = tune.with_parameters(run_trial, setup=setup)
-    if res.workers > 1 or setup.get("replicates", 1) > 1:
+    if res.workers > 1 or setup.replicates > 1:
         # The trial only drives its TorchTrainer (or its replicates' tasks), which hold the CPUs and GPUs.
         return tune.with_resources(fn, {"cpu": TRIAL_DRIVER_CPU})
     return tune.with_resources(fn, {"cpu": res.cpus, "gpu": res.gpus})

@@ -14,7 +14,6 @@ each trial's ``metrics.json`` coming home to ``tune/`` in the output directory).
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -27,22 +26,18 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 from ray.tune.search.hyperopt import HyperOptSearch
 
-from smile_ray.checkpoint import check_writable, write_json
+from smile_ray.checkpoint import write_json
 from smile_ray.config import make_config
-from smile_ray.errors import SmileError
 from smile_ray.methods import method_class
-from smile_ray.orchestration import tracking
-from smile_ray.orchestration.cluster import check_address, connect, user_error
+from smile_ray.metrics import RESULT_KEYS
+from smile_ray.orchestration.cluster import user_error
 from smile_ray.orchestration.progress import study_progress
-from smile_ray.orchestration.runner import (EXPERIMENT_DIR, can_resume, check_cluster, closing_on_error, fail,
-                                            file_digest, finish, run_trials, saved_file, storage_root)
-from smile_ray.orchestration.storage import check_storage, join
-from smile_ray.orchestration.spaces import Param, Study, load_study
+from smile_ray.orchestration.runner import EXPERIMENT_DIR
+from smile_ray.orchestration.spaces import Param, Study, load_study, tuning_study
+from smile_ray.orchestration.storage import join
+from smile_ray.orchestration.study import StudyRun, file_digest, saved_file
 from smile_ray.orchestration.trainable import SPREAD_KEYS
-from smile_ray.pretrain import load_source
 from smile_ray.reports.plots import plot_study
-
-RESULT_KEYS = ("val_acc", "val_ece", "test_acc", "test_ece", "steps", "seconds")
 
 
 def to_tune(p: Param) -> Any:
@@ -88,85 +83,38 @@ def expected_trials(study: Study) -> int:
     return n
 
 
-def run_study(
-    space_file: str | Path,
-    output_dir: str | Path,
-    *,
-    num_samples: int | None = None,
-    overrides: dict[str, Any] | None = None,
-    address: str | None = None,
-    tracking_uri: str | None = None,
-    experiment: str | None = None,
-    resume: bool = False,
-    cache_dir: str | Path | None = None,
-    verbose: int = 1,
-    storage: str | None = None,
-    root: str | None = None,
-) -> dict[str, Any]:
+def run_study(space: str | Path | Study | None, output_dir: str | Path, *, num_samples: int | None = None,
+              overrides: dict[str, Any] | None = None, **options: Any) -> dict[str, Any]:
     """Run (or ``resume``) a study; returns the best trial's record (best.json).
 
-    ``storage`` (``--storage``) is where the trials keep their files when the cluster has
-    several nodes; ``root`` names the study's storage folder outright (a study inside an
-    ablation or comparison: their own storage's ``tuning/<name>``)."""
-    out = Path(output_dir).resolve()
-    state_file = out / "study.json"
-    if resume:  # the study continues with the settings it was started with
-        saved = json.loads(state_file.read_text()) if state_file.is_file() else {}
-        if not saved or not can_resume(saved.get("storage_root") or out):
-            raise SmileError(f"--resume: {out} holds no study to resume")
-        space_file = saved_file(saved["space_file"], saved.get("space_sha256"), space_file, "--space", "search_spaces")
+    ``space`` is a space file (a path or a shipped name) or a :class:`Study` already
+    built in memory (an arm's or a method's tuning, :func:`tune_config`). ``options``
+    are :class:`~smile_ray.orchestration.study.StudyRun`'s (``resume``, ``address``,
+    ``tracking_uri``, ``experiment``, ``cache_dir``, ``storage``, ``root``, ``verbose``)."""
+    run = StudyRun(output_dir, kind="study", state_name="study.json", holds=(EXPERIMENT_DIR,), **options)
+    if run.resume:
+        saved = run.saved
+        space = saved_file(saved["space_file"], saved.get("space_sha256"), space, "--space", "search_spaces")
         num_samples, overrides = saved["num_samples"], saved["overrides"]
-        tracking_uri, experiment = saved["tracking_uri"], saved["experiment"]
-        storage, root = saved.get("storage"), saved.get("storage_root")
-    elif (out / EXPERIMENT_DIR).exists():
-        raise SmileError(f"{out} already holds a study; use --resume, or another --output")
 
     # Everything is validated before a single thing is created.
-    study = load_study(space_file, overrides, num_samples)
-    check_writable(out, given=output_dir)
-    check_address(address)  # before the tracking store, which a sqlite URI creates
-    if storage and not root:
-        root = storage_root(out, storage)
-        check_storage(storage, root, fresh=not resume)
-    root = root or str(out)
-    uri = tracking_uri or tracking.default_tracking_uri()
-    client = tracking.connect(uri)
-    experiment = experiment or f"smile-ray-{study.base.dataset}"
-    connect(address)
-    check_cluster(storage or (root if root != str(out) else None), study.resources, address)
-    if study.base.weights == "source":
-        load_source(study.base, cache_dir)  # pre-train once, before trials race for it
-
-    out.mkdir(parents=True, exist_ok=True)
-    exp_id = tracking.experiment_id(client, experiment, uri)
-    if resume:
-        parent_id = saved["parent_run_id"]
-        client.update_run(parent_id, status="RUNNING")
-    else:
-        parent = client.create_run(exp_id, run_name=out.name, tags={"study": out.name, "kind": "study",
-                                                                    "method": study.base.method,
-                                                                    "dataset": study.base.dataset,
-                                                                    **tracking.code_version()})
-        parent_id = parent.info.run_id
-        client.log_batch(parent_id, params=tracking.flat_params(
-            {**study.summary(), **{f"base.{k}": v for k, v in study.base.to_dict().items()}}))
-        write_json({"space_file": str(study.path.resolve()), "space_sha256": file_digest(study.path),
-                    "num_samples": study.num_samples,
-                    "overrides": overrides or {}, "tracking_uri": uri, "experiment": experiment,
-                    "parent_run_id": parent_id, "address": address, "storage": storage, "storage_root": root,
-                    "mlflow_ui": tracking.ui_link(uri, exp_id, parent_id)}, state_file)
-
+    study = space if isinstance(space, Study) else load_study(space, overrides, num_samples)
+    run.start(study.base, study.resources)
     base = study.base.to_dict()
-    logger = tracking.StudyLogger(uri, exp_id, parent_id, out.name, base)
-    setup = {"base": base, "cache_dir": str(cache_dir) if cache_dir else None, "resources": study.resources,
-             "replicates": study.replicates}
+    run.open_parent({"method": study.base.method, "dataset": study.base.dataset},
+                    {**study.summary(), **{f"base.{k}": v for k, v in base.items()}})
+    run.save({"space_file": str(study.path.resolve()), "space_sha256": file_digest(study.path),
+              "num_samples": study.num_samples, "overrides": overrides or {}})
+
+    out = run.out
     started = time.perf_counter()
-    earlier = json.loads(state_file.read_text()).get("wall_seconds", 0.0)  # of the parts before a resume
+    earlier = run.state.get("wall_seconds", 0.0)  # of the parts before a resume
     try:
-        results = run_trials(
-            out, setup, {p.name: to_tune(p) for p in study.space}, logger, resume=resume,
-            expected=expected_trials(study), root=root,
-            table=study_progress(study.searched, study.metric, study.mode, expected_trials(study)) if verbose else None,
+        results = run.trials(
+            run.setup(study.resources, base=base, replicates=study.replicates),
+            {p.name: to_tune(p) for p in study.space}, expected=expected_trials(study),
+            table=study_progress(study.searched, study.metric, study.mode, expected_trials(study)) if run.verbose
+            else None,
             tune_config=tune.TuneConfig(
                 metric=study.metric, mode=study.mode, num_samples=study.num_samples,
                 search_alg=_search_alg(study, base), scheduler=_scheduler(study),
@@ -175,29 +123,29 @@ def run_study(
         )
     finally:
         wall = earlier + time.perf_counter() - started
-        write_json({**json.loads(state_file.read_text()), "wall_seconds": wall}, state_file)
+        run.save({"wall_seconds": wall})
 
-    with closing_on_error(logger):
+    with run.closing():
         rows = _rows(results, study)
         if not any(r["status"] == "TERMINATED" and r.get(study.metric) is not None for r in rows):
             # a trial's own one-line error (e.g. a GPU where CUDA does not work) says it best
             causes = [c for c in map(user_error, results.errors) if c is not None]
-            why = f": {causes[0]}" if causes else f"; see {join(root, EXPERIMENT_DIR)} for the trials' errors"
-            raise fail(logger, f"no trial of {out} finished{why}")
+            why = f": {causes[0]}" if causes else f"; see {join(run.root, EXPERIMENT_DIR)} for the trials' errors"
+            raise run.fail(f"no trial of {out} finished{why}")
         best = _best(rows, study)
         pq.write_table(pa.Table.from_pylist(rows), out / "trials.parquet")
         record = {
             "trial_id": best["trial_id"], "metric": study.metric, "mode": study.mode,
             **{k: best.get(k) for k in RESULT_KEYS},
             **({"replicates": _replicates(best, study)} if study.replicates > 1 else {}),
-            "study": {**study.summary(), "trials": len(rows), "wall_seconds": wall,
+            "study": {**study.summary(), "searched": study.searched, "trials": len(rows), "wall_seconds": wall,
                       "trial_seconds": sum(r.get("seconds") or 0.0 for r in rows)},
             "config": make_config({**base, **{p: best[p] for p in study.searched}}).to_dict(),
         }
         write_json(record, out / "best.json")
         plot = plot_study(rows, study, out / f"{study.metric}_vs_params.png")
-        logger.log_best_model(best["trial_id"])  # the best trial's model/ as the parent's best_model/
-        finish(logger, [Path(study.path), out / "trials.parquet", out / "best.json", plot], {
+        run.study_logger.log_best_model(best["trial_id"])  # the best trial's model/ as the parent's best_model/
+        run.finish([Path(study.path), out / "trials.parquet", out / "best.json", plot], {
             f"best_{study.metric}": best[study.metric], "best_test_acc": best.get("test_acc") or float("nan"),
             "trials": len(rows)})
     return record
@@ -237,23 +185,27 @@ def _best(rows: list[dict[str, Any]], study: Study) -> dict[str, Any]:
     return max(done, key=lambda r: (sign * r[study.metric], [-ord(c) for c in r["trial_id"]]))
 
 
-def tune_config(config: dict[str, Any], space: dict[str, Any], budget: int, folder: Path, resources,
-                max_concurrent: int, *, tracking_uri: str, experiment: str, cache_dir, address,
-                root: str | None = None) -> dict[str, Any]:
+def tune_config(parent: StudyRun, name: str, config: dict[str, Any], space: dict[str, Any], budget: int,
+                resources, max_concurrent: int) -> dict[str, Any]:
     """``config`` with the best of ``budget`` HyperOpt trials (on validation) over the
-    keys of ``space`` its method reads; the study goes to ``folder``, its trials to
-    ``root`` (default: ``folder``) (how ``ablate`` and ``compare`` tune each arm or
-    method before its seeds run)."""
+    keys of ``space`` its method reads (``config`` itself when there is no budget or
+    nothing left to search): how ``ablate`` and ``compare`` tune each arm or method of
+    the study ``parent`` before its seeds run. The tuning study goes to
+    ``tuning/<name>`` of the parent's output and storage, with its tracking, experiment
+    and cluster; it is built in memory, and ``tuning/<name>.yaml`` records it as a space
+    file (logged on its parent run; ``smile-ray tune --space`` reruns it)."""
+    if not budget:
+        return config
     unused = method_class(config["method"]).unused_keys(make_config(config))
     space = {k: v for k, v in space.items() if k not in unused}
     if not space:
         return config
+    folder = parent.out / "tuning" / name
     folder.mkdir(parents=True, exist_ok=True)
-    space_file = folder.parent / f"{folder.name}.yaml"
-    space_file.write_text(yaml.safe_dump({"base": config, "metric": "val_acc", "num_samples": budget,
-                                          "max_concurrent": max_concurrent, "space": space,
-                                          "resources": {"cpus": resources.cpus, "gpus": resources.gpus,
-                                                        "workers": resources.workers}}))
-    best = run_study(space_file, folder, tracking_uri=tracking_uri, experiment=experiment, cache_dir=cache_dir,
-                     address=address, verbose=0, root=root)
+    record = folder.parent / f"{folder.name}.yaml"
+    study, raw = tuning_study(record, config, space, budget, resources, max_concurrent)
+    record.write_text(yaml.safe_dump(raw))
+    best = run_study(study, folder, verbose=0, tracking_uri=parent.uri, experiment=parent.experiment,
+                     cache_dir=parent.cache_dir, address=parent.address,
+                     root=join(parent.root, "tuning", name) if parent.storage else None)
     return {**config, **{k: best["config"][k] for k in space}}

@@ -4,8 +4,13 @@ Each directory is read for what it is:
 
 * a **run** (``smile-ray train``): ``metrics.json``;
 * a **study** (``smile-ray tune``): ``trials.parquet`` and ``best.json``;
-* an **ablation** (``smile-ray ablate``): ``ablation.parquet`` and ``ablation.md``;
-* a **comparison** (``smile-ray compare``): ``results.parquet`` and ``table.md``.
+* an **ablation** (``smile-ray ablate``): ``ablation.parquet``;
+* a **comparison** (``smile-ray compare``): ``results.parquet`` (with ``compare.json``,
+  its state file, for the order of its columns and its reference method).
+
+Everything is read from recorded state (JSON, parquet), never from the Markdown tables
+the commands wrote: titles, columns and the reference are recomputed or read from the
+state file, so a table's wording can change without breaking a report.
 
 For studies, ablations and comparisons the per-run ``metrics.json`` files inside the
 directory (the trial directories Ray Tune keeps) add training curves, reliability
@@ -22,7 +27,6 @@ read, is one :class:`~smile_ray.errors.SmileError` naming it.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,17 +36,20 @@ import pyarrow.parquet as pq
 
 from smile_ray.checkpoint import atomic_write
 from smile_ray.errors import SmileError
-from smile_ray.metrics import IL_METRICS, REPLICATE_KEY
+from smile_ray.metrics import IL_METRICS, REPLICATE_KEY, RESULT_KEYS
 from smile_ray.reports import plots
-from smile_ray.reports.tables import (ABLATION_LEGEND, COMPARE_LEGEND, ablation_table, compare_table, il_table)
+from smile_ray.reports.tables import (ABLATION_LEGEND, COMPARE_LEGEND, ablation_table, ablation_title, compare_table,
+                                      comparison_title, il_table, reference_method)
 
 #: what identifies each kind of output directory (the first kind that matches wins)
 KINDS = {
-    "ablation": ("ablation.parquet", "ablation.md"),
-    "comparison": ("results.parquet", "table.md"),
+    "ablation": ("ablation.parquet",),
+    "comparison": ("results.parquet",),
     "study": ("trials.parquet", "best.json"),
     "run": ("metrics.json",),
 }
+#: a comparison's state file (``smile-ray compare``): its columns in order and its reference
+COMPARE_STATE = "compare.json"
 #: most panels in one grid of reliability diagrams
 MAX_RELIABILITY_PANELS = 8
 #: most trials listed in a study's table
@@ -50,13 +57,13 @@ MAX_TRIAL_ROWS = 40
 
 
 @dataclass
-class Source:
-    """One output directory, read."""
+class Recorded:
+    """One output directory, read: what a run or study recorded."""
 
     path: Path
     kind: str
     rows: list[dict[str, Any]] = field(default_factory=list)  # parquet rows (study, ablation, comparison)
-    text: str = ""  # ablation.md / table.md
+    state: dict[str, Any] = field(default_factory=dict)  # compare.json
     best: dict[str, Any] = field(default_factory=dict)  # best.json
     metrics: dict[str, Any] = field(default_factory=dict)  # a run's metrics.json
     runs: list[tuple[Path, dict[str, Any]]] = field(default_factory=list)  # per-run metrics.json inside
@@ -85,7 +92,7 @@ def _need(path: Path, record: Any, keys: tuple[str, ...]) -> None:
         raise SmileError(f"{path} is not a smile-ray result file: it lacks {', '.join(missing)}")
 
 
-def read_source(path: str | Path) -> Source:
+def read_recorded(path: str | Path) -> Recorded:
     """Read one output directory; a :class:`SmileError` if it is not one."""
     d = Path(path)
     if not d.is_dir():
@@ -93,8 +100,8 @@ def read_source(path: str | Path) -> Source:
     kind = next((k for k, files in KINDS.items() if all((d / f).is_file() for f in files)), None)
     if kind is None:
         raise SmileError(f"{d} is not a smile-ray output directory (it holds none of metrics.json, "
-                         "trials.parquet + best.json, ablation.parquet + ablation.md, results.parquet + table.md)")
-    src = Source(d, kind)
+                         "trials.parquet + best.json, ablation.parquet, results.parquet)")
+    src = Recorded(d, kind)
     if kind == "run":
         src.metrics = _read_json(d / "metrics.json")
         _need(d / "metrics.json", src.metrics, ("config", "test_acc", "val_acc"))
@@ -104,11 +111,12 @@ def read_source(path: str | Path) -> Source:
         _need(d / "trials.parquet", src.rows, ("trial_id", "status"))
         _need(d / "best.json", src.best, ("trial_id", "metric", "config"))
     else:
-        table, md = KINDS[kind]
+        (table,) = KINDS[kind]
         src.rows = _read_parquet(d / table)
         _need(d / table, src.rows, ("seed", "test_acc", "config") + (("arm", "samples_per_class") if kind == "ablation"
                                                                       else ("method", "setting")))
-        src.text = (d / md).read_text(errors="replace")
+        if kind == "comparison" and (d / COMPARE_STATE).is_file():
+            src.state = _read_json(d / COMPARE_STATE)
     for f in sorted(d.rglob("metrics.json")):
         try:
             m = json.loads(f.read_text())
@@ -147,7 +155,7 @@ def build_report(dirs: list[str | Path], output: str | Path = "report.md") -> Pa
     ``output``, its images into ``<stem>_files/`` beside it; returns the report's path."""
     if not dirs:
         raise SmileError("report needs at least one output directory")
-    sources = [read_source(d) for d in dirs]  # everything is read before anything is written
+    sources = [read_recorded(d) for d in dirs]  # everything is read before anything is written
     output = Path(output)
     if output.suffix.lower() != ".md":
         raise SmileError(f"--output {output}: the report is Markdown; give a .md file")
@@ -175,7 +183,7 @@ def _what(config: dict[str, Any]) -> str:
     return f"{config.get('dataset')} ({config.get('backbone')}, {config.get('steps')} steps)"
 
 
-def _with_run_metrics(src: Source, key: Callable[[dict[str, Any]], Any],
+def _with_run_metrics(src: Recorded, key: Callable[[dict[str, Any]], Any],
                       run_key: Callable[[Path, dict[str, Any]], Any]) -> list[dict[str, Any]]:
     """The rows, each with ``_run`` (its metrics.json, if found) and the IL metrics it lacks."""
     by_key: dict[Any, dict[str, Any]] = {}
@@ -195,7 +203,7 @@ def _config_key(config: dict[str, Any]) -> str:
     return json.dumps(config, sort_keys=True)
 
 
-def _missing_runs_note(report: Report, src: Source, rows: list[dict[str, Any]]) -> bool:
+def _missing_runs_note(report: Report, src: Recorded, rows: list[dict[str, Any]]) -> bool:
     found = sum(r["_run"] is not None for r in rows)
     if found < len(rows):
         report.add(f"_{found} of {len(rows)} runs' metrics.json found under `{src.path}`; training curves, "
@@ -219,7 +227,7 @@ def _reliability_panels(report: Report, groups: dict[str, list[dict[str, Any]]],
 # ------------------------------------------------------------------ one section per kind
 
 
-def _run(report: Report, src: Source) -> None:
+def _run(report: Report, src: Recorded) -> None:
     m = src.metrics
     config = m["config"]
     title = plots.run_title(config)
@@ -249,11 +257,11 @@ def _run(report: Report, src: Source) -> None:
         report.image("reliability", lambda p: plots.plot_run_reliability(m, p), "reliability diagram")
 
 
-def _study(report: Report, src: Source) -> None:
+def _study(report: Report, src: Recorded) -> None:
     best, rows = src.best, src.rows
     metric, config = best["metric"], best["config"]
-    searched = [k for k in rows[0] if k not in ("trial_id", "status", metric, "val_acc", "val_ece", "test_acc",
-                                                 "test_ece", "steps", "seconds") and not REPLICATE_KEY.fullmatch(k)]
+    searched = best.get("study", {}).get("searched") or [
+        k for k in rows[0] if k not in ("trial_id", "status", metric, *RESULT_KEYS) and not REPLICATE_KEY.fullmatch(k)]
     replicated = f"{metric}_std" in rows[0]  # a replicates: K study: the metrics are means over K seeds
     done = [r for r in rows if r["status"] == "TERMINATED" and r.get(metric) is not None]
     reverse = best.get("mode", "max") == "max"
@@ -324,28 +332,36 @@ def _configs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [json.loads(r["config"]) if isinstance(r["config"], str) else r["config"] for r in rows]
 
 
-def _ablation(report: Report, src: Source) -> None:
+def _ablation(report: Report, src: Recorded) -> None:
     rows = _with_run_metrics(src, lambda r: r["config"], lambda p, m: _config_key(m["config"]))
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     base = _configs(rows)[0]
     seeds = len({r["seed"] for r in rows})
     sizes = sorted({r["samples_per_class"] for r in rows})
     what = f"{base.get('method')} on {_what(base)}, {seeds} seeds"
-    heading = next((ln[2:] for ln in src.text.splitlines() if ln.startswith("# ")), f"Ablation of {what}")
-    report.add(f"## {heading}", "", f"`{src.path}`: {len(rows)} runs. Reference: `{arms[0]}`. {ABLATION_LEGEND}", "",
+    report.add(f"## {ablation_title(base)}", "",
+               f"`{src.path}`: {len(rows)} runs. Reference: `{arms[0]}`. {ABLATION_LEGEND}", "",
                ablation_table(rows, arms, arms[0]))
     report.image("ablation", lambda p: plots.plot_ablation(rows, arms, p, f"Ablation of {what}: test accuracy per arm"),
                  "paired differences per arm")
-    if len(sizes) > 1:
+    label = (lambda r: r["arm"]) if len(sizes) == 1 else (lambda r: f"{r['arm']}, {r['samples_per_class']}/class")
+    _per_group(report, src, rows, "arm", ["samples_per_class", "arm"], label, what,
+               f"Test accuracy against data size, per arm: {what}" if len(sizes) > 1 else None)
+
+
+def _per_group(report: Report, src: Recorded, rows: list[dict[str, Any]], group: str, il_keys: list[str], label,
+               what: str, size_title: str | None) -> None:
+    """An ablation's or a comparison's sections per arm or method (``group``): accuracy
+    against data size (with ``size_title``), the interpolation losses (by ``il_keys``),
+    then the training curves and reliability diagrams of the runs found, by ``label``."""
+    if size_title:
         report.add("### Accuracy against training-set size", "")
-        report.image("size", lambda p: plots.plot_accuracy_vs_size(
-            rows, "arm", p, f"Test accuracy against data size, per arm: {what}"), "accuracy vs size")
-    table = il_table(rows, ["samples_per_class", "arm"])
+        report.image("size", lambda p: plots.plot_accuracy_vs_size(rows, group, p, size_title), "accuracy vs size")
+    table = il_table(rows, il_keys)
     if table:
         report.add("### Interpolation loss (paper, Eq. 1)", "", "Mean ± std over seeds; docs/method.md.", "", table)
     if _missing_runs_note(report, src, rows):
-        label = (lambda r: r["arm"]) if len(sizes) == 1 else (lambda r: f"{r['arm']}, {r['samples_per_class']}/class")
-        _curves_and_reliability(report, rows, label, f"per arm: {what}")
+        _curves_and_reliability(report, rows, label, f"per {group}: {what}")
 
 
 def _curves_and_reliability(report: Report, rows: list[dict[str, Any]], label, what: str) -> None:
@@ -360,33 +376,26 @@ def _curves_and_reliability(report: Report, rows: list[dict[str, Any]], label, w
     _reliability_panels(report, groups, f"Reliability {what}", "reliability")
 
 
-def _comparison(report: Report, src: Source) -> None:
+def _comparison(report: Report, src: Recorded) -> None:
     rows = _with_run_metrics(src, lambda r: r["config"], lambda p, m: _config_key(m["config"]))
     configs = _configs(rows)
     for r, c in zip(rows, configs):
         r.setdefault("samples_per_class", c.get("samples_per_class"))
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    header = next((ln for ln in src.text.splitlines() if ln.startswith("| method |")), "")
-    columns = [c.strip() for c in header.strip().strip("|").split("|")[1:] if c.strip() != "IQM, all columns"]
-    columns = columns or list(dict.fromkeys(r["setting"] for r in rows))
-    found = re.search(r"Reference: ([^\s.]+)\.", src.text)
-    reference = found.group(1) if found and found.group(1) in methods else methods[0]
+    # the settings' column order and the reference as compare recorded them; without its
+    # state file, the rows' order (compare writes them column by column) and the same rule
+    columns = src.state.get("columns") or list(dict.fromkeys(r["setting"] for r in rows))
+    reference = src.state.get("reference") or reference_method(methods)
     seeds = len({r["seed"] for r in rows})
     what = f"{_what(configs[0])}, {seeds} seeds"
-    heading = next((ln[2:] for ln in src.text.splitlines() if ln.startswith("# ")), f"Methods compared on {what}")
-    report.add(f"## {heading}", "", f"`{src.path}`: {len(rows)} finished runs. Reference: `{reference}`. "
-               f"{COMPARE_LEGEND}", "", compare_table(rows, methods, columns, reference))
+    report.add(f"## {comparison_title(configs[0])}", "",
+               f"`{src.path}`: {len(rows)} finished runs. Reference: `{reference}`. {COMPARE_LEGEND}", "",
+               compare_table(rows, methods, columns, reference))
     report.image("compare", lambda p: plots.plot_compare(rows, methods, [c for c in columns if any(
         r["setting"] == c for r in rows)], p, f"Test accuracy on {what}"), "test accuracy per method and column")
     # The paper's Fig. 1: only where the columns differ in data size and each size is one column.
     size_of = {r["setting"]: r["samples_per_class"] for r in rows}
-    if len(set(size_of.values())) > 1 and len(set(size_of.values())) == len(size_of):
-        report.add("### Accuracy against training-set size", "")
-        report.image("size", lambda p: plots.plot_accuracy_vs_size(
-            rows, "method", p, f"Test accuracy against data size: {what}"), "accuracy vs size")
-    table = il_table(rows, ["setting", "method"])
-    if table:
-        report.add("### Interpolation loss (paper, Eq. 1)", "", "Mean ± std over seeds; docs/method.md.", "", table)
-    if _missing_runs_note(report, src, rows):
-        label = (lambda r: r["method"]) if len(columns) == 1 else (lambda r: f"{r['method']}, {r['setting']}")
-        _curves_and_reliability(report, rows, label, f"per method: {what}")
+    sized = len(set(size_of.values())) > 1 and len(set(size_of.values())) == len(size_of)
+    label = (lambda r: r["method"]) if len(columns) == 1 else (lambda r: f"{r['method']}, {r['setting']}")
+    _per_group(report, src, rows, "method", ["setting", "method"], label, what,
+               f"Test accuracy against data size: {what}" if sized else None)

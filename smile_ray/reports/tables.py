@@ -90,6 +90,27 @@ COMPARE_LEGEND = ("Cells: mean ± std test accuracy (%) over the shared seeds, t
                   "'IQM, all columns' pools a method's runs over every column, resampled within each column.")
 
 
+def ablation_title(base: dict[str, Any]) -> str:
+    """An ablation's title (``ablation.md``'s heading and the report's), from its base config."""
+    return (f"Ablation of {base.get('method')} on {base.get('dataset')} ({base.get('backbone')}, "
+            f"{base.get('steps')} steps)")
+
+
+def comparison_title(base: dict[str, Any]) -> str:
+    """A comparison's title (``table.md``'s heading and the report's), from its base config."""
+    return (f"Methods compared on {base.get('dataset')} ({base.get('backbone')}, weights={base.get('weights')}, "
+            f"{base.get('steps')} steps)")
+
+
+#: what a comparison's methods are paired against: the paper's baseline (L2 fine-tuning)
+REFERENCE = "l2"
+
+
+def reference_method(methods: list[str]) -> str:
+    """The comparison's reference: :data:`REFERENCE` where it is compared, else the first method."""
+    return REFERENCE if REFERENCE in methods else methods[0]
+
+
 def compare_table(rows: list[dict[str, Any]], methods: list[str], columns: list[str], reference: str) -> str:
     """The paper's Table 2 form: rows = methods, columns = settings; a cell is mean ± std
     test accuracy and the paired difference to ``reference`` on the seeds both have, with
