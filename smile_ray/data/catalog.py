@@ -22,7 +22,7 @@ from smile_ray.errors import SmileError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
 
-class ImageSource:
+class Images:
     """Images addressed by position: ``open(i)`` gives a PIL image (not yet decoded)."""
 
     def __len__(self) -> int:
@@ -35,8 +35,8 @@ class ImageSource:
     def open(self, i: int):
         raise NotImplementedError
 
-    def take(self, indices: Sequence[int]) -> "ImageSource":
-        """A source of the images at ``indices``, in that order."""
+    def take(self, indices: Sequence[int]) -> "Images":
+        """The images at ``indices``, in that order."""
         raise NotImplementedError
 
     def stamp(self, i: int) -> Any:
@@ -54,7 +54,7 @@ class ImageSource:
         raise NotImplementedError
 
 
-class FileImages(ImageSource):
+class FileImages(Images):
     """Image files by path."""
 
     def __init__(self, paths: Sequence[str | Path]):
@@ -89,7 +89,7 @@ class FileImages(ImageSource):
         return json.dumps([self.stamp(i) for i in range(len(self))]).encode()
 
 
-class ArrayImages(ImageSource):
+class ArrayImages(Images):
     """Decoded RGB images held as one uint8 array ``(N, H, W, 3)`` (CIFAR)."""
 
     def __init__(self, array: np.ndarray, names: Sequence[str]):
@@ -126,9 +126,9 @@ class Catalog:
     dataset: str
     root: Path
     classes: list[str]
-    train: ImageSource
+    train: Images
     train_labels: np.ndarray
-    test: ImageSource
+    test: Images
     test_labels: np.ndarray
 
     def __post_init__(self) -> None:

@@ -87,7 +87,7 @@ from smile_ray import rng
 from smile_ray.cpus import cpu_share, process_cpus
 from smile_ray.config import Config
 from smile_ray.data.task import StepOrder
-from smile_ray.data.catalog import Catalog, ImageSource
+from smile_ray.data.catalog import Catalog, Images
 from smile_ray.data.subsets import draw, holdout, kept_classes, round_half_up, subset_counts
 from smile_ray.errors import SmileError, one_line
 
@@ -119,23 +119,23 @@ def auto_workers(config: Config) -> int:
     return worker_count(config.data_workers, process_cpus(), None)
 
 
-def decode(source: ImageSource, i: int, side: int):
+def decode(images: Images, i: int, side: int):
     """Image ``i`` as a decoded RGB PIL image with both sides >= ``side`` where the
     format can decode at a reduced scale (JPEG), else at full size."""
-    with source.open(i) as im:  # closes the file, also on failure
+    with images.open(i) as im:  # closes the file, also on failure
         if im.format == "JPEG":
             im.draft("RGB", (side, side))
         return im.convert("RGB")  # decodes (a copy when already RGB)
 
 
-def _check(source: ImageSource, i: int) -> str | None:
-    stamp = source.stamp(i)
+def _check(images: Images, i: int) -> str | None:
+    stamp = images.stamp(i)
     if stamp is None:
         return None
     if stamp in _checked:
         return _checked[stamp]
     try:
-        decode(source, i, _CHECK_SIDE)
+        decode(images, i, _CHECK_SIDE)
         why = None
     except FileNotFoundError:
         why = "no such file"
@@ -145,14 +145,14 @@ def _check(source: ImageSource, i: int) -> str | None:
     return why
 
 
-def find_bad_images(source: ImageSource, indices: Sequence[int]) -> list[tuple[int, str]]:
+def find_bad_images(images: Images, indices: Sequence[int]) -> list[tuple[int, str]]:
     """(index, reason) of the images of ``indices`` that cannot be decoded."""
     indices = [int(i) for i in indices]
-    if not indices or source.stamp(indices[0]) is None:
+    if not indices or images.stamp(indices[0]) is None:
         return []
     threads = min(8, max(1, (os.cpu_count() or 1)))  # PIL releases the GIL while decoding
     with ThreadPoolExecutor(threads) as pool:
-        reasons = list(pool.map(lambda i: _check(source, i), indices))
+        reasons = list(pool.map(lambda i: _check(images, i), indices))
     return [(i, why) for i, why in zip(indices, reasons) if why is not None]
 
 
@@ -268,7 +268,7 @@ class _Decoded(torch.utils.data.Dataset):
     the uint8 image; ``out="bytes"``: what :func:`decode_batch` takes): the part that runs
     in the DataLoader's worker processes (everything random was drawn before)."""
 
-    def __init__(self, sources: dict[str, tuple[ImageSource, Tensor]], image_size: int, mean: Tensor | None,
+    def __init__(self, sources: dict[str, tuple[Images, Tensor]], image_size: int, mean: Tensor | None,
                  std: Tensor | None, dataset: str, out: str = "float"):
         self.sources, self.image_size = sources, image_size
         self.mean, self.std, self.dataset, self.out = mean, std, dataset, out
@@ -348,7 +348,7 @@ class ImageTask(StepOrder):
     in_channels = 3
     builds_ahead = True  # DataLoader workers prefetch (and pin) the training batches
 
-    def __init__(self, splits: dict[str, tuple[ImageSource, Tensor]], classes: list[str], seed: int,
+    def __init__(self, splits: dict[str, tuple[Images, Tensor]], classes: list[str], seed: int,
                  image_size: int, norm: tuple[Sequence[float], Sequence[float]] | None, workers: int = 0,
                  dataset: str = "images", skipped_images: list[str] | None = None, decode: str = "cpu"):
         super().__init__(seed)
@@ -600,8 +600,8 @@ def image_task(config: Config, catalog: Catalog) -> ImageTask:
     lut = np.full(len(catalog.classes), -1, dtype=np.int64)
     lut[kept] = np.arange(len(kept))
 
-    def part(source: ImageSource, all_labels: np.ndarray, idx: np.ndarray) -> tuple[ImageSource, Tensor]:
-        return source.take(idx), torch.from_numpy(lut[all_labels[idx]])
+    def part(images: Images, all_labels: np.ndarray, idx: np.ndarray) -> tuple[Images, Tensor]:
+        return images.take(idx), torch.from_numpy(lut[all_labels[idx]])
 
     splits = {
         "train": part(catalog.train, catalog.train_labels, train),
