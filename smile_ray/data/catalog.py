@@ -23,14 +23,17 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".t
 
 
 class Images:
-    """Images addressed by position: ``open(i)`` gives a PIL image (not yet decoded)."""
+    """Images addressed by position: ``open(i)`` gives a PIL image (not yet decoded);
+    ``names[i]`` is how messages name image ``i`` (its path)."""
+
+    def __init__(self, names: Sequence[str | Path]):
+        self.names = [str(n) for n in names]
 
     def __len__(self) -> int:
-        raise NotImplementedError
+        return len(self.names)
 
     def name(self, i: int) -> str:
-        """How messages name image ``i`` (its path)."""
-        raise NotImplementedError
+        return self.names[i]
 
     def open(self, i: int):
         raise NotImplementedError
@@ -58,13 +61,8 @@ class FileImages(Images):
     """Image files by path."""
 
     def __init__(self, paths: Sequence[str | Path]):
-        self.paths = [str(p) for p in paths]
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def name(self, i: int) -> str:
-        return self.paths[i]
+        super().__init__(paths)
+        self.paths = self.names
 
     def open(self, i: int):
         from PIL import Image
@@ -93,14 +91,8 @@ class ArrayImages(Images):
     """Decoded RGB images held as one uint8 array ``(N, H, W, 3)`` (CIFAR)."""
 
     def __init__(self, array: np.ndarray, names: Sequence[str]):
+        super().__init__(names)
         self.array = array
-        self.names = list(names)
-
-    def __len__(self) -> int:
-        return len(self.array)
-
-    def name(self, i: int) -> str:
-        return self.names[i]
 
     def open(self, i: int):
         from PIL import Image
