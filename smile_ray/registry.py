@@ -187,6 +187,9 @@ TORCHVISION_FAMILIES = {
     r"convnext_\w+": "smile_ray.models.convnext:spec",
     r"densenet\d+": "smile_ray.models.densenet:spec",
     r"regnet_[xy]_\w+": "smile_ray.models.regnet:spec",
+    r"vgg\d+(_bn)?|alexnet": "smile_ray.models.vgg:spec",
+    r"shufflenet_v2_x\d_\d": "smile_ray.models.shufflenet:spec",
+    r"mnasnet\d_\d+": "smile_ray.models.mnasnet:spec",
 }
 #: timm's models (the optional extra smile-ray[timm]) as ``timm/<model name>``
 TIMM_PATTERN = {r"timm/\S+": "smile_ray.models.timm_models:spec"}

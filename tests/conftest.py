@@ -35,16 +35,19 @@ _PRETRAIN_CODE = ("import sys\nfrom smile_ray.config import make_config\nfrom sm
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """Run the modules that need no source model first (each module kept whole, in its
-    order, so a module's Ray still starts once), and start pre-training the source model
-    in the background for the ones that do."""
+    """Run the modules that need neither the source model nor Ray first (each module
+    kept whole, in its order, so a module's Ray still starts once), and start
+    pre-training the source model in the background meanwhile: those modules' tests are
+    short and mostly single-threaded, so the two share the cores, where a Ray study would
+    take both."""
+    later = {"cache_dir", "ray_local", "ray_address"}
     needs: dict = {}
     first: dict = {}
     for i, item in enumerate(items):
-        needs[item.path] = needs.get(item.path, False) or "cache_dir" in item.fixturenames
+        needs[item.path] = needs.get(item.path, False) or bool(later & set(item.fixturenames))
         first.setdefault(item.path, i)
     items.sort(key=lambda item: (needs[item.path], first[item.path]))
-    if any(needs.values()) and not os.environ.get("SMILE_RAY_TEST_CACHE"):
+    if any("cache_dir" in item.fixturenames for item in items) and not os.environ.get("SMILE_RAY_TEST_CACHE"):
         path = Path(tempfile.mkdtemp(prefix="smile-ray-test-cache-"))
         log = open(path / "pretrain.log", "w")
         env = {**os.environ, "SMILE_RAY_CACHE": str(path / "user-cache")}

@@ -56,7 +56,7 @@ def bad(tmp_path, capfd, cache_dir):
         (["--set", "samples_per_class=1000"], "samples_per_class=1000 needs 1000 training images of digits class"),
         (["--method", "maml"], "unknown method 'maml'"),
         (["--dataset", "cifar"], "unknown dataset 'cifar'"),
-        (["--set", "backbone=vgg16"], "unknown backbone 'vgg16'"),
+        (["--set", "backbone=squeezenet1_0"], "unknown backbone 'squeezenet1_0'"),
         (["--set", "backbone=resnet19", "--set", "weights=none"],
          "unknown backbone 'resnet19': torchvision has no classification model of that name; did you mean resnet18"),
         (["--set", "backbone=resnet18", "--set", "weights=IMAGENET1K_V2"],

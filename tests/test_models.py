@@ -111,6 +111,10 @@ def test_head_init_xavier_is_paddles_default_and_torch_is_nn_linears(cache_dir):
     ("densenet121", [f"features.denseblock{i}" for i in range(1, 5)]),
     ("regnet_x_400mf", [f"trunk_output.block{i}" for i in range(1, 5)]),
     ("wide_resnet50_2", ["layer1", "layer2", "layer3", "layer4"]),
+    ("vgg11_bn", ["features.0", "features.4", "features.11", "features.18", "features.25"]),
+    ("alexnet", ["features.0", "features.3", "features.10"]),
+    ("shufflenet_v2_x0_5", ["stage2", "stage3", "stage4"]),
+    ("mnasnet0_5", [f"layers.{i}" for i in range(8, 14)]),
 ])
 def test_a_torchvision_family_is_torchvision_with_its_stages(tmp_path, name, stages):
     """Built by torchvision, loaded from torchvision's own layout: eval logits equal
