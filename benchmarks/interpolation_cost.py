@@ -53,7 +53,7 @@ def main() -> None:
     il_times, read_times, result = [], [], {}
     for _ in range(args.repeats):
         t = time.perf_counter()
-        result = interpolation_losses(run.model, run.task, cfg.seed, run.to_device)
+        result = interpolation_losses(run.model, run.task, cfg.seed, run.to_device, pairs=cfg.il_pairs)
         il_times.append(time.perf_counter() - t)
         t = time.perf_counter()
         for split in ("train", "test"):

@@ -294,6 +294,12 @@ class Config:
         4 / REGSL_EPOCHS, "regsl: fraction of steps after which examples are reweighted (epoch 5 of 30)",
         rule=within(0, 1), methods=("regsl",), when="regsl_self_labelling",
     )
+    # measuring
+    il_pairs: int = _key(
+        256, "image pairs per split (train, test) on which the interpolation losses of the paper's Eq. 1 "
+        "(Table 4) are measured once training ends, each mixed at lambda 0.25, 0.5, 0.75; 0: not measured",
+        rule=at_least(0),
+    )
     # running
     eval_every: int = _key(
         100, "steps between validation evaluations (and checkpoints, unless checkpoint_every)",

@@ -38,8 +38,7 @@ REPLICATE_KEY = re.compile(r"(.+)_(?:std|r\d+)")
 
 #: equal-width confidence bins of the ECE and the reliability diagram
 CALIBRATION_BINS = 15
-#: image pairs per split and mixing weights of the interpolation loss
-IL_PAIRS = 256
+#: the mixing weights of the interpolation loss (its pairs per split: the config's ``il_pairs``)
 IL_LAMBDAS = (0.25, 0.5, 0.75)
 #: the key of each split's pairs in the random stream (fixed, whichever splits are measured)
 IL_SPLIT_KEYS = {"train": 0, "val": 1, "test": 2}
@@ -116,7 +115,7 @@ def interpolation_loss(
     return out[""] if set(out) == {""} else out
 
 
-def il_pairs(n: int, seed: int, split: str, pairs: int = IL_PAIRS) -> tuple[np.ndarray, np.ndarray]:
+def il_pairs(n: int, seed: int, split: str, pairs: int) -> tuple[np.ndarray, np.ndarray]:
     """``pairs`` index pairs ``(i, j)``, ``i != j``, drawn uniformly (with replacement
     across pairs) from a split of ``n`` images, keyed by (seed, split): a run always
     measures the same pairs, and two runs with the same seed and data the same ones."""
@@ -133,7 +132,7 @@ def interpolation_losses(
     to_device: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
     *,
     splits: Iterable[str] = ("train", "test"),
-    pairs: int = IL_PAIRS,
+    pairs: int,
     lambdas: Sequence[float] = IL_LAMBDAS,
     batch_size: int = 128,
 ) -> dict[str, Any]:

@@ -26,6 +26,12 @@ from smile_ray.pretrain import load_source
 # cache is the one-line offline error. Set for the whole process, so Ray's workers that
 # the tests start inherit it too.
 os.environ["SMILE_RAY_OFFLINE"] = "1"
+# Ray's raylets refuse new objects once their disk is 95 % full and print an error line to
+# every driver's terminal every 10 s; a CI machine's disk can be that full without the
+# tests writing much (they assert what the product prints, one line on a bad input). The
+# threshold is the raylets' own setting, read from the environment of every Ray that the
+# tests start (in this process, the CLI's subprocesses and `ray start`).
+os.environ.setdefault("RAY_local_fs_capacity_threshold", "1")
 
 
 #: the background pre-training of this session's source model: its folder and process
@@ -86,6 +92,26 @@ def cache_dir(tmp_path_factory):
 def _isolated_cache(monkeypatch, tmp_path_factory):
     # Nothing in the tests may write to the user's real cache.
     monkeypatch.setenv("SMILE_RAY_CACHE", str(tmp_path_factory.getbasetemp() / "user-cache"))
+
+
+@pytest.fixture(scope="session")
+def _mlflow_template(tmp_path_factory) -> Path:
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()  # MLflow creates and migrates its schema
+    return path
+
+
+@pytest.fixture
+def mlflow_db(tmp_path, _mlflow_template) -> Path:
+    """``tmp_path/mlflow.db``, the store a study run in ``tmp_path`` opens by default,
+    already made: a copy of an empty store MLflow made once per session. Making one runs
+    MLflow's schema migrations (about 3 s), which every study test would pay again; the
+    tests that do not take this fixture still have the product make its own."""
+    path = tmp_path / "mlflow.db"
+    shutil.copyfile(_mlflow_template, path)
+    return path
 
 
 @pytest.fixture(scope="module")

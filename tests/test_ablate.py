@@ -12,7 +12,7 @@ from smile_ray.stats import paired_stats
 from smile_ray.cli import main
 from study_files import DEFINITIONS, write_defs
 
-def test_tiny_ablation_end_to_end(ray_local, tmp_path, cache_dir, monkeypatch):
+def test_tiny_ablation_end_to_end(ray_local, tmp_path, mlflow_db, cache_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "abl"
     table = run_ablation(write_defs(tmp_path / "defs.yaml"), out, drops=["source_label", "feature_mixup+label_mixup"],
@@ -59,7 +59,7 @@ def test_tiny_ablation_end_to_end(ray_local, tmp_path, cache_dir, monkeypatch):
     assert src.data.params["source_label"] == "False"
 
 
-def test_tune_budget_searches_each_arm_over_what_it_still_uses(ray_local, tmp_path, cache_dir, monkeypatch):
+def test_tune_budget_searches_each_arm_over_what_it_still_uses(ray_local, tmp_path, mlflow_db, cache_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "abl"
     run_ablation(write_defs(tmp_path / "defs.yaml"), out, drops=["source_label"], tune_budget=2,
@@ -115,7 +115,7 @@ def test_paired_statistics_by_hand():
     assert same["diff"] == 0 and same["p_value"] == 1.0 and same["p_improve"] == pytest.approx(0.5)
 
 
-def test_runs_take_the_definitions_resources(ray_local, tmp_path, cache_dir, monkeypatch):
+def test_runs_take_the_definitions_resources(ray_local, tmp_path, mlflow_db, cache_dir, monkeypatch):
     """``resources: {workers: 2}`` runs every arm x seed on two Ray Train workers."""
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "abl"
@@ -128,7 +128,8 @@ def test_runs_take_the_definitions_resources(ray_local, tmp_path, cache_dir, mon
     assert sorted(r["test_acc"] for r in rows) == sorted(m["test_acc"] for m in runs)
 
 
-def test_an_interrupted_ablation_resumes_without_rerunning_finished_runs(ray_address, tmp_path, cache_dir):
+def test_an_interrupted_ablation_resumes_without_rerunning_finished_runs(ray_address, tmp_path, mlflow_db, cache_dir,
+                                                                         monkeypatch, capfd):
     """Ctrl-C while the last run trains (no run left waiting: Tune hands back the stopped
     run as TERMINATED, which used to end in a KeyError traceback with MLflow runs left
     RUNNING): exit 130, one line naming --resume, the resumed run as an uninterrupted one."""
@@ -163,12 +164,17 @@ def test_an_interrupted_ablation_resumes_without_rerunning_finished_runs(ray_add
     before = {p: p.stat().st_mtime_ns for p in finished}
     assert not (out / "ablation.parquet").exists()
 
-    refused = subprocess.run(cmd + ["--resume", "--seeds", "3"], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert refused.returncode == 2 and "drop --seeds" in refused.stderr
-    resumed = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
-    assert resumed.returncode == 0, resumed.stderr
-    assert re.search(r"^\s*4/4\s", resumed.stderr, re.M), resumed.stderr
-    assert "View detailed results" not in resumed.stdout + resumed.stderr  # Tune's own output is off
+    # refused and resumed in this process (a new one would only import torch and Ray
+    # again): what they read is on disk
+    monkeypatch.chdir(tmp_path)
+    again = ["ablate", "--output", str(out), "--address", ray_address, "--cache-dir", str(cache_dir), "--resume"]
+    capfd.readouterr()
+    assert main(again + ["--seeds", "3"]) == 2 and "drop --seeds" in capfd.readouterr().err
+    code = main(again)
+    resumed = capfd.readouterr()
+    assert code == 0, resumed.err
+    assert re.search(r"^\s*4/4\s", resumed.err, re.M), resumed.err
+    assert "View detailed results" not in resumed.out + resumed.err  # Tune's own output is off
     rows = pq.read_table(out / "ablation.parquet").to_pylist()
     assert sorted((r["arm"], r["seed"]) for r in rows) == [("-source_label", 0), ("-source_label", 1),
                                                            ("full", 0), ("full", 1)]
@@ -221,7 +227,8 @@ def test_the_table_pairs_each_arm_over_the_seeds_it_shares_with_full():
     assert f"| {np.mean([1.0, -1.0, 0.5, 0.0, 1.0, -0.5]):+.2f} |" in line["-b"]
 
 
-def test_seeds_auto_runs_a_second_round_for_an_arm_that_cannot_resolve(ray_local, tmp_path, cache_dir, monkeypatch):
+def test_seeds_auto_runs_a_second_round_for_an_arm_that_cannot_resolve(ray_local, tmp_path,
+                                                                       mlflow_db, cache_dir, monkeypatch):
     """--seeds auto --max-seeds 3 from 2 seeds, dropping a component whose "off" is the
     default (head_l2 stays on): that arm is the full method, seed for seed, so its paired
     interval is [0, 0] and cannot exclude zero. Round 1 therefore cannot resolve it: a
@@ -234,7 +241,7 @@ def test_seeds_auto_runs_a_second_round_for_an_arm_that_cannot_resolve(ray_local
     defs = write_defs(tmp_path / "defs.yaml", base={"method": "smile", "steps": 10, "eval_every": 10},
                       components={**DEFINITIONS["components"], "nothing": {"head_l2": True}})
     code = main(["ablate", "--definitions", str(defs), "--output", str(out), "--drop", "nothing",
-                 "--seeds", "auto", "--max-seeds", "3"])
+                 "--seeds", "auto", "--max-seeds", "3", "--cache-dir", str(cache_dir)])
     assert code == 0
     rows = pq.read_table(out / "ablation.parquet").to_pylist()
     assert sorted((r["arm"], r["seed"]) for r in rows) == [("-nothing", s) for s in range(3)] + [("full", s)

@@ -15,7 +15,7 @@ from smile_ray.orchestration.compare import run_compare
 from smile_ray.stats import paired_stats
 from study_files import write_settings
 
-def test_tiny_comparison_end_to_end(ray_local, tmp_path, cache_dir, monkeypatch):
+def test_tiny_comparison_end_to_end(ray_local, tmp_path, mlflow_db, cache_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "cmp"
     failed = []
@@ -57,7 +57,9 @@ def test_tiny_comparison_end_to_end(ray_local, tmp_path, cache_dir, monkeypatch)
     assert all(k.info.status == "FAILED" for k in kids if k.data.tags["setting"] == "diverging")
 
 
-def test_ctrl_c_while_the_last_run_trains_is_an_interrupt_and_resumes_as_uninterrupted(ray_address, tmp_path, cache_dir):
+def test_ctrl_c_while_the_last_run_trains_is_an_interrupt_and_resumes_as_uninterrupted(ray_address, tmp_path,
+                                                                                       mlflow_db, cache_dir,
+                                                                                       monkeypatch, capfd):
     """No run left waiting: Tune hands back the stopped run as TERMINATED; the comparison
     used to exit 0 with that cell "(failed)". Now: exit 130, one line naming --resume, no
     MLflow run left RUNNING, and the resumed run ends as an uninterrupted one."""
@@ -79,9 +81,11 @@ def test_ctrl_c_while_the_last_run_trains_is_an_interrupt_and_resumes_as_uninter
     assert client.get_run(parent_id).info.status == "KILLED"
     assert sorted(k.info.status for k in client.search_runs([exp_id], filter_string=kids)) == ["FINISHED", "KILLED"]
 
-    resumed = subprocess.run(cmd[:4] + ["--output", str(out), "--resume", *joined], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=400)
-    assert resumed.returncode == 0, resumed.stderr
+    # resumed in this process (a new one would only import torch and Ray again): what it
+    # reads is on disk
+    monkeypatch.chdir(tmp_path)
+    code = main(["compare", "--output", str(out), "--resume", *joined])
+    assert code == 0, capfd.readouterr().err
     rows = pq.read_table(out / "results.parquet").to_pylist()
     assert sorted(r["seed"] for r in rows) == [0, 1] and "(failed)" not in (out / "table.md").read_text()
     assert client.get_run(parent_id).info.status == "FINISHED"

@@ -20,7 +20,7 @@ def cub_base(tmp_path_factory):
             "class_fraction": 0.67, "train_images": 9, "data_workers": 0, "threads": 1}
 
 
-def test_tune_on_a_cub_tree(ray_local, cub_base, tmp_path, monkeypatch):
+def test_tune_on_a_cub_tree(ray_local, cub_base, tmp_path, mlflow_db, monkeypatch):
     monkeypatch.chdir(tmp_path)
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"base": cub_base, "num_samples": 2, "search": "random", "max_concurrent": 2,
@@ -38,7 +38,7 @@ def test_tune_on_a_cub_tree(ray_local, cub_base, tmp_path, monkeypatch):
     assert best["config"]["dataset"] == "cub200" and best["config"]["train_images"] == 9
 
 
-def test_ablate_on_a_cub_tree(ray_local, cub_base, tmp_path, monkeypatch):
+def test_ablate_on_a_cub_tree(ray_local, cub_base, tmp_path, mlflow_db, monkeypatch):
     monkeypatch.chdir(tmp_path)
     defs = tmp_path / "defs.yaml"
     defs.write_text(yaml.safe_dump({"base": cub_base, "seeds": 2, "max_concurrent": 2,

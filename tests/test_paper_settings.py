@@ -5,8 +5,8 @@ run) runs on a fixture tree in the dataset's native layout with a few steps; one
 goes end to end through ``smile-ray compare`` under Ray with ``--storage``.
 
 Sizes are overridden so that a run is small (2 steps of batch 4 at 32 px on the CPU,
-random weights, the C:25%/N:Y cells' N cut to the fixture's images); everything else is
-the file's.
+random weights, the C:25%/N:Y cells' N cut to the fixture's images, the interpolation
+losses on 2 pairs); everything else is the file's.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ FILES = [(ds, cell) for ds, (cells, *_) in DATASETS.items() for cell in cells]
 #: what every file's runs share: the reference's protocol on one GPU each
 PROTOCOL = {"image_size": 224, "batch_size": 48, "steps": 9000, "lr": 0.01, "precision": "bf16", "device": "cuda"}
 SMALL = {"steps": 2, "eval_every": 2, "image_size": 32, "batch_size": 4, "device": "cpu", "precision": "fp32",
-         "channels_last": "false", "data_workers": 0, "weights": "none", "threads": 1}
+         "il_pairs": 2, "channels_last": "false", "data_workers": 0, "weights": "none", "threads": 1}
 
 
 def needs_backbone(ds):
@@ -94,7 +94,7 @@ def test_a_files_path_trains_on_a_fixture_tree(ds, cell, tmp_path, cache_dir):
     assert (tmp_path / "run" / "model.pt").is_file()
 
 
-def test_a_file_end_to_end_through_compare_with_storage(ray_local, tmp_path, cache_dir, monkeypatch):
+def test_a_file_end_to_end_through_compare_with_storage(ray_local, tmp_path, mlflow_db, cache_dir, monkeypatch):
     from smile_ray.cli import main
 
     monkeypatch.chdir(tmp_path)

@@ -157,6 +157,14 @@ def test_metrics_json_is_complete(tmp_path, cache_dir):
     assert ece == pytest.approx(m["test_ece"], abs=1e-5)
 
 
+def test_il_pairs_sets_the_interpolation_losses_pairs_and_zero_skips_them(tmp_path, cache_dir):
+    few = train(make_config({**SHORT, "steps": 10, "method": "l2", "il_pairs": 8}), tmp_path / "a", cache_dir=cache_dir)
+    assert few["interpolation"]["pairs"] == 8 and few["label_il_test"] > 0
+    none = train(make_config({**SHORT, "steps": 10, "method": "l2", "il_pairs": 0}), tmp_path / "b", cache_dir=cache_dir)
+    assert "interpolation" not in none and not any(k in none for k in ("label_il_train", "feature_il_test"))
+    assert none["history"] == few["history"]  # a measurement after training, nothing else
+
+
 def test_threads_are_set_and_recorded(tmp_path, cache_dir):
     before = torch.get_num_threads()
     try:

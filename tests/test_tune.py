@@ -62,39 +62,15 @@ def check_study(out, client, num_trials):
     return rows, best
 
 
-def test_tiny_study_end_to_end_and_best_is_reproducible(ray_local, tmp_path, cache_dir, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the default store is ./mlflow.db
-    out = tmp_path / "study"
-    run_study(write_space(tmp_path / "space.yaml"), out, cache_dir=cache_dir, verbose=0)
-    assert (tmp_path / "mlflow.db").is_file()
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    rows, best = check_study(out, client, 4)
-
-    # The best config trains to the same validation accuracy (trials ran on one thread).
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "smile_ray", "train", "--config", str(out / "best.json"), "--output",
-         str(tmp_path / "again"), "--cache-dir", str(cache_dir), "--quiet"],
-        capture_output=True, text=True, env=env,
-    )
-    assert proc.returncode == 0, proc.stderr
-    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
-    # Another process: summation order may differ in the last bits, not in a prediction
-    # more than once in a while, nor in the losses beyond rounding.
-    trial = next((out / "tune").glob(f"*{best['trial_id']}*/run/metrics.json"))
-    first = json.loads(trial.read_text())
-    assert abs(again["val_acc"] - best["val_acc"]) <= 1.5 / again["split_sizes"]["val"]
-    assert [h["train_loss"] for h in again["history"]] == pytest.approx([h["train_loss"] for h in first["history"]],
-                                                                         rel=1e-4)
-
-
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def test_against_a_real_mlflow_server(ray_local, tmp_path, cache_dir):
+def test_tiny_study_through_a_real_mlflow_server_and_its_best_is_reproducible(ray_local, tmp_path, cache_dir):
+    """A 4-trial study tracked by a real ``mlflow server``; the best config trains again
+    to the same result. (The default store, ./mlflow.db, is every other study test's.)"""
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
@@ -114,10 +90,9 @@ def test_against_a_real_mlflow_server(ray_local, tmp_path, cache_dir):
                 assert time.time() < deadline, "mlflow server did not start"
                 time.sleep(1)
         out = tmp_path / "study"
-        # two trials, one batch of max_concurrent: what goes through the server is the same per trial
-        run_study(write_space(tmp_path / "space.yaml", num_samples=2), out, tracking_uri=uri, experiment="served",
+        run_study(write_space(tmp_path / "space.yaml"), out, tracking_uri=uri, experiment="served",
                   cache_dir=cache_dir, verbose=0)
-        check_study(out, client, 2)
+        rows, best = check_study(out, client, 4)
         served = client.get_experiment_by_name("served")
         assert served is not None
         # the address printed at the end opens the parent run in the model-training view
@@ -132,6 +107,23 @@ def test_against_a_real_mlflow_server(ray_local, tmp_path, cache_dir):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+    # The best config trains to the same validation accuracy (trials ran on one thread).
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "smile_ray", "train", "--config", str(out / "best.json"), "--output",
+         str(tmp_path / "again"), "--cache-dir", str(cache_dir), "--quiet"],
+        capture_output=True, text=True, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    # Another process: summation order may differ in the last bits, not in a prediction
+    # more than once in a while, nor in the losses beyond rounding.
+    trial = next((out / "tune").glob(f"*{best['trial_id']}*/run/metrics.json"))
+    first = json.loads(trial.read_text())
+    assert abs(again["val_acc"] - best["val_acc"]) <= 1.5 / again["split_sizes"]["val"]
+    assert [h["train_loss"] for h in again["history"]] == pytest.approx([h["train_loss"] for h in first["history"]],
+                                                                         rel=1e-4)
 
 
 def run_cli(capfd, *argv):
@@ -167,7 +159,8 @@ def test_bad_command_lines(tmp_path, capfd, monkeypatch):
     assert [e.name for e in client.search_experiments()] in ([], ["Default"])
 
 
-def test_interrupted_study_resumes_without_rerunning_finished_trials(ray_address, tmp_path, cache_dir):
+def test_interrupted_study_resumes_without_rerunning_finished_trials(ray_address, tmp_path, mlflow_db, cache_dir,
+                                                                     monkeypatch, capfd):
     space = write_space(tmp_path / "space.yaml", num_samples=4, max_concurrent=1,
                         base={"method": "smile", "steps": 60, "eval_every": 20, "samples_per_class": 3})
     out = tmp_path / "study"
@@ -187,17 +180,21 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials(ray_address
     rows = [ln for ln in err.splitlines() if re.match(r"\s*\d/4\s+\d+m\d\ds\s+\w{8,}\s", ln)]
     assert len(rows) >= 2 and all(len(ln) <= 120 for ln in rows), err
 
-    resume = [sys.executable, "-m", "smile_ray", "tune", "--output", str(out), "--resume", *joined]
-    resumed = subprocess.run(resume, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
-    assert resumed.returncode == 0, resumed.stderr
+    # resumed in this process (a new one would only import torch and Ray again): what it
+    # reads is on disk
+    monkeypatch.chdir(tmp_path)
+    capfd.readouterr()
+    code = main(["tune", "--output", str(out), "--resume", *joined])
+    resumed = capfd.readouterr()
+    assert code == 0, resumed.err
     rows = pq.read_table(out / "trials.parquet").to_pylist()
     assert len(rows) == 4 and all(r["status"] == "TERMINATED" for r in rows)
     best = json.loads((out / "best.json").read_text())
     assert best["study"]["wall_seconds"] > json.loads((out / "study.json").read_text())["wall_seconds"] - 1e-6 > 0
-    assert "in all" in resumed.stdout
-    assert "Configuration for experiment" not in resumed.stdout and "View detailed results" not in resumed.stdout
-    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}" in resumed.stdout
-    assert re.search(r"^\s*4/4\s", resumed.stderr, re.M), resumed.stderr  # counted with the trials before the resume
+    assert "in all" in resumed.out
+    assert "Configuration for experiment" not in resumed.out and "View detailed results" not in resumed.out
+    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}" in resumed.out
+    assert re.search(r"^\s*4/4\s", resumed.err, re.M), resumed.err  # counted with the trials before the resume
     for path, mtime in before.items():  # finished trials were not run again
         assert path.stat().st_mtime_ns == mtime
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -207,7 +204,9 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials(ray_address
     assert client.get_run(parent_id).info.status == "FINISHED"
 
 
-def test_ctrl_c_while_the_last_trial_runs_is_an_interrupt_and_resumes_as_uninterrupted(ray_address, tmp_path, cache_dir):
+def test_ctrl_c_while_the_last_trial_runs_is_an_interrupt_and_resumes_as_uninterrupted(ray_address, tmp_path,
+                                                                                       mlflow_db, cache_dir,
+                                                                                       monkeypatch, capfd):
     """Ctrl-C with no trial left waiting: Tune returns its stopped trials as TERMINATED, so
     the study used to end as if complete (exit 0, a partial trial in the table)."""
     space = write_space(tmp_path / "space.yaml", num_samples=2, max_concurrent=1, search="random",
@@ -226,9 +225,8 @@ def test_ctrl_c_while_the_last_trial_runs_is_an_interrupt_and_resumes_as_uninter
     assert client.get_run(parent_id).info.status == "KILLED"
     assert sorted(k.info.status for k in children(client, parent_id)) == ["FINISHED", "KILLED"]
 
-    resume = [sys.executable, "-m", "smile_ray", "tune", "--output", str(out), "--resume", *joined]
-    resumed = subprocess.run(resume, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
-    assert resumed.returncode == 0, resumed.stderr
+    monkeypatch.chdir(tmp_path)
+    assert main(["tune", "--output", str(out), "--resume", *joined]) == 0, capfd.readouterr().err
     rows = pq.read_table(out / "trials.parquet").to_pylist()
     assert len(rows) == 2 and all(r["status"] == "TERMINATED" and r["steps"] == 60 for r in rows)
     assert client.get_run(parent_id).info.status == "FINISHED"
@@ -237,7 +235,7 @@ def test_ctrl_c_while_the_last_trial_runs_is_an_interrupt_and_resumes_as_uninter
     assert_as_uninterrupted(interrupted, cache_dir, tmp_path / "direct")
 
 
-def test_a_study_started_by_a_shipped_name_resumes(ray_local, tmp_path, cache_dir, monkeypatch):
+def test_a_study_started_by_a_shipped_name_resumes(ray_local, tmp_path, mlflow_db, cache_dir, monkeypatch):
     """``--space smile`` names a shipped file: the study saves that file, resolved, not
     ``$PWD/smile`` (where ``--resume`` found nothing), and resumes with or without
     ``--space`` given again; another file, or the saved one changed, is refused."""
