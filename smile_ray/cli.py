@@ -18,7 +18,6 @@ from smile_ray import api
 from smile_ray.config import KEYS, Config, preset_names, resolve_config, shipped_names
 from smile_ray.errors import SmileError
 from smile_ray.registry import DATASETS, METHODS
-from smile_ray.reports.tables import for_terminal
 
 
 def _keys_help() -> str:
@@ -273,7 +272,7 @@ def ablate(definitions, drops, all_components, seeds, max_seeds, base_file, over
                         base=base_file, overrides=all_overrides(overrides, assignments), tune_budget=tune_budget,
                         progress=not quiet, **study)
     table, output = result.table, result.output
-    click.echo(for_terminal(table), nl=False)
+    echo_table(table)
     click.echo(f"wrote {output / 'ablation.parquet'}, {output / 'ablation.md'}, {output / 'ablation.png'}")
     echo_mlflow(output / "ablation.json")
 
@@ -303,7 +302,7 @@ def compare(methods_text, settings_file, seeds, overrides, tune_budget, assignme
                          tune_budget=tune_budget, progress=not quiet,
                          on_failed=lambda line: click.echo(line, err=True), **study)
     table, output = result.table, result.output
-    click.echo(for_terminal(table), nl=False)
+    echo_table(table)
     click.echo(f"wrote {output / 'results.parquet'}, {output / 'table.md'}, {output / 'table.png'}")
     echo_mlflow(output / "compare.json")
 
@@ -334,6 +333,15 @@ def show_config(config_file, overrides, assignments, quiet) -> None:
     """Print the resolved config as YAML (a starting point for --config files)."""
     config: Config = resolve_config(config_file, all_overrides(overrides, assignments))
     click.echo(yaml.safe_dump(config.to_dict(), sort_keys=False), nl=False)
+
+
+def echo_table(markdown: str) -> None:
+    """Print a study's Markdown table as a terminal shows it."""
+    # imported here: the tables import the statistics (scipy, torch), which every other
+    # command line (--help, a refused input) would otherwise wait for
+    from smile_ray.reports.tables import for_terminal
+
+    click.echo(for_terminal(markdown), nl=False)
 
 
 def echo_mlflow(state_file: Path) -> None:

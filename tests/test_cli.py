@@ -127,6 +127,16 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_help_imports_neither_torch_nor_ray():
+    """``smile-ray ... --help`` answers at once: the command line's module and a command's
+    help load neither torch nor Ray (each takes seconds to import)."""
+    code = ("import sys\nfrom smile_ray.cli import cli\n"
+            "try:\n    cli.main(['tune', '--help'], standalone_mode=False)\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules, 'ray' in sys.modules, 'scipy' in sys.modules, file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "Usage: " in proc.stdout and proc.stderr.split() == ["False", "False", "False"], proc.stderr
+
+
 def test_help_explains_every_config_key(capfd):
     from smile_ray.config import KEYS
 
