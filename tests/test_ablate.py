@@ -148,7 +148,7 @@ def test_an_interrupted_ablation_resumes_without_rerunning_finished_runs(ray_add
                             stderr=subprocess.PIPE, text=True)
     err, finished = interrupt_after_rows(proc, r"\s*\d/4\s", 3, last_batch=True)
     assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("error: interrupted; add --resume"), err
-    assert "Traceback" not in err and len(finished) == 3
+    assert "Traceback" not in err and len(finished) == 3, err
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     parent_id = json.loads((out / "ablation.json").read_text())["parent_run_id"]
     assert client.get_run(parent_id).info.status == "KILLED"

@@ -215,7 +215,7 @@ def test_ctrl_c_leaves_the_progress_bar_above_the_error_line(tmp_path, cache_dir
     assert proc.returncode == 130
     tail = err[err.rindex("error: interrupted"):]
     assert tail.count("\n") == 1 and tail.endswith("\n") and "\r" not in tail, repr(err[-400:])
-    assert "Traceback" not in err
+    assert "Traceback" not in err, err
 
 
 def test_bare_key_value_arguments_are_overrides_like_set(capfd):

@@ -73,7 +73,8 @@ def test_ctrl_c_while_the_last_run_trains_is_an_interrupt_and_resumes_as_uninter
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     err, finished = interrupt_after_rows(proc, r"\s*\d/2\s", 1, last_batch=True)
     assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("error: interrupted; add --resume"), err
-    assert "Traceback" not in err and not (out / "table.md").exists() and not (out / "results.parquet").exists()
+    assert "Traceback" not in err, err
+    assert not (out / "table.md").exists() and not (out / "results.parquet").exists()
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     parent_id = json.loads((out / "compare.json").read_text())["parent_run_id"]
     exp_id = client.get_run(parent_id).info.experiment_id

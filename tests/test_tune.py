@@ -219,7 +219,8 @@ def test_ctrl_c_while_the_last_trial_runs_is_an_interrupt_and_resumes_as_uninter
     err, finished = interrupt_after_rows(proc, r"\s*\d/2\s+\d+m\d\ds\s+\w{8,}\s", 1, last_batch=True)
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1].startswith("error: interrupted; add --resume"), err
-    assert "Traceback" not in err and not (out / "trials.parquet").exists() and not (out / "best.json").exists()
+    assert "Traceback" not in err, err
+    assert not (out / "trials.parquet").exists() and not (out / "best.json").exists()
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     parent_id = json.loads((out / "study.json").read_text())["parent_run_id"]
     assert client.get_run(parent_id).info.status == "KILLED"
