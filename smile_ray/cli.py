@@ -17,6 +17,7 @@ import yaml
 from smile_ray import api
 from smile_ray.config import KEYS, Config, preset_names, resolve_config, shipped_names
 from smile_ray.errors import SmileError
+from smile_ray.interrupts import resend_lost_interrupts
 from smile_ray.registry import DATASETS, METHODS
 
 
@@ -356,7 +357,8 @@ def argv_has(argv: list[str] | None, word: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        rv = cli.main(args=argv, prog_name="smile-ray", standalone_mode=False)
+        with resend_lost_interrupts():  # a Ctrl-C that lands in a weakref callback still stops the command
+            rv = cli.main(args=argv, prog_name="smile-ray", standalone_mode=False)
     except SmileError as e:
         click.echo(f"error: {e}", err=True)
         return 2

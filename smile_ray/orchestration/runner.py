@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,14 +24,13 @@ from typing import Any
 from ray import tune
 
 from smile_ray.errors import SmileError
+from smile_ray.interrupts import resend_lost_interrupts
 from smile_ray.orchestration import storage
 from smile_ray.orchestration.progress import TrialTable
 from smile_ray.orchestration.tracking import StudyLogger
 from smile_ray.orchestration.trainable import TrialSetup, trainable
 
 EXPERIMENT_DIR = "tune"
-#: how long after a Ctrl-C that Python could not raise (see :func:`interrupts_to_tune`) it is sent again
-AGAIN_AFTER_S = 0.05
 NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"
 #: Tune's own Ctrl-C handler is off (:func:`interrupts_to_tune`): ours notes the interrupt
 #: and hands it to Tune's graceful stop, which Tune keeps on SIGUSR1
@@ -62,11 +60,9 @@ def interrupts_to_tune():
     interrupted is a fact we note ourselves. Tune stops gracefully on SIGUSR1 too, with
     the same handler; ours calls that handler.
 
-    A KeyboardInterrupt that Python cannot raise where the signal found the main thread
-    (inside a weakref callback or a finaliser, run by the garbage collector) would be
-    printed as "Exception ignored in ..." with a traceback and lost, the study going on
-    as if no Ctrl-C had come; it is sent to the main thread again instead, silently, a
-    moment later (``AGAIN_AFTER_S``), when it has left the callback."""
+    A Ctrl-C that lands inside a weakref callback or a finaliser, where Python cannot
+    raise it, is sent to the main thread again
+    (:func:`~smile_ray.interrupts.resend_lost_interrupts`)."""
     got: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield got  # signals reach only the main thread; Tune installs nothing here either
@@ -81,26 +77,14 @@ def interrupts_to_tune():
             raise KeyboardInterrupt
         tune_stop(signum, frame)
 
-    saved_hook = sys.unraisablehook
-
-    def on_unraisable(unraisable):
-        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
-            # sent a moment later, from another thread: sent from here, the handler would
-            # run (and raise) inside this hook, where Python cannot raise either
-            main = threading.main_thread().ident
-            threading.Timer(AGAIN_AFTER_S, signal.pthread_kill, (main, signal.SIGINT)).start()
-            return
-        saved_hook(unraisable)
-
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGUSR1)}
     saved_env = os.environ.get(TUNE_SIGINT_ENV)
     os.environ[TUNE_SIGINT_ENV] = "1"
     signal.signal(signal.SIGINT, on_interrupt)
-    sys.unraisablehook = on_unraisable
     try:
-        yield got
+        with resend_lost_interrupts():
+            yield got
     finally:
-        sys.unraisablehook = saved_hook
         for sig, handler in saved.items():
             signal.signal(sig, handler)
         if saved_env is None:

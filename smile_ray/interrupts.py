@@ -1,0 +1,42 @@
+"""Ctrl-C that Python could not raise.
+
+Python runs a signal handler wherever the main thread is. When that is a weakref callback
+or a finaliser (the garbage collector runs them anywhere), the handler's
+``KeyboardInterrupt`` cannot propagate: Python prints "Exception ignored in ..." with a
+traceback and drops it, and a run or study goes on as if no Ctrl-C had come.
+:func:`resend_lost_interrupts` sends such an interrupt to the main thread again instead,
+silently, a moment later (:data:`AGAIN_AFTER_S`), once it has left the callback. Sent
+from the hook itself, the handler would run, and raise, inside the hook, where Python
+cannot raise either.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+#: how long after a Ctrl-C that Python could not raise it is sent again
+AGAIN_AFTER_S = 0.05
+
+
+@contextmanager
+def resend_lost_interrupts() -> Iterator[None]:
+    """While inside: an unraisable KeyboardInterrupt is sent to the main thread again
+    (``signal.pthread_kill`` from a timer thread); any other unraisable exception goes to
+    the hook that was there before. The hook is restored on the way out."""
+    saved = sys.unraisablehook
+
+    def on_unraisable(unraisable) -> None:
+        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+            main = threading.main_thread().ident
+            threading.Timer(AGAIN_AFTER_S, signal.pthread_kill, (main, signal.SIGINT)).start()
+            return
+        saved(unraisable)
+
+    sys.unraisablehook = on_unraisable
+    try:
+        yield
+    finally:
+        sys.unraisablehook = saved

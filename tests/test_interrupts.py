@@ -1,0 +1,47 @@
+"""A Ctrl-C that Python could not raise is sent again (smile_ray/interrupts.py), driven
+with real signals under Python's own SIGINT handler, as a `smile-ray train` has it."""
+from __future__ import annotations
+
+import signal
+import sys
+import time
+import weakref
+
+import pytest
+
+from smile_ray.interrupts import resend_lost_interrupts
+
+
+class Thing:
+    pass
+
+
+def interrupted_callback(_ref):
+    signal.raise_signal(signal.SIGINT)
+    for _ in range(3):  # a backward jump: Python runs the pending handler here, inside the callback
+        pass
+
+
+def test_a_ctrl_c_inside_a_weakref_callback_reaches_the_main_thread(capfd):
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt):
+        with resend_lost_interrupts():
+            thing = Thing()
+            ref = weakref.ref(thing, interrupted_callback)  # noqa: F841 - kept so that the callback runs
+            del thing  # the last reference: CPython runs the callback here
+            time.sleep(10)  # the main thread's next stop: interrupted there at once
+    assert "Exception ignored" not in capfd.readouterr().err
+
+
+def test_other_unraisable_errors_go_to_the_hook_that_was_there(monkeypatch):
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+
+    def failing_callback(_ref):
+        raise ValueError("a bug in a callback")
+
+    with resend_lost_interrupts():
+        thing = Thing()
+        ref = weakref.ref(thing, failing_callback)  # noqa: F841
+        del thing
+    assert [u.exc_type for u in seen] == [ValueError] and sys.unraisablehook == seen.append
