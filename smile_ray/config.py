@@ -297,7 +297,7 @@ class Config:
     # measuring
     il_pairs: int = _key(
         256, "image pairs per split (train, test) on which the interpolation losses of the paper's Eq. 1 "
-        "(Table 4) are measured once training ends, each mixed at lambda 0.25, 0.5, 0.75; 0: not measured",
+        "(Table 4) are measured once training ends (docs/method.md); 0: not measured",
         rule=at_least(0),
     )
     # running

@@ -143,8 +143,11 @@ def interpolation_losses(
     each mixed at every weight in ``lambdas``; eval mode, fp32, no gradients.
 
     Returns ``{label_il_<split>, feature_il_<split>}`` per split with at least two
-    images, and ``interpolation``: what was measured (pairs, lambdas, seconds).
+    images, and ``interpolation``: what was measured (pairs, lambdas, seconds); ``{}``
+    for ``pairs=0`` (the config's ``il_pairs=0``: not measured).
     """
+    if pairs == 0:
+        return {}
     started = time.perf_counter()
     was_training = model.training
     model.eval()

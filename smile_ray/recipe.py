@@ -498,7 +498,7 @@ def final_metrics(run: Run, state: LoopState, started_at: str, consistent: bool 
     run was: where, how long, on what data, with what config."""
     c = run.config
     val, test = evaluate(run, "val"), evaluate(run, "test", reliability=True)
-    il = interpolation_losses(unwrap(run.model), run.task, c.seed, run.to_device, pairs=c.il_pairs) if c.il_pairs else {}
+    il = interpolation_losses(unwrap(run.model), run.task, c.seed, run.to_device, pairs=c.il_pairs)
     metrics = {
         "method": c.method,
         "dataset": c.dataset,
