@@ -42,6 +42,10 @@ def test_tiny_comparison_end_to_end(ray_local, tmp_path, mlflow_db, cache_dir, m
     best = "smile" if np.mean(smile) >= np.mean(l2) else "l2"
     assert "**" in next(ln for ln in table.splitlines() if ln.startswith(f"| {best} |"))
     assert "run failed: " in md and (out / "table.png").stat().st_size > 1000
+    # the paper's Table 4 after it, per column and method; one size, so no Fig. 1 section
+    il = md.split("## Interpolation losses (the paper's Table 4)")[1]
+    assert "| 3 per class | l2 | 2 |" in il and "| 3 per class | smile | 2 |" in il
+    assert "Fig. 1" not in md and not (out / "difference.png").exists()
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("smile-ray-digits")

@@ -72,14 +72,18 @@ def ablation_dir(path, seeds=3, sizes=(3,), arms=("full", "-source_label", "-fea
     return path
 
 
-def comparison_dir(path, seeds=3, methods=("l2", "mixup", "smile"), sizes=(3, 10)):
+def comparison_dir(path, seeds=3, methods=("l2", "mixup", "smile"), sizes=(3, 10), lrs=(None,)):
+    """A comparison's folder; with several ``lrs``, a column per size and lr (as the
+    paper's Fig. 1 file has a column per size and initialisation)."""
     rows = []
-    columns = [f"{s} per class" for s in sizes]
-    for column, spc in zip(columns, sizes):
+    cells = [(f"{s} per class" + (f", lr {lr}" if lr else ""), s, lr) for lr in lrs for s in sizes]
+    columns = [c for c, _, _ in cells]
+    for column, spc, lr in cells:
         for i, method in enumerate(methods):
             for seed in range(seeds):
-                config = make_config({"method": method, "seed": seed, "samples_per_class": spc}).to_dict()
-                acc = 0.55 + 0.02 * spc + 0.02 * i + 0.01 * ((seed * 5 + i) % 3)
+                config = make_config({"method": method, "seed": seed, "samples_per_class": spc,
+                                      **({"lr": lr} if lr else {})}).to_dict()
+                acc = 0.55 + 0.02 * spc + 0.02 * i * (lr or 0.01) * 100 + 0.01 * ((seed * 5 + i) % 3)
                 m = fake_metrics(config, acc, 1000 * spc + 10 * i + seed)
                 write_json(m, path / "tune" / f"run_trial_{spc}_{i}_{seed}" / "run" / "metrics.json")
                 rows.append({"method": method, "setting": column, "seed": seed,
@@ -157,7 +161,40 @@ def test_a_comparison_over_data_sizes(tmp_path):
     smile = next(ln for ln in text.splitlines() if ln.startswith("| smile |"))
     assert smile.count("MDE") == 2
     names = [link.split("-", 1)[1] for link in images_of(out)]
-    assert names == ["compare.png", "size.png", "curves.png", "reliability.png"]
+    assert names == ["compare.png", "difference.png", "size.png", "curves.png", "reliability.png"]
+
+
+def test_a_comparison_over_sizes_and_another_key_is_the_papers_figure_1(tmp_path):
+    """Columns per size and lr: each method's paired difference to l2 against the size,
+    a series per method and lr, each point the paired statistics of its seeds."""
+    from smile_ray.orchestration.compare import analyses
+    from smile_ray.reports.tables import size_differences
+    from smile_ray.stats import paired_stats
+
+    folder = comparison_dir(tmp_path / "cmp", methods=("l2", "mixup"), sizes=(3, 10), lrs=(0.01, 0.02))
+    rows = pq.read_table(folder / "results.parquet").to_pylist()
+    series = size_differences(rows, "l2")
+    assert [(s["method"], s["group"], [p["size"] for p in s["points"]]) for s in series] == [
+        ("mixup", "lr=0.01", [3, 10]), ("mixup", "lr=0.02", [3, 10])]
+    acc = {(r["method"], r["setting"], r["seed"]): 100 * r["test_acc"] for r in rows}
+    st = paired_stats([acc["l2", "10 per class, lr 0.02", k] for k in range(3)],
+                      [acc["mixup", "10 per class, lr 0.02", k] for k in range(3)])
+    point = series[1]["points"][1]
+    assert point["n"] == 3 and (point["diff"], point["ci_low"], point["ci_high"]) == (
+        pytest.approx(st["diff"]), pytest.approx(st["ci_low"]), pytest.approx(st["ci_high"]))
+    assert size_differences([r for r in rows if r["setting"].startswith("3 ")], "l2") == []  # one size: none
+
+    # compare's table.md sections: Table 4 per column and method, then the Fig. 1 numbers and picture
+    text, files = analyses(rows, "l2", tmp_path, "digits")
+    assert files == [tmp_path / "difference.png"] and files[0].stat().st_size > 5000
+    il = text.split("## Interpolation losses (the paper's Table 4)")[1].split("\n## ")[0]
+    assert sum(ln.startswith("| ") and "per class" in ln for ln in il.splitlines()) == 8
+    fig1 = text.split("(the paper's Fig. 1)")[1]
+    assert f"| mixup | lr=0.02 | 10 | 3 | {st['diff']:+.2f} | [{st['ci_low']:+.2f}, {st['ci_high']:+.2f}] |" in fig1
+
+    out = build_report([folder], tmp_path / "report.md")
+    names = [link.split("-", 1)[1] for link in images_of(out)]
+    assert names[:2] == ["compare.png", "difference.png"] and "size.png" not in names  # two columns per size
 
 
 def test_a_comparison_is_read_from_its_recorded_state_not_its_markdown(tmp_path):
@@ -191,7 +228,7 @@ def test_every_kind_in_one_report_from_the_command_line(tmp_path, capfd):
         "## Study: smile on digits (digits_cnn, 300 steps, seed 2022)",
         "## Ablation of smile on digits (digits_cnn, 300 steps)",
         "## Methods compared on digits (digits_cnn, weights=source, 300 steps)"]
-    assert len(images_of(out)) == 2 + 2 + 3 + 4 and (tmp_path / "out" / "all_files").is_dir()
+    assert len(images_of(out)) == 2 + 2 + 3 + 5 and (tmp_path / "out" / "all_files").is_dir()
 
 
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capfd):

@@ -56,6 +56,27 @@ def test_shipped_spaces_and_ablations_are_found_from_any_directory(tmp_path, mon
         load_study("search_spaces/nope.yaml")
 
 
+@pytest.mark.parametrize("name", ["digits", "fashion_mnist", "fashion_mnist_5", "fashion_mnist_transfer",
+                                  "fashion_mnist_figure1"])
+def test_shipped_settings_validate_for_the_commands_their_headers_give(name):
+    """Each shipped comparison file's header names its command; the file validates for
+    those methods (the paper's cells: tests/test_paper_settings.py)."""
+    import re
+
+    from smile_ray.config import find_shipped
+    from smile_ray.orchestration.spaces import load_settings
+
+    header = find_shipped(name, "compare").read_text()
+    commands = re.findall(rf"smile-ray compare --methods (\S+) --settings {name}\b", header)
+    assert commands, header
+    for methods in commands:
+        settings = load_settings(name, methods.split(","))
+        assert settings.seeds >= 2 and settings.columns
+    if name == "fashion_mnist_figure1":  # the paper's Fig. 1: sizes x initialisations
+        assert {(c["samples_per_class"], c["weights"]) for c in settings.columns.values()} == {
+            (n, w) for n in (5, 20, 50) for w in ("imagenet", "none")}
+
+
 # --- ablation definitions -----------------------------------------------------------
 
 @pytest.mark.parametrize(

@@ -10,8 +10,11 @@ seeds with its best config: every method gets the same search budget.
 Outputs: ``results.parquet`` (a row per run), ``table.md`` (rows = methods, columns =
 settings, mean ± std test accuracy, the best per column in bold, and each method's
 paired difference to the reference method with its 95 % interval and minimum detectable
-effect, and the IQM where a cell has 8 runs), ``table.png`` (the
-same as dots and intervals), an MLflow parent run with a child per run. A run that
+effect, and the IQM where a cell has 8 runs; then the interpolation losses per column and
+method, the paper's Table 4; and where the columns span training-set sizes, each
+method's paired difference to the reference against the size, the paper's Fig. 1, drawn
+as ``difference.png``), ``table.png`` (the table as dots and intervals), an MLflow
+parent run with a child per run. A run that
 fails is named on one line and left out of the table; the others are kept. ``--resume``
 continues an interrupted comparison (finished runs are kept).
 """
@@ -35,8 +38,9 @@ from smile_ray.orchestration.storage import join
 from smile_ray.orchestration.study import StudyRun, file_digest, saved_file
 from smile_ray.orchestration.tune import tune_config
 from smile_ray.registry import METHODS
-from smile_ray.reports.plots import plot_compare
-from smile_ray.reports.tables import COMPARE_LEGEND, compare_table, comparison_title, reference_method
+from smile_ray.reports.plots import plot_compare, plot_difference_vs_size
+from smile_ray.reports.tables import (COMPARE_LEGEND, compare_table, comparison_title, il_table, reference_method,
+                                      size_difference_table, size_differences)
 
 STATE_FILE = "compare.json"
 
@@ -55,6 +59,26 @@ def parse_methods(text: str) -> list[str]:
     if dupes:
         raise SmileError(f"--methods: {', '.join(dupes)} given twice")
     return methods
+
+
+def analyses(rows: list[dict[str, Any]], reference: str, out: Path, title: str) -> tuple[str, list[Path]]:
+    """table.md's sections after the table, and the files they draw: the interpolation
+    losses per column and method (the paper's Table 4), and, where the columns span
+    training-set sizes, each method's paired difference to ``reference`` against the
+    size (the paper's Fig. 1, ``difference.png``)."""
+    text, files = "", []
+    il = il_table(rows, ["setting", "method"])
+    if il:
+        text += ("\n## Interpolation losses (the paper's Table 4)\n\nMean ± std over seeds of Label-IL and "
+                 "Feature-IL (paper, Eq. 1) on training and test images; docs/method.md.\n\n" + il)
+    series = size_differences(rows, reference)
+    if series:
+        files.append(plot_difference_vs_size(series, reference, out / "difference.png",
+                                             f"Paired difference to {reference} against data size: {title}"))
+        text += (f"\n## Difference to {reference} against training-set size (the paper's Fig. 1)\n\n"
+                 "![difference to the reference against size](difference.png)\n\n"
+                 + size_difference_table(series, reference))
+    return text, files
 
 
 def run_compare(methods: list[str], settings_file: str | Path, output_dir: str | Path, *, seeds: int | None = None,
@@ -140,8 +164,9 @@ def run_compare(methods: list[str], settings_file: str | Path, output_dir: str |
                   f"{time.perf_counter() - started:.0f} s"
                   f"{f', each method tuned with {tune_budget} trials per column' if tune_budget else ', reference settings'}. "
                   f"Reference: {reference}. {COMPARE_LEGEND}\n\n")
-        (out / "table.md").write_text(header + table + "".join(f"\n{line}" for line in failed))
-        plot = plot_compare(rows, methods, columns, out / "table.png",
-                            f"Test accuracy on {b.dataset} ({run_desc}, {settings.seeds} seeds)")
-        run.finish([out / "results.parquet", out / "table.md", plot, Path(settings.path)])
+        title = f"{b.dataset} ({run_desc}, {settings.seeds} seeds)"
+        extra, files = analyses(rows, reference, out, title)
+        (out / "table.md").write_text(header + table + "".join(f"\n{line}" for line in failed) + extra)
+        plot = plot_compare(rows, methods, columns, out / "table.png", f"Test accuracy on {title}")
+        run.finish([out / "results.parquet", out / "table.md", plot, *files, Path(settings.path)])
     return table

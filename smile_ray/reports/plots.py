@@ -339,3 +339,35 @@ def plot_accuracy_vs_size(rows: list[dict[str, Any]], group_key: str, path: Path
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_difference_vs_size(series: list[dict[str, Any]], reference: str, path: Path, title: str) -> Path:
+    """The paper's Fig. 1: a method's paired difference to ``reference`` (test accuracy,
+    points) against training images per class, a line per method and column group
+    (:func:`~smile_ray.reports.tables.size_differences`), each point's 95 % interval as
+    a band, and the zero line (no difference)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    sizes = sorted({p["size"] for s in series for p in s["points"]})
+    ax.axhline(0.0, color="0.3", lw=1, ls="--", zorder=1)
+    for s in series:
+        xs = [p["size"] for p in s["points"]]
+        line, = ax.plot(xs, [p["diff"] for p in s["points"]], marker="o", lw=1.8, zorder=3,
+                        label=f"{s['method']} - {reference}" + (f", {s['group']}" if s["group"] else ""))
+        ax.fill_between(xs, [p["ci_low"] for p in s["points"]], [p["ci_high"] for p in s["points"]],
+                        color=line.get_color(), alpha=0.18, lw=0, zorder=2)
+    if sizes and min(sizes) > 0 and max(sizes) / min(sizes) >= 8:
+        ax.set_xscale("log")
+        ax.minorticks_off()
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.set_xlabel("training images per class")
+    ax.set_ylabel(f"test accuracy minus {reference} (points)")
+    ax.grid(alpha=0.3)
+    n = sorted({p["n"] for s in series for p in s["points"]})
+    ax.legend(fontsize=8, title=f"paired mean over {'/'.join(map(str, n))} seeds, 95 % interval",
+              title_fontsize=8)
+    _suptitle(fig, title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -39,7 +39,8 @@ from smile_ray.errors import SmileError
 from smile_ray.metrics import IL_METRICS, REPLICATE_KEY, RESULT_KEYS
 from smile_ray.reports import plots
 from smile_ray.reports.tables import (ABLATION_LEGEND, COMPARE_LEGEND, ablation_table, ablation_title, compare_table,
-                                      comparison_title, il_table, reference_method)
+                                      comparison_title, il_table, reference_method, size_difference_table,
+                                      size_differences)
 
 #: what identifies each kind of output directory (the first kind that matches wins)
 KINDS = {
@@ -393,7 +394,14 @@ def _comparison(report: Report, src: Recorded) -> None:
                compare_table(rows, methods, columns, reference))
     report.image("compare", lambda p: plots.plot_compare(rows, methods, [c for c in columns if any(
         r["setting"] == c for r in rows)], p, f"Test accuracy on {what}"), "test accuracy per method and column")
-    # The paper's Fig. 1: only where the columns differ in data size and each size is one column.
+    series = size_differences(rows, reference)
+    if series:
+        report.add(f"### Difference to {reference} against training-set size (the paper's Fig. 1)", "")
+        report.image("difference", lambda p: plots.plot_difference_vs_size(
+            series, reference, p, f"Paired difference to {reference} against data size: {what}"),
+            "difference to the reference against size")
+        report.add(size_difference_table(series, reference))
+    # Accuracy against size: only where the columns differ in data size and each size is one column.
     size_of = {r["setting"]: r["samples_per_class"] for r in rows}
     sized = len(set(size_of.values())) > 1 and len(set(size_of.values())) == len(size_of)
     label = (lambda r: r["method"]) if len(columns) == 1 else (lambda r: f"{r['method']}, {r['setting']}")

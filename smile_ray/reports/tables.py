@@ -179,3 +179,56 @@ def il_table(rows: list[dict[str, Any]], group_keys: Sequence[str]) -> str:
             cells.append(f"{v.mean():.4g} ± {v.std(ddof=1):.2g}" if len(v) > 1 else f"{v.mean():.4g}")
         lines.append("| " + " | ".join(map(str, key)) + f" | {len(group)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+#: what a comparison's runs may differ in besides their column's other keys: never a
+#: group of the paper's Fig. 1 form
+_NOT_A_GROUP = ("samples_per_class", "seed", "method")
+
+
+def size_differences(rows: list[dict[str, Any]], reference: str) -> list[dict[str, Any]]:
+    """The paper's Fig. 1 form of a comparison: each method's paired difference to
+    ``reference`` (test accuracy, points, over the seeds both have) against the
+    training-set size, one series per method and per value of whatever else the columns
+    vary (e.g. ``weights=imagenet`` / ``weights=none``). Rows carry ``method``,
+    ``setting``, ``seed``, ``test_acc`` and ``config`` (a dict or its JSON). Empty unless
+    the columns span at least two sizes. Each point: size, n, diff, ci_low, ci_high,
+    p_value."""
+    import json
+
+    configs = [json.loads(r["config"]) if isinstance(r["config"], str) else r["config"] for r in rows]
+    by_setting: dict[str, dict[str, Any]] = {}
+    for r, c in zip(rows, configs):
+        by_setting.setdefault(r["setting"], c)
+    if len({c.get("samples_per_class") for c in by_setting.values()}) < 2:
+        return []
+    varied = sorted(k for k in set().union(*by_setting.values()) if k not in _NOT_A_GROUP
+                    and len({json.dumps(c.get(k), sort_keys=True) for c in by_setting.values()}) > 1)
+    group_of = {s: ", ".join(f"{k}={c.get(k)}" for k in varied) for s, c in by_setting.items()}
+    acc = {(r["method"], r["setting"], r["seed"]): 100 * r["test_acc"] for r in rows}
+    series: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for setting, config in sorted(by_setting.items(), key=lambda kv: kv[1].get("samples_per_class")):
+        for m in dict.fromkeys(r["method"] for r in rows):
+            if m == reference:
+                continue
+            seeds = sorted(s for (mm, cc, s) in acc if mm == m and cc == setting and (reference, setting, s) in acc)
+            if len(seeds) < 2:
+                continue
+            st = paired_stats([acc[reference, setting, s] for s in seeds], [acc[m, setting, s] for s in seeds])
+            series.setdefault((m, group_of[setting]), []).append(
+                {"size": config.get("samples_per_class"), "n": len(seeds), "diff": st["diff"],
+                 "ci_low": st["ci_low"], "ci_high": st["ci_high"], "p_value": st["p_value"]})
+    return [{"method": m, "group": g, "points": pts} for (m, g), pts in series.items()]
+
+
+def size_difference_table(series: list[dict[str, Any]], reference: str) -> str:
+    """:func:`size_differences` as Markdown: a row per method, group and size."""
+    if not series:
+        return ""
+    lines = [f"| method | columns | images per class | seeds | diff vs {reference} | 95 % CI | p |",
+             "|---|---|---|---|---|---|---|"]
+    for s in series:
+        for p in s["points"]:
+            lines.append(f"| {s['method']} | {s['group'] or '-'} | {p['size']} | {p['n']} | {p['diff']:+.2f} | "
+                         f"[{p['ci_low']:+.2f}, {p['ci_high']:+.2f}] | {p['p_value']:.3f} |")
+    return "\n".join(lines) + "\n"
