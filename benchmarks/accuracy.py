@@ -17,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from smile_ray.config import load_config_values, make_config, parse_overrides  # noqa: E402
+from smile_ray.metrics import IL_METRICS  # noqa: E402
 from smile_ray.recipe import train  # noqa: E402
 from smile_ray.stats import paired_stats  # noqa: E402
 
@@ -47,7 +48,8 @@ def main() -> None:
                 m = train(cfg, None, log=lambda msg: print(msg, file=sys.stderr))
                 accs.append(m["test_acc"])
                 rows.append({"method": method, "samples_per_class": spc, "seed": seed, "test_acc": m["test_acc"],
-                             "val_acc": m["val_acc"], "test_ece": m["test_ece"], "seconds": m["seconds"]})
+                             "val_acc": m["val_acc"], "test_ece": m["test_ece"], "seconds": m["seconds"],
+                             **{k: m[k] for k in IL_METRICS if k in m}})
             sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
             ref = [100 * r["test_acc"] for r in rows if r["samples_per_class"] == spc and r["method"] == first]
             vs = ""

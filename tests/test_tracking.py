@@ -33,10 +33,16 @@ def test_train_with_a_tracking_uri_records_the_run_and_its_model(tmp_path, cache
     [run] = client.search_runs([client.get_experiment_by_name("tracked").experiment_id])
     assert run.info.status == "FINISHED" and f"MLflow: run {run.info.run_id}" in stdout
     assert run.data.params["samples_per_class"] == "2" and run.data.params["method"] == "smile"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [10, 20]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "history/val_acc")] == [10, 20]
     metrics = json.loads((out / "metrics.json").read_text())
     assert run.data.metrics["test_acc"] == pytest.approx(metrics["test_acc"])
     assert "label_il_test" in run.data.metrics
+    # the curves are the section "history", which MLflow's run page draws before the final
+    # numbers: each curve is history/<key>; each final number is one point, by its own name
+    names = set(run.data.metrics)
+    assert {"history/val_acc", "history/val_ece", "history/train_loss", "history/lr"} <= names
+    assert all(len(client.get_metric_history(run.info.run_id, n)) == 1 for n in names if not n.startswith("history/"))
+    assert run.data.metrics["val_acc"] == pytest.approx(metrics["val_acc"]) and "lr" not in names
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"reliability.png", "model"}
     tags = run.data.tags
     assert tags["kind"] == "train" and tags["smile_ray.version"] == smile_ray.__version__
@@ -125,4 +131,4 @@ def test_study_logger_draws_diagrams_off_tunes_loop_and_waits_for_them(tmp_path,
     assert {a.path for a in client.list_artifacts(logger.runs["good"])} == {"reliability.png"}
     assert client.list_artifacts(logger.runs["bad"]) == []
     assert "no reliability diagram for trial bad" in caplog.text
-    assert client.get_metric_history(logger.runs["good"], "val_acc")[0].value == 0.5
+    assert client.get_metric_history(logger.runs["good"], "history/val_acc")[0].value == 0.5

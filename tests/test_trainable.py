@@ -40,7 +40,7 @@ def test_trials_with_two_workers_report_every_evaluation(ray_local, tmp_path, ml
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     parent_id = json.loads((out / "study.json").read_text())["parent_run_id"]
     (kid,) = children(client, parent_id)
-    assert sorted(h.step for h in client.get_metric_history(kid.info.run_id, "val_acc")) == [10, 20]
+    assert sorted(h.step for h in client.get_metric_history(kid.info.run_id, "history/val_acc")) == [10, 20]
 
 
 def test_replicated_trials_report_the_mean_of_their_seeds(ray_local, tmp_path, mlflow_db, cache_dir, monkeypatch):
@@ -77,7 +77,7 @@ def test_replicated_trials_report_the_mean_of_their_seeds(ray_local, tmp_path, m
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     parent_id = json.loads((out / "study.json").read_text())["parent_run_id"]
     for kid in children(client, parent_id):
-        history = client.get_metric_history(kid.info.run_id, "val_acc")
+        history = client.get_metric_history(kid.info.run_id, "history/val_acc")
         assert sorted(m.step for m in history) == [10, 20]  # one mean per evaluation, not one per seed
         assert {"val_acc_std", "val_acc_r2", "test_acc_r0"} <= set(kid.data.metrics)
 

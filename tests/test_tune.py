@@ -56,7 +56,7 @@ def check_study(out, client, num_trials):
         assert kid.info.status == "FINISHED"
         assert kid.data.tags["method"] == "smile" and kid.data.tags["dataset"] == "digits"
         assert kid.data.params["steps"] == "20" and "mixup_alpha" in kid.data.params
-        history = client.get_metric_history(kid.info.run_id, "val_acc")
+        history = client.get_metric_history(kid.info.run_id, "history/val_acc")
         assert sorted(m.step for m in history) == [10, 20]
         assert "test_acc" in kid.data.metrics
     return rows, best

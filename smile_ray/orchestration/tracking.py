@@ -43,12 +43,32 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from smile_ray.errors import SmileError
-from smile_ray.metrics import REPLICATE_KEY, REPORTED
+from smile_ray.metrics import EVAL_METRICS, FINAL_METRICS, REPLICATE_KEY
 
 if TYPE_CHECKING:
     from smile_ray.orchestration.trainable import TrialSetup
 
 PARENT_TAG = "mlflow.parentRunId"
+#: the chart section of a run's curves: every evaluation's ``val_acc``, ``val_ece``,
+#: ``train_loss`` and ``lr`` at its step, as ``history/val_acc`` (``history`` is
+#: metrics.json's name for them). MLflow's run page draws its named sections before the
+#: unnamed "Model metrics", so the curves come first; the final numbers (``val_acc``,
+#: ``test_acc``, the interpolation losses ..., one value each) keep their plain names,
+#: which ``search_runs`` filters and the runs table use, and follow them.
+HISTORY = "history"
+#: what is a curve (``lr`` beside the evaluation metrics) and what a final number
+CURVE_KEYS = ("lr", *EVAL_METRICS)
+
+
+def metric_name(key: str, final: bool) -> str | None:
+    """The MLflow name of a reported ``key`` (or of its replicate spread / per-seed
+    value, ``val_acc_std``, ``val_acc_r0``): ``history/<key>`` for a curve's point,
+    ``key`` for a final number; None for what is not logged (``step``, bookkeeping)."""
+    m = REPLICATE_KEY.fullmatch(key)
+    base = key if key in CURVE_KEYS or key in FINAL_METRICS or m is None else m[1]
+    if final:
+        return key if base in FINAL_METRICS else None
+    return f"{HISTORY}/{key}" if base in CURVE_KEYS else None
 
 
 def default_tracking_uri() -> str:
@@ -183,17 +203,18 @@ def code_version() -> dict[str, str]:
     return tags
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def run_metrics(metrics: dict[str, Any]) -> list[Metric]:
-    """A run's curves (every evaluation of ``history``, at its step) and its final
-    numbers (at the last step): what a trial's child run holds, from a metrics.json."""
-    ts = 0
-    out = [Metric(k, float(v), ts, int(h["step"])) for h in metrics.get("history", [])
-           for k, v in h.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)]
-    last = int(metrics.get("steps", 0))
-    finals = {k: v for k, v in metrics.items() if k in REPORTED or k.endswith(("_il_train", "_il_test"))}
-    out += [Metric(k, float(v), ts, last) for k, v in finals.items()
-            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)]
-    return out
+    """A run's curves (every evaluation of ``history``, at its step, as ``history/<key>``)
+    and its final numbers (at the last step), from a metrics.json (:data:`HISTORY`)."""
+    ts, last = 0, int(metrics.get("steps", 0))
+    out = [Metric(name, float(v), ts, int(h["step"])) for h in metrics.get("history", []) for k, v in h.items()
+           if _number(v) and (name := metric_name(k, final=False))]
+    return out + [Metric(name, float(v), ts, last) for k, v in metrics.items()
+                  if _number(v) and (name := metric_name(k, final=True))]
 
 
 def log_model_files(client: MlflowClient, run_id: str, folder: Path, artifact_path: str = MODEL_DIR) -> bool:
@@ -260,10 +281,9 @@ def trial_run_folder(trial, tmp: Path) -> Path | None:
 class StudyLogger(tune.Callback):
     """Ray Tune callback: a child run per trial under ``parent_run_id``.
 
-    Params are the trial's full config (flat config names); metrics are logged at every
-    evaluation with ``step``; the final report adds the test metrics."""
-
-    LOGGED = tuple(k for k in REPORTED if k != "step")
+    Params are the trial's full config (flat config names); every evaluation's report is
+    logged as the curves' points (``history/<key>``, at its ``step``), the final report
+    (the one with ``test_acc``) as the final numbers (:data:`HISTORY`)."""
 
     def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, study_name: str, setup: TrialSetup):
         # how a trial's params become its config and tags, as the trainable reads them (not
@@ -322,20 +342,18 @@ class StudyLogger(tune.Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         self._run_for(trial)
 
-    def _logs(self, key: str) -> bool:
-        m = REPLICATE_KEY.fullmatch(key)
-        return key in self.LOGGED or (m is not None and m[1] in self.LOGGED)
-
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self._run_for(trial)
         step = int(result.get("step", 0))
         ts = int(result.get("timestamp", 0)) * 1000
-        # The final report repeats the last evaluation's metrics: log each point once.
-        # A replicated trial's report adds each logged key's spread and per-seed values.
-        keys = [k for k in result if self._logs(k) and isinstance(result[k], (int, float))
-                and not isinstance(result[k], bool) and (trial.trial_id, k, step) not in self._logged]
-        self._logged.update((trial.trial_id, k, step) for k in keys)
-        metrics = [Metric(k, float(result[k]), ts, step) for k in keys]
+        # Each evaluation's report is a point of the curves; the final report (it adds the
+        # test metrics) repeats the last evaluation's and gives the final numbers. Each
+        # point is logged once. A replicated trial's report adds each key's spread and
+        # per-seed values.
+        values = {name: float(v) for final in {False, "test_acc" in result} for k, v in result.items()
+                  if _number(v) and (name := metric_name(k, final)) and (trial.trial_id, name, step) not in self._logged}
+        self._logged.update((trial.trial_id, name, step) for name in values)
+        metrics = [Metric(name, v, ts, step) for name, v in values.items()]
         if metrics:
             self.client.log_batch(run_id, metrics=metrics)
         if isinstance(result.get("reliability"), str) and trial.trial_id not in self._drawn:
