@@ -78,10 +78,11 @@ def default_tracking_uri() -> str:
 
 
 @contextmanager
-def _fail_fast() -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "10"
+def _mlflow_environ(**values: str) -> Iterator[None]:
+    """MLflow's settings that it reads from the environment, set for the block only: the
+    caller's environment is as it was afterwards."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:
@@ -90,6 +91,11 @@ def _fail_fast() -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _fail_fast():
+    """A check of the store that fails at once rather than retrying for minutes."""
+    return _mlflow_environ(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
 
 
 def connect(tracking_uri: str | None) -> MlflowClient:
@@ -384,7 +390,10 @@ class StudyLogger(tune.Callback):
             return None
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                folder = self.client.download_artifacts(child, MODEL_DIR, tmp)
+                # a copy between two runs of the study, not a download the user asked
+                # for: without MLflow's progress bar under the study's table
+                with _mlflow_environ(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):
+                    folder = self.client.download_artifacts(child, MODEL_DIR, tmp)
             except Exception:  # the trial logged no model (an older study resumed)
                 return None
             self.client.log_artifacts(self.parent_run_id, folder, "best_model")
