@@ -294,8 +294,10 @@ def compare(methods_text, settings_file, seeds, overrides, tune_budget, assignme
 
     Every (method, column, seed) is a Ray Tune trial. Writes OUTPUT/table.md (rows =
     methods, columns = settings, mean ± std test accuracy, best in bold, paired
-    difference to l2 with its 95 % interval and minimum detectable effect),
-    OUTPUT/results.parquet (a row per run),
+    difference to l2 with its 95 % interval and minimum detectable effect; then the
+    interpolation losses, the paper's Table 4, and, where the columns span data sizes,
+    each method's difference to l2 against the size, the paper's Fig. 1, drawn as
+    OUTPUT/difference.png), OUTPUT/results.parquet (a row per run),
     OUTPUT/table.png, and an MLflow parent run with a child per run; prints the table.
     A failed run is named on one line and left out; the rest are kept.
     """

@@ -116,11 +116,12 @@ def test_paired_statistics_by_hand():
 
 
 def test_runs_take_the_definitions_resources(ray_local, tmp_path, mlflow_db, cache_dir, monkeypatch):
-    """``resources: {workers: 2}`` runs every arm x seed on two Ray Train workers."""
+    """``resources: {workers: 2}`` runs every arm x seed on two Ray Train workers (two
+    runs side by side, each on one CPU that its two workers share)."""
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "abl"
     defs = write_defs(tmp_path / "defs.yaml", base={"method": "smile", "steps": 10, "eval_every": 10},
-                      max_concurrent=1, resources={"cpus": 2, "workers": 2})
+                      max_concurrent=2, resources={"cpus": 1, "workers": 2})
     run_ablation(defs, out, drops=["source_label"], cache_dir=cache_dir, verbose=0)
     runs = [json.loads(p.read_text()) for p in (out / "tune").glob("*/run/metrics.json")]
     assert len(runs) == 4 and all(m["workers"] == 2 and m["ranks_consistent"] for m in runs)

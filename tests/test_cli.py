@@ -167,7 +167,7 @@ def test_the_fashion_mnist_preset_trains_imagenet_efficientnet(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "smile_ray", "train", "--config", "fashion_mnist", "--set", "steps=4",
-         "--set", "eval_every=2", "--set", "samples_per_class=2", "--set", "image_size=32", "--output", str(out),
+         "--set", "eval_every=2", "--set", "samples_per_class=2", "--set", "image_size=32", "--set", "il_pairs=8", "--output", str(out),
          "--quiet"],
         capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "SMILE_RAY_CACHE": str(tmp_path / "c")},
     )
