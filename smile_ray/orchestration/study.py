@@ -31,7 +31,7 @@ import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from mlflow.entities import Metric
 
@@ -78,6 +78,17 @@ def check_cluster(store: str | None, resources: Resources | None = None, address
             started_here=address is None)
 
 
+def prepare_sources(configs: Iterable[Config], cache_dir: str | Path | None) -> None:
+    """Find (or pre-train, once) the source model of each distinct source among
+    ``configs``; a config whose weights cannot be had is its one-line error."""
+    prepared = set()
+    for config in configs:
+        key = (config.dataset, config.backbone, config.weights, config.image_size, config.data_root)
+        if key not in prepared:
+            prepared.add(key)
+            load_source(config, cache_dir)
+
+
 class StudyRun:
     """One study in its output folder, from its state file to its parent run's end.
 
@@ -112,9 +123,12 @@ class StudyRun:
         self.parent_id: str | None = None
         self.study_logger: tracking.StudyLogger | None = None  # the latest experiment's (see trials)
 
-    def start(self, base: Config, resources: Resources) -> None:
+    def start(self, base: Config, resources: Resources, sources: Iterable[Config] | None = None) -> None:
         """Once the command has validated its inputs: check and connect everything the
-        study needs, in the order that creates nothing before the last check."""
+        study needs, in the order that creates nothing before the last check. The source
+        models of ``sources`` (default: the base alone; a comparison's columns may each
+        set their own ``weights``) are found, or pre-trained once here rather than by
+        every trial at once."""
         check_writable(self.out, given=self.given)
         check_address(self.address)  # before the tracking store, which a sqlite URI creates
         nested = self._root is not None and not self.resume  # a tuning study inside an ablation or comparison
@@ -126,7 +140,7 @@ class StudyRun:
         self.experiment = self._experiment or f"smile-ray-{base.dataset}"
         connect(self.address)
         check_cluster(self.storage or (self.root if self.root != str(self.out) else None), resources, self.address)
-        load_source(base, self.cache_dir)
+        prepare_sources(sources if sources is not None else [base], self.cache_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.experiment_id = tracking.experiment_id(self.client, self.experiment, self.uri)
 
