@@ -195,6 +195,11 @@ def test_a_comparison_over_sizes_and_another_key_is_the_papers_figure_1(tmp_path
     out = build_report([folder], tmp_path / "report.md")
     names = [link.split("-", 1)[1] for link in images_of(out)]
     assert names[:2] == ["compare.png", "difference.png"] and "size.png" not in names  # two columns per size
+    # a title names the base's weights only where no column sets its own
+    from smile_ray.reports.tables import comparison_title
+    base = {"dataset": "d", "backbone": "b", "weights": "imagenet", "steps": 3}
+    assert comparison_title(base) == "Methods compared on d (b, weights=imagenet, 3 steps)"
+    assert comparison_title(base, ["weights", "samples_per_class"]) == "Methods compared on d (b, 3 steps)"
 
 
 def test_a_comparison_is_read_from_its_recorded_state_not_its_markdown(tmp_path):

@@ -164,8 +164,9 @@ def run_compare(methods: list[str], settings_file: str | Path, output_dir: str |
         pq.write_table(pa.Table.from_pylist(rows), out / "results.parquet")
         table = compare_table(rows, methods, columns, reference)
         b = settings.base
-        run_desc = f"{b.backbone}, weights={b.weights}, {b.steps} steps"
-        header = (f"# {comparison_title(b.to_dict())}\n\n"
+        varied = {k for col in settings.columns.values() for k in col}
+        run_desc = f"{b.backbone}, {'' if 'weights' in varied else f'weights={b.weights}, '}{b.steps} steps"
+        header = (f"# {comparison_title(b.to_dict(), varied)}\n\n"
                   f"{settings.seeds} seeds per cell, {len(runs)} runs ({len(failed)} failed), "
                   f"{time.perf_counter() - started:.0f} s"
                   f"{f', each method tuned with {tune_budget} trials per column' if tune_budget else ', reference settings'}. "

@@ -389,7 +389,8 @@ def _comparison(report: Report, src: Recorded) -> None:
     reference = src.state.get("reference") or reference_method(methods)
     seeds = len({r["seed"] for r in rows})
     what = f"{_what(configs[0])}, {seeds} seeds"
-    report.add(f"## {comparison_title(configs[0])}", "",
+    varied = ["weights"] if len({c.get("weights") for c in configs}) > 1 else []
+    report.add(f"## {comparison_title(configs[0], varied)}", "",
                f"`{src.path}`: {len(rows)} finished runs. Reference: `{reference}`. {COMPARE_LEGEND}", "",
                compare_table(rows, methods, columns, reference))
     report.image("compare", lambda p: plots.plot_compare(rows, methods, [c for c in columns if any(

@@ -96,10 +96,12 @@ def ablation_title(base: dict[str, Any]) -> str:
             f"{base.get('steps')} steps)")
 
 
-def comparison_title(base: dict[str, Any]) -> str:
-    """A comparison's title (``table.md``'s heading and the report's), from its base config."""
-    return (f"Methods compared on {base.get('dataset')} ({base.get('backbone')}, weights={base.get('weights')}, "
-            f"{base.get('steps')} steps)")
+def comparison_title(base: dict[str, Any], varied: Sequence[str] = ()) -> str:
+    """A comparison's title (``table.md``'s heading and the report's), from its base
+    config; the weights only where no column sets its own (``varied``: the keys the
+    columns set)."""
+    weights = "" if "weights" in varied else f"weights={base.get('weights')}, "
+    return f"Methods compared on {base.get('dataset')} ({base.get('backbone')}, {weights}{base.get('steps')} steps)"
 
 
 #: what a comparison's methods are paired against: the paper's baseline (L2 fine-tuning)
