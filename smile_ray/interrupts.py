@@ -40,3 +40,26 @@ def resend_lost_interrupts() -> Iterator[None]:
         yield
     finally:
         sys.unraisablehook = saved
+
+
+def resend_lost_exits() -> None:
+    """For the rest of this process (a Ray worker): a ``SystemExit`` that a signal
+    handler raised where Python could not raise it (Ray's workers turn the SIGTERM that
+    ends them into ``SystemExit``; landing in a weakref callback it was printed as
+    "Exception ignored ... SystemExit: 1" on the study's terminal, and the worker went
+    on) is not printed: SIGTERM is sent to the main thread again a moment later, so the
+    worker exits as Ray asked. Any other unraisable exception goes to the hook that was
+    there before. Installing it twice is installing it once."""
+    if getattr(sys.unraisablehook, "resends_exits", False):
+        return
+    saved = sys.unraisablehook
+
+    def on_unraisable(unraisable) -> None:
+        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, SystemExit):
+            main = threading.main_thread().ident
+            threading.Timer(AGAIN_AFTER_S, signal.pthread_kill, (main, signal.SIGTERM)).start()
+            return
+        saved(unraisable)
+
+    on_unraisable.resends_exits = True
+    sys.unraisablehook = on_unraisable

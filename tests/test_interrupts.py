@@ -9,7 +9,7 @@ import weakref
 
 import pytest
 
-from smile_ray.interrupts import resend_lost_interrupts
+from smile_ray.interrupts import resend_lost_exits, resend_lost_interrupts
 
 
 class Thing:
@@ -45,3 +45,32 @@ def test_other_unraisable_errors_go_to_the_hook_that_was_there(monkeypatch):
         ref = weakref.ref(thing, failing_callback)  # noqa: F841
         del thing
     assert [u.exc_type for u in seen] == [ValueError] and sys.unraisablehook == seen.append
+
+
+def test_a_sigterm_exit_inside_a_weakref_callback_ends_the_process_quietly(capfd, monkeypatch):
+    """A Ray worker turns SIGTERM into SystemExit (as ray/_private/worker.py's handler
+    does); landing in a weakref callback it was printed as "Exception ignored ...
+    SystemExit: 1" on a study's terminal and lost. With the hook it is raised in the main
+    thread a moment later, and nothing is printed."""
+    def exit_on_sigterm(signum, frame):
+        raise SystemExit(1)
+
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # restored after the test
+    monkeypatch.setattr(signal, "SIGTERM", signal.SIGTERM)
+    saved = signal.signal(signal.SIGTERM, exit_on_sigterm)
+
+    def terminated_callback(_ref):
+        signal.raise_signal(signal.SIGTERM)
+        for _ in range(3):
+            pass
+    try:
+        resend_lost_exits()
+        resend_lost_exits()  # twice is once
+        with pytest.raises(SystemExit):
+            thing = Thing()
+            ref = weakref.ref(thing, terminated_callback)  # noqa: F841
+            del thing
+            time.sleep(10)
+    finally:
+        signal.signal(signal.SIGTERM, saved)
+    assert "Exception ignored" not in capfd.readouterr().err

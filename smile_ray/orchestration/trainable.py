@@ -38,6 +38,7 @@ import ray
 from ray import tune
 
 from smile_ray.config import make_config
+from smile_ray.interrupts import resend_lost_exits
 from smile_ray.orchestration.cluster import assigned_device
 from smile_ray.orchestration.ray_train import scalars, train_distributed
 from smile_ray.orchestration.storage import join, staged
@@ -81,6 +82,7 @@ class TrialSetup:
 
 def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     """The Tune function trainable."""
+    resend_lost_exits()  # this trial's worker process: its SIGTERM is an exit, never a printed traceback
     config = make_config(setup.config_for(params))
     res = setup.resources
     # The trial's run folder in the experiment's storage, written through staged(): not
