@@ -21,21 +21,27 @@ from typing import Iterator
 AGAIN_AFTER_S = 0.05
 
 
+def _resending(exc_type: type[BaseException], signum: int, saved):
+    """An unraisable hook: ``exc_type`` (raised by a signal handler where Python could not
+    raise it) makes ``signum`` go to the main thread again after :data:`AGAIN_AFTER_S`,
+    from a timer thread, silently; anything else goes to ``saved``."""
+    def on_unraisable(unraisable) -> None:
+        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, exc_type):
+            main = threading.main_thread().ident
+            threading.Timer(AGAIN_AFTER_S, signal.pthread_kill, (main, signum)).start()
+            return
+        saved(unraisable)
+
+    return on_unraisable
+
+
 @contextmanager
 def resend_lost_interrupts() -> Iterator[None]:
     """While inside: an unraisable KeyboardInterrupt is sent to the main thread again
     (``signal.pthread_kill`` from a timer thread); any other unraisable exception goes to
     the hook that was there before. The hook is restored on the way out."""
     saved = sys.unraisablehook
-
-    def on_unraisable(unraisable) -> None:
-        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
-            main = threading.main_thread().ident
-            threading.Timer(AGAIN_AFTER_S, signal.pthread_kill, (main, signal.SIGINT)).start()
-            return
-        saved(unraisable)
-
-    sys.unraisablehook = on_unraisable
+    sys.unraisablehook = _resending(KeyboardInterrupt, signal.SIGINT, saved)
     try:
         yield
     finally:
@@ -52,14 +58,6 @@ def resend_lost_exits() -> None:
     there before. Installing it twice is installing it once."""
     if getattr(sys.unraisablehook, "resends_exits", False):
         return
-    saved = sys.unraisablehook
-
-    def on_unraisable(unraisable) -> None:
-        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, SystemExit):
-            main = threading.main_thread().ident
-            threading.Timer(AGAIN_AFTER_S, signal.pthread_kill, (main, signal.SIGTERM)).start()
-            return
-        saved(unraisable)
-
-    on_unraisable.resends_exits = True
-    sys.unraisablehook = on_unraisable
+    hook = _resending(SystemExit, signal.SIGTERM, sys.unraisablehook)
+    hook.resends_exits = True
+    sys.unraisablehook = hook
