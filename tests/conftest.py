@@ -41,18 +41,21 @@ _PRETRAIN_CODE = ("import sys\nfrom smile_ray.config import make_config\nfrom sm
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """Run the modules that need neither the source model nor Ray first (each module
-    kept whole, in its order, so a module's Ray still starts once), and start
-    pre-training the source model in the background meanwhile: those modules' tests are
-    short and mostly single-threaded, so the two share the cores, where a Ray study would
-    take both."""
-    later = {"cache_dir", "ray_local", "ray_address"}
-    needs: dict = {}
+    """Run the modules that need neither the source model nor Ray first, then those that
+    need the source model but not this session's Ray, then those that use it (each module
+    kept whole, in its order), and start pre-training the source model in the background
+    meanwhile: the first modules' tests are short and mostly single-threaded, so the two
+    share the cores, where a Ray study would take both. The session's Ray
+    (:func:`ray_local`) thus starts once, for the last group, and no other Ray of the
+    suite (a cluster's nodes, a command's own) runs beside it."""
+    group: dict = {}
     first: dict = {}
     for i, item in enumerate(items):
-        needs[item.path] = needs.get(item.path, False) or bool(later & set(item.fixturenames))
+        uses = set(item.fixturenames)
+        rank = 2 if uses & {"ray_local", "ray_address"} else 1 if "cache_dir" in uses else 0
+        group[item.path] = max(group.get(item.path, 0), rank)
         first.setdefault(item.path, i)
-    items.sort(key=lambda item: (needs[item.path], first[item.path]))
+    items.sort(key=lambda item: (group[item.path], first[item.path]))
     if any("cache_dir" in item.fixturenames for item in items) and not os.environ.get("SMILE_RAY_TEST_CACHE"):
         path = Path(tempfile.mkdtemp(prefix="smile-ray-test-cache-"))
         log = open(path / "pretrain.log", "w")
@@ -114,9 +117,11 @@ def mlflow_db(tmp_path, _mlflow_template) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_local():
-    """A local Ray, started once per test module by the product's own start-up code."""
+    """A local Ray, started once for the session by the product's own start-up code, for
+    the modules that run last (:func:`pytest_collection_modifyitems`); each module started
+    its own before, which cost 4-6 s a module for what is the same local Ray."""
     import ray
 
     from smile_ray.orchestration.cluster import connect
@@ -126,9 +131,9 @@ def ray_local():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_address(ray_local) -> str:
-    """The address of the module's local Ray, for the ``smile-ray`` subprocesses a test
+    """The address of the session's local Ray, for the ``smile-ray`` subprocesses a test
     starts: given as their ``--address``, they join it as drivers of their own instead of
     each starting (and stopping) a Ray, which is most of a short study's time. For tests
     whose subject is not Ray's start-up: a command that starts its own Ray is still run

@@ -117,16 +117,30 @@ def test_paired_statistics_by_hand():
 
 def test_runs_take_the_definitions_resources(ray_local, tmp_path, mlflow_db, cache_dir, monkeypatch):
     """``resources: {workers: 2}`` runs every arm x seed on two Ray Train workers (two
-    runs side by side, each on one CPU that its two workers share)."""
+    runs side by side, each on one CPU that its two workers share), and such a run
+    reports every evaluation to Tune, as an in-process one does: a scheduler can act on
+    it, and its MLflow child holds the curve. (The one test of a trial on Ray Train
+    workers: each worker group costs about 12 s here.)"""
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "abl"
-    defs = write_defs(tmp_path / "defs.yaml", base={"method": "smile", "steps": 10, "eval_every": 10},
+    defs = write_defs(tmp_path / "defs.yaml", base={"method": "smile", "steps": 10, "eval_every": 5},
                       max_concurrent=2, resources={"cpus": 1, "workers": 2})
     run_ablation(defs, out, drops=["source_label"], cache_dir=cache_dir, verbose=0)
-    runs = [json.loads(p.read_text()) for p in (out / "tune").glob("*/run/metrics.json")]
+    trained = list((out / "tune").glob("*/run/metrics.json"))
+    runs = [json.loads(p.read_text()) for p in trained]
     assert len(runs) == 4 and all(m["workers"] == 2 and m["ranks_consistent"] for m in runs)
     rows = pq.read_table(out / "ablation.parquet").to_pylist()
     assert sorted(r["test_acc"] for r in rows) == sorted(m["test_acc"] for m in runs)
+    for path in trained:
+        results = [json.loads(x) for x in path.parents[1].joinpath("result.json").read_text().splitlines() if x]
+        assert [r["step"] for r in results if "val_acc" in r and "test_acc" not in r] == [5, 10]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent_id = json.loads((out / "ablation.json").read_text())["parent_run_id"]
+    kids = client.search_runs([client.get_run(parent_id).info.experiment_id],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    assert len(kids) == 4
+    for kid in kids:
+        assert sorted(h.step for h in client.get_metric_history(kid.info.run_id, "history/val_acc")) == [5, 10]
 
 
 def test_an_interrupted_ablation_resumes_without_rerunning_finished_runs(ray_address, tmp_path, mlflow_db, cache_dir,

@@ -115,11 +115,13 @@ def test_the_python_api_example_runs(tmp_path, cache_dir, monkeypatch):
     blocks = doc_blocks()
     assert len(blocks) >= 4
     scope: dict = {}
+    running = ray.is_initialized()  # the example starts Ray where none runs; stop only that one
     try:
         for block in blocks:
             exec(compile(block, str(DOC), "exec"), scope)
     finally:
-        ray.shutdown()
+        if not running:
+            ray.shutdown()
     study = scope["study"]
     assert len(study.trials) == 4 and (tmp_path / "runs" / "py-study" / "space.yaml").is_file()
     from mlflow.tracking import MlflowClient
