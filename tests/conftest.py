@@ -41,18 +41,25 @@ _PRETRAIN_CODE = ("import sys\nfrom smile_ray.config import make_config\nfrom sm
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """Run the modules that need neither the source model nor Ray first, then those that
-    need the source model but not this session's Ray, then those that use it (each module
-    kept whole, in its order), and start pre-training the source model in the background
-    meanwhile: the first modules' tests are short and mostly single-threaded, so the two
-    share the cores, where a Ray study would take both. The session's Ray
+    """Run the modules that need neither the source model nor Ray first; then those that
+    join a cluster in this process (the ``joins_cluster`` mark: before anything here starts
+    a local Ray, after which Ray cannot join a cluster without token authentication); then
+    those that need the source model but not this session's Ray; then those that use it
+    (each module kept whole, in its order). Pre-training the source model starts in the
+    background meanwhile: the first modules' tests are short and mostly single-threaded,
+    so the two share the cores, where a Ray study would take both. The session's Ray
     (:func:`ray_local`) thus starts once, for the last group, and no other Ray of the
     suite (a cluster's nodes, a command's own) runs beside it."""
     group: dict = {}
     first: dict = {}
     for i, item in enumerate(items):
         uses = set(item.fixturenames)
-        rank = 2 if uses & {"ray_local", "ray_address"} else 1 if "cache_dir" in uses else 0
+        if uses & {"ray_local", "ray_address"}:
+            rank = 3
+        elif item.get_closest_marker("joins_cluster"):
+            rank = 1
+        else:
+            rank = 2 if "cache_dir" in uses else 0
         group[item.path] = max(group.get(item.path, 0), rank)
         first.setdefault(item.path, i)
     items.sort(key=lambda item: (group[item.path], first[item.path]))

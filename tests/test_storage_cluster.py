@@ -10,7 +10,11 @@ home to ``--output``.
 The cluster is started once for the module. Each command is the real CLI's ``main``,
 run in this process, which joins the cluster as a driver as ``smile-ray ... --address``
 does (a process per command would only import torch and Ray again), and leaves it at the
-module's end.
+module's end. A process that has run a local Ray of its own cannot join this cluster
+(Ray's local start turns token authentication on for the whole process, the cluster's is
+off: the trials' actors never start), so this module runs before any test that starts
+one in this process (the ``joins_cluster`` mark, read by
+:func:`conftest.pytest_collection_modifyitems`).
 """
 import json
 import os
@@ -25,6 +29,7 @@ from ray_nodes import Cluster, can_hide_folders, free_port, wait_for_port
 
 from smile_ray.cli import main
 
+pytestmark = pytest.mark.joins_cluster
 hides = pytest.mark.skipif(not can_hide_folders(), reason="needs root for a mount namespace per Ray node")
 
 BUCKET = "smile-ray-test"
