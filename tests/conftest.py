@@ -1,8 +1,9 @@
 """Shared fixtures. The source model is pre-trained once per test session into a
-temporary cache (about 90 s, on one thread as its recipe fixes); every test reuses it.
-It is pre-trained in a background process started after collection, while the modules
-whose tests need no source model run first (:func:`pytest_collection_modifyitems`), so
-the two cores share that minute and a half instead of the suite waiting for it.
+temporary cache (about 50 s alone, on one thread as its recipe fixes); every test reuses
+it. It is pre-trained in a background process started with the session, while pytest
+collects (about 10 s on the other core) and then runs the modules whose tests need no
+source model (:func:`pytest_collection_modifyitems`), so that the suite waits for it as
+little as possible.
 
 Tests touch only processes they started: :func:`descendants` finds them by parent pid,
 never by name.
@@ -45,9 +46,9 @@ def pytest_collection_modifyitems(session, config, items):
     join a cluster in this process (the ``joins_cluster`` mark: before anything here starts
     a local Ray, after which Ray cannot join a cluster without token authentication); then
     those that need the source model but not this session's Ray; then those that use it
-    (each module kept whole, in its order). Pre-training the source model starts in the
-    background meanwhile: the first modules' tests are short and mostly single-threaded,
-    so the two share the cores, where a Ray study would take both. The session's Ray
+    (each module kept whole, in its order). The source model pre-trains in the background
+    meanwhile (:func:`pytest_sessionstart`): the first modules' tests are short and mostly
+    single-threaded, so the two share the cores, where a Ray study would take both. The session's Ray
     (:func:`ray_local`) thus starts once, for the last group, and no other Ray of the
     suite (a cluster's nodes, a command's own) runs beside it."""
     group: dict = {}
@@ -63,7 +64,12 @@ def pytest_collection_modifyitems(session, config, items):
         group[item.path] = max(group.get(item.path, 0), rank)
         first.setdefault(item.path, i)
     items.sort(key=lambda item: (group[item.path], first[item.path]))
-    if any("cache_dir" in item.fixturenames for item in items) and not os.environ.get("SMILE_RAY_TEST_CACHE"):
+    if not any("cache_dir" in item.fixturenames for item in items):
+        _stop_pretraining()  # started with the session; nothing collected needs it
+
+
+def pytest_sessionstart(session):
+    if not os.environ.get("SMILE_RAY_TEST_CACHE") and not session.config.option.collectonly:
         path = Path(tempfile.mkdtemp(prefix="smile-ray-test-cache-"))
         log = open(path / "pretrain.log", "w")
         env = {**os.environ, "SMILE_RAY_CACHE": str(path / "user-cache")}
@@ -71,14 +77,18 @@ def pytest_collection_modifyitems(session, config, items):
             [sys.executable, "-c", _PRETRAIN_CODE, str(path)], env=env, stdout=log, stderr=subprocess.STDOUT))
 
 
-def pytest_sessionfinish(session, exitstatus):
-    proc = _PRETRAIN.get("proc")
+def _stop_pretraining() -> None:
+    proc = _PRETRAIN.pop("proc", None)
     if proc is not None:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
         _PRETRAIN["log"].close()
         shutil.rmtree(_PRETRAIN["path"], ignore_errors=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _stop_pretraining()
 
 
 @pytest.fixture(scope="session")

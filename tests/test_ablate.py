@@ -13,10 +13,16 @@ from smile_ray.cli import main
 from study_files import DEFINITIONS, write_defs
 
 def test_tiny_ablation_end_to_end(ray_local, tmp_path, mlflow_db, cache_dir, monkeypatch):
+    """Two drops over two seeds, each run on the definitions' ``resources`` (two CPUs:
+    Ray gives each run both, and torch takes both threads; that a trial on Ray Train
+    workers, ``resources: {workers: 2}``, reports like any other is test_trainable.py's,
+    on the same path of the trials' set-up)."""
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "abl"
-    table = run_ablation(write_defs(tmp_path / "defs.yaml"), out, drops=["source_label", "feature_mixup+label_mixup"],
-                         cache_dir=cache_dir, verbose=0)
+    table = run_ablation(write_defs(tmp_path / "defs.yaml", resources={"cpus": 2}), out,
+                         drops=["source_label", "feature_mixup+label_mixup"], cache_dir=cache_dir, verbose=0)
+    runs = [json.loads(p.read_text()) for p in (out / "tune").glob("*/run/metrics.json")]
+    assert len(runs) == 6 and all(m["threads"] == 2 for m in runs)  # the default, one CPU a run, gives 1
     rows = pq.read_table(out / "ablation.parquet").to_pylist()
     arms = ["full", "-source_label", "-feature_mixup+label_mixup"]
     assert sorted((r["arm"], r["seed"]) for r in rows) == sorted((a, s) for a in arms for s in (0, 1))
@@ -113,34 +119,6 @@ def test_paired_statistics_by_hand():
     assert 0 < s["p_value"] < 0.2
     same = paired_stats(full, full)
     assert same["diff"] == 0 and same["p_value"] == 1.0 and same["p_improve"] == pytest.approx(0.5)
-
-
-def test_runs_take_the_definitions_resources(ray_local, tmp_path, mlflow_db, cache_dir, monkeypatch):
-    """``resources: {workers: 2}`` runs every arm x seed on two Ray Train workers (two
-    runs side by side, each on one CPU that its two workers share), and such a run
-    reports every evaluation to Tune, as an in-process one does: a scheduler can act on
-    it, and its MLflow child holds the curve. (The one test of a trial on Ray Train
-    workers: each worker group costs about 12 s here.)"""
-    monkeypatch.chdir(tmp_path)
-    out = tmp_path / "abl"
-    defs = write_defs(tmp_path / "defs.yaml", base={"method": "smile", "steps": 10, "eval_every": 5},
-                      max_concurrent=2, resources={"cpus": 1, "workers": 2})
-    run_ablation(defs, out, drops=["source_label"], cache_dir=cache_dir, verbose=0)
-    trained = list((out / "tune").glob("*/run/metrics.json"))
-    runs = [json.loads(p.read_text()) for p in trained]
-    assert len(runs) == 4 and all(m["workers"] == 2 and m["ranks_consistent"] for m in runs)
-    rows = pq.read_table(out / "ablation.parquet").to_pylist()
-    assert sorted(r["test_acc"] for r in rows) == sorted(m["test_acc"] for m in runs)
-    for path in trained:
-        results = [json.loads(x) for x in path.parents[1].joinpath("result.json").read_text().splitlines() if x]
-        assert [r["step"] for r in results if "val_acc" in r and "test_acc" not in r] == [5, 10]
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    parent_id = json.loads((out / "ablation.json").read_text())["parent_run_id"]
-    kids = client.search_runs([client.get_run(parent_id).info.experiment_id],
-                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
-    assert len(kids) == 4
-    for kid in kids:
-        assert sorted(h.step for h in client.get_metric_history(kid.info.run_id, "history/val_acc")) == [5, 10]
 
 
 def test_an_interrupted_ablation_resumes_without_rerunning_finished_runs(ray_address, tmp_path, mlflow_db, cache_dir,

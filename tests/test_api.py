@@ -105,9 +105,11 @@ def doc_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
 
 
-def test_the_python_api_example_runs(tmp_path, cache_dir, monkeypatch):
+def test_the_python_api_example_runs(tmp_path, cache_dir, monkeypatch, ray_local):
     """docs/python-api.md's code blocks, in order, in a fresh folder: train, reload,
-    a four-trial study in MLflow, its best model back from MLflow."""
+    a four-trial study in MLflow, its best model back from MLflow. On the session's Ray:
+    the study finds it running, as it would a Ray the user started (that the functions
+    start one where none runs is the CLI tests', whose commands start their own)."""
     import ray
 
     monkeypatch.chdir(tmp_path)

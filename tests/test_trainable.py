@@ -1,8 +1,8 @@
 """One trial (:mod:`smile_ray.orchestration.trainable`), run by a real Tune study on
-the session's one local Ray: replicates report the mean of their seeds, a trial trains
-on the device Ray gave it, and a trial's own error ends the study in one line. (That a
-trial on two Ray Train workers reports every evaluation is
-test_ablate.py::test_runs_take_the_definitions_resources.)"""
+the session's one local Ray: a trial on two Ray Train workers reports every evaluation
+(the suite's one Tune trial on Ray Train workers: a worker group costs about 12 s here),
+replicates report the mean of their seeds, a trial trains on the device Ray gave it, and
+a trial's own error ends the study in one line."""
 import json
 import statistics
 
@@ -19,6 +19,29 @@ from study_files import write_space
 def children(client, parent_id):
     exp = client.get_run(parent_id).info.experiment_id
     return client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def test_trials_with_two_workers_report_every_evaluation(ray_local, tmp_path, mlflow_db, cache_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    space = write_space(tmp_path / "space.yaml", num_samples=1, max_concurrent=1, search="random",
+                        resources={"cpus": 2, "workers": 2},
+                        space={"mixup_alpha": {"uniform": [0.1, 1.0]}})
+    out = tmp_path / "study"
+    run_study(space, out, cache_dir=cache_dir, verbose=0)
+    rows = pq.read_table(out / "trials.parquet").to_pylist()
+    assert len(rows) == 1 and rows[0]["status"] == "TERMINATED" and rows[0]["steps"] == 20
+    trained = list((out / "tune").glob("*/run/metrics.json"))
+    assert len(trained) == 1
+    m = json.loads(trained[0].read_text())
+    assert m["workers"] == 2 and m["ranks_consistent"] is True and m["val_acc"] == rows[0]["val_acc"]
+    # Tune saw every evaluation, as for an in-process trial: ASHA can act on it, and the
+    # MLflow child holds the curve
+    results = [json.loads(x) for x in trained[0].parents[1].joinpath("result.json").read_text().splitlines() if x]
+    assert [r["step"] for r in results if "val_acc" in r and "test_acc" not in r] == [10, 20]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent_id = json.loads((out / "study.json").read_text())["parent_run_id"]
+    (kid,) = children(client, parent_id)
+    assert sorted(h.step for h in client.get_metric_history(kid.info.run_id, "history/val_acc")) == [10, 20]
 
 
 def test_replicated_trials_report_the_mean_of_their_seeds(ray_local, tmp_path, mlflow_db, cache_dir, monkeypatch):
