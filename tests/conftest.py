@@ -154,7 +154,7 @@ def ray_address(ray_local) -> str:
     starts: given as their ``--address``, they join it as drivers of their own instead of
     each starting (and stopping) a Ray, which is most of a short study's time. For tests
     whose subject is not Ray's start-up: a command that starts its own Ray is still run
-    by test_ray_train.py's terminal test, and test_tune.py::test_bad_command_lines checks
+    by test_ray_train.py's ``train --workers 2`` test, and test_tune.py::test_bad_command_lines checks
     an unreachable --address."""
     import ray
 

@@ -1,7 +1,8 @@
 """Ray Train (:mod:`smile_ray.orchestration.ray_train`): data-parallel SMILE over real
 TorchTrainer workers (gloo on CPU).
 
-The session's one local Ray runs them; each TorchTrainer launch costs about 12 s here.
+The killed-worker run is on the session's local Ray; ``train --workers 2`` starts its
+own, as a user's command does. Each TorchTrainer launch costs about 12 s here.
 """
 import json
 import os
@@ -18,20 +19,6 @@ from smile_ray.orchestration.ray_train import train_distributed
 from smile_ray.recipe import train
 
 CONFIG = {"steps": 60, "eval_every": 20, "samples_per_class": 5, "batch_size": 48}
-
-
-def test_two_workers_match_one_process(ray_local, tmp_path, cache_dir):
-    cfg = make_config(CONFIG)
-    local = train(cfg, tmp_path / "local", cache_dir=cache_dir)
-    dist = train_distributed(cfg, tmp_path / "dist", workers=2, cache_dir=cache_dir)
-    on_disk = json.loads((tmp_path / "dist" / "metrics.json").read_text())
-    assert set(local) <= set(on_disk)  # the same schema as a local run, and more
-    assert on_disk["workers"] == 2 and on_disk["steps"] == 60 and on_disk["config"] == cfg.to_dict()
-    assert on_disk["ranks_consistent"] is True  # student and mean teacher identical on all ranks
-    assert [h["step"] for h in on_disk["history"]] == [20, 40, 60]
-    assert abs(dist["test_acc"] - local["test_acc"]) < 0.08
-    assert dist["test_acc"] > 0.5
-    assert (tmp_path / "dist" / "model.pt").is_file() and (tmp_path / "dist" / "checkpoint" / "state.pt").is_file()
 
 
 def _registered_checkpoint_step(out):
@@ -80,19 +67,30 @@ def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(ra
     assert [h["step"] for h in m["history"]] == list(range(25, 201, 25))
 
 
-def test_the_workers_terminal_shows_each_evaluation_once_and_no_ray_noise(tmp_path, cache_dir):
-    """What a person sees from `train --workers 2`: one line per evaluation (Ray Train
+def test_two_workers_from_the_command_line_match_one_process_and_the_terminal_is_clean(tmp_path, cache_dir):
+    """``train --workers 2``, a command that starts its own Ray: the run matches one
+    process (the same metrics.json schema and more, ranks consistent, every evaluation,
+    the files a local run leaves), and a person sees one line per evaluation (Ray Train
     patches print in its workers to log it a second time), none of Ray Train's INFO
     lines, and no preemption-watcher error line for a run that worked."""
-    env = {**os.environ, "SMILE_RAY_CACHE": str(cache_dir)}
+    cfg = make_config(CONFIG)
+    local = train(cfg, tmp_path / "local", cache_dir=cache_dir)
+    sets = [arg for key, value in CONFIG.items() for arg in ("--set", f"{key}={value}")]
     proc = subprocess.run(
-        [sys.executable, "-m", "smile_ray", "train", "--workers", "2", "--output", str(tmp_path / "run"),
-         "--set", "steps=20", "--set", "eval_every=10", "--set", "samples_per_class=3"],
-        capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path,
+        [sys.executable, "-m", "smile_ray", "train", "--workers", "2", "--output", str(tmp_path / "dist"),
+         "--cache-dir", str(cache_dir), *sets],
+        capture_output=True, text=True, timeout=400, env=os.environ, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
     err = proc.stderr
-    assert err.count("step 10/20") == 1 and err.count("step 20/20") == 1, err
+    assert [err.count(f"step {s}/60") for s in (20, 40, 60)] == [1, 1, 1], err
     for noise in ("PreemptionWatcher", "Traceback", "Reporting training result", "FutureWarning"):
         assert noise not in err, err
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["workers"] == 2
+    dist = json.loads((tmp_path / "dist" / "metrics.json").read_text())
+    assert set(local) <= set(dist)  # the same schema as a local run, and more
+    assert dist["workers"] == 2 and dist["steps"] == 60 and dist["config"] == cfg.to_dict()
+    assert dist["ranks_consistent"] is True  # student and mean teacher identical on all ranks
+    assert [h["step"] for h in dist["history"]] == [20, 40, 60]
+    assert abs(dist["test_acc"] - local["test_acc"]) < 0.08
+    assert dist["test_acc"] > 0.5
+    assert (tmp_path / "dist" / "model.pt").is_file() and (tmp_path / "dist" / "checkpoint" / "state.pt").is_file()

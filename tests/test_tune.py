@@ -167,21 +167,21 @@ def test_bad_command_lines(tmp_path, capfd, monkeypatch):
 def test_ctrl_c_while_the_last_trial_runs_is_an_interrupt_and_resumes_as_uninterrupted(ray_address, tmp_path,
                                                                                        mlflow_db, cache_dir,
                                                                                        monkeypatch, capfd):
-    """Ctrl-C while the last of 3 trials trains, none left waiting (Tune returns its
+    """Ctrl-C while the last of 2 trials trains, none left waiting (Tune returns its
     stopped trials as TERMINATED, so the study used to end as if complete: exit 0, a
     partial trial in the table): exit 130, one line naming --resume, the MLflow runs
     KILLED; the resume in this process does not rerun the finished trials, counts them in
     its table, prints none of Tune's or MLflow's output, and the interrupted trial ends as
     an uninterrupted one."""
-    space = write_space(tmp_path / "space.yaml", num_samples=3, max_concurrent=1,
+    space = write_space(tmp_path / "space.yaml", num_samples=2, max_concurrent=1,
                         base={"method": "smile", "steps": 60, "eval_every": 20, "samples_per_class": 3, "threads": 1})
     out = tmp_path / "study"
     env = {**os.environ, "SMILE_RAY_CACHE": str(cache_dir)}
     joined = ["--address", ray_address, "--cache-dir", str(cache_dir)]
     cmd = [sys.executable, "-m", "smile_ray", "tune", "--space", str(space), "--output", str(out), *joined]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    row = r"\s*\d/3\s+\d+m\d\ds\s+\w{8,}\s"
-    err, finished = interrupt_after_rows(proc, row, 2, last_batch=True)
+    row = r"\s*\d/2\s+\d+m\d\ds\s+\w{8,}\s"
+    err, finished = interrupt_after_rows(proc, row, 1, last_batch=True)
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1].startswith("error: interrupted; add --resume"), err
     assert "Traceback" not in err, err
@@ -192,11 +192,11 @@ def test_ctrl_c_while_the_last_trial_runs_is_an_interrupt_and_resumes_as_uninter
     assert set(header[3:6]) == {"mixup_alpha", "feature_weight", "label_mixup"}, err
     assert header[6:] == ["val_acc", "best", "s/run"], err
     rows = [ln for ln in err.splitlines() if re.match(row, ln)]
-    assert len(rows) == 2 and all(len(ln) <= 120 for ln in rows), err
+    assert len(rows) == 1 and all(len(ln) <= 120 for ln in rows), err
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     parent_id = json.loads((out / "study.json").read_text())["parent_run_id"]
     assert client.get_run(parent_id).info.status == "KILLED"
-    assert sorted(k.info.status for k in children(client, parent_id)) == ["FINISHED", "FINISHED", "KILLED"]
+    assert sorted(k.info.status for k in children(client, parent_id)) == ["FINISHED", "KILLED"]
 
     # resumed in this process (a new one would only import torch and Ray again): what it
     # reads is on disk
@@ -206,20 +206,20 @@ def test_ctrl_c_while_the_last_trial_runs_is_an_interrupt_and_resumes_as_uninter
     resumed = capfd.readouterr()
     assert code == 0, resumed.err
     rows = pq.read_table(out / "trials.parquet").to_pylist()
-    assert len(rows) == 3 and all(r["status"] == "TERMINATED" and r["steps"] == 60 for r in rows)
+    assert len(rows) == 2 and all(r["status"] == "TERMINATED" and r["steps"] == 60 for r in rows)
     best = json.loads((out / "best.json").read_text())
     assert best["study"]["wall_seconds"] > json.loads((out / "study.json").read_text())["wall_seconds"] - 1e-6 > 0
     assert "in all" in resumed.out
     assert "Configuration for experiment" not in resumed.out and "View detailed results" not in resumed.out
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}" in resumed.out
-    assert re.search(r"^\s*3/3\s", resumed.err, re.M), resumed.err  # counted with the trials before the resume
+    assert re.search(r"^\s*2/2\s", resumed.err, re.M), resumed.err  # counted with the trials before the resume
     # after the table, nothing but our lines: no traceback, no MLflow progress bar from
     # copying the best trial's model to the study's run
     assert "Traceback" not in resumed.err and "Downloading artifacts" not in resumed.err, resumed.err
     for path, mtime in before.items():  # finished trials were not run again
         assert path.stat().st_mtime_ns == mtime
     assert client.get_run(parent_id).info.status == "FINISHED"
-    assert [k.info.status for k in children(client, parent_id)] == ["FINISHED"] * 3
+    assert [k.info.status for k in children(client, parent_id)] == ["FINISHED"] * 2
     (interrupted,) = set(out.glob("tune/*/run/metrics.json")) - set(finished)
     assert_as_uninterrupted(interrupted, cache_dir, tmp_path / "direct")
 
