@@ -57,7 +57,7 @@ def wait_for_port(port: int, deadline: float) -> None:
 def stop_nodes(nodes: list[subprocess.Popen]) -> None:
     """SIGTERM, then SIGKILL, to the node processes and everything below them, by pid
     (``ray start --block`` takes over 15 s to stop its node on SIGTERM; what is left after
-    5 s is killed)."""
+    2 s is killed)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         pids = [p for node in nodes if node.poll() is None for p in [node.pid, *descendants(node.pid)]]
         for node in nodes:  # processes a node left behind when it exited
@@ -67,7 +67,7 @@ def stop_nodes(nodes: list[subprocess.Popen]) -> None:
                 os.kill(pid, sig)
             except OSError:
                 pass
-        deadline = time.time() + (5 if sig == signal.SIGTERM else 15)
+        deadline = time.time() + (2 if sig == signal.SIGTERM else 15)
         while time.time() < deadline and any(node.poll() is None for node in nodes):
             time.sleep(0.5)
 
