@@ -48,9 +48,9 @@ def pytest_collection_modifyitems(session, config, items):
     those that need the source model but not this session's Ray; then those that use it
     (each module kept whole, in its order). The source model pre-trains in the background
     meanwhile (:func:`pytest_sessionstart`): the first modules' tests are short and mostly
-    single-threaded, so the two share the cores, where a Ray study would take both. The session's Ray
-    (:func:`ray_local`) thus starts once, for the last group, and no other Ray of the
-    suite (a cluster's nodes, a command's own) runs beside it."""
+    single-threaded, so the two share the cores, where a Ray study would take both. The
+    session's Ray (:func:`ray_local`) thus starts once, for the last group, and no other
+    Ray of the suite (a cluster's nodes, a command's own) runs beside it."""
     group: dict = {}
     first: dict = {}
     for i, item in enumerate(items):

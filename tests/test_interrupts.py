@@ -16,10 +16,13 @@ class Thing:
     pass
 
 
-def interrupted_callback(_ref):
-    signal.raise_signal(signal.SIGINT)
-    for _ in range(3):  # a backward jump: Python runs the pending handler here, inside the callback
-        pass
+def raising_callback(signum):
+    """A weakref callback inside which the handler of ``signum`` runs."""
+    def callback(_ref):
+        signal.raise_signal(signum)
+        for _ in range(3):  # a backward jump: Python runs the pending handler here, inside the callback
+            pass
+    return callback
 
 
 def test_a_ctrl_c_inside_a_weakref_callback_reaches_the_main_thread(capfd):
@@ -27,7 +30,7 @@ def test_a_ctrl_c_inside_a_weakref_callback_reaches_the_main_thread(capfd):
     with pytest.raises(KeyboardInterrupt):
         with resend_lost_interrupts():
             thing = Thing()
-            ref = weakref.ref(thing, interrupted_callback)  # noqa: F841 - kept so that the callback runs
+            ref = weakref.ref(thing, raising_callback(signal.SIGINT))  # noqa: F841 - kept so that the callback runs
             del thing  # the last reference: CPython runs the callback here
             time.sleep(10)  # the main thread's next stop: interrupted there at once
     assert "Exception ignored" not in capfd.readouterr().err
@@ -56,19 +59,13 @@ def test_a_sigterm_exit_inside_a_weakref_callback_ends_the_process_quietly(capfd
         raise SystemExit(1)
 
     monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # restored after the test
-    monkeypatch.setattr(signal, "SIGTERM", signal.SIGTERM)
     saved = signal.signal(signal.SIGTERM, exit_on_sigterm)
-
-    def terminated_callback(_ref):
-        signal.raise_signal(signal.SIGTERM)
-        for _ in range(3):
-            pass
     try:
         resend_lost_exits()
         resend_lost_exits()  # twice is once
         with pytest.raises(SystemExit):
             thing = Thing()
-            ref = weakref.ref(thing, terminated_callback)  # noqa: F841
+            ref = weakref.ref(thing, raising_callback(signal.SIGTERM))  # noqa: F841
             del thing
             time.sleep(10)
     finally:

@@ -79,7 +79,7 @@ def test_two_workers_from_the_command_line_match_one_process_and_the_terminal_is
     proc = subprocess.run(
         [sys.executable, "-m", "smile_ray", "train", "--workers", "2", "--output", str(tmp_path / "dist"),
          "--cache-dir", str(cache_dir), *sets],
-        capture_output=True, text=True, timeout=400, env=os.environ, cwd=tmp_path,
+        capture_output=True, text=True, timeout=400, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
     err = proc.stderr

@@ -39,8 +39,8 @@ from smile_ray.orchestration.study import StudyRun, file_digest, saved_file
 from smile_ray.orchestration.tune import tune_config
 from smile_ray.registry import METHODS
 from smile_ray.reports.plots import plot_compare, plot_difference_vs_size
-from smile_ray.reports.tables import (COMPARE_LEGEND, compare_table, comparison_title, il_table, reference_method,
-                                      size_difference_table, size_differences)
+from smile_ray.reports.tables import (COMPARE_LEGEND, compare_table, comparison_runs, comparison_title, il_table,
+                                      reference_method, size_difference_table, size_differences)
 
 STATE_FILE = "compare.json"
 
@@ -165,7 +165,7 @@ def run_compare(methods: list[str], settings_file: str | Path, output_dir: str |
         table = compare_table(rows, methods, columns, reference)
         b = settings.base
         varied = {k for col in settings.columns.values() for k in col}
-        run_desc = f"{b.backbone}, {'' if 'weights' in varied else f'weights={b.weights}, '}{b.steps} steps"
+        run_desc = comparison_runs(b.to_dict(), varied)
         header = (f"# {comparison_title(b.to_dict(), varied)}\n\n"
                   f"{settings.seeds} seeds per cell, {len(runs)} runs ({len(failed)} failed), "
                   f"{time.perf_counter() - started:.0f} s"

@@ -96,12 +96,16 @@ def ablation_title(base: dict[str, Any]) -> str:
             f"{base.get('steps')} steps)")
 
 
-def comparison_title(base: dict[str, Any], varied: Sequence[str] = ()) -> str:
-    """A comparison's title (``table.md``'s heading and the report's), from its base
-    config; the weights only where no column sets its own (``varied``: the keys the
-    columns set)."""
+def comparison_runs(base: dict[str, Any], varied: Sequence[str] = ()) -> str:
+    """What every run of a comparison shares, from its base config: backbone, weights
+    (only where no column sets its own; ``varied``: the keys the columns set), steps."""
     weights = "" if "weights" in varied else f"weights={base.get('weights')}, "
-    return f"Methods compared on {base.get('dataset')} ({base.get('backbone')}, {weights}{base.get('steps')} steps)"
+    return f"{base.get('backbone')}, {weights}{base.get('steps')} steps"
+
+
+def comparison_title(base: dict[str, Any], varied: Sequence[str] = ()) -> str:
+    """A comparison's title (``table.md``'s heading and the report's)."""
+    return f"Methods compared on {base.get('dataset')} ({comparison_runs(base, varied)})"
 
 
 #: what a comparison's methods are paired against: the paper's baseline (L2 fine-tuning)
