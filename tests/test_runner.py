@@ -12,7 +12,7 @@ import weakref
 import pytest
 
 from smile_ray.orchestration.runner import TUNE_SIGINT_ENV, interrupts_to_tune
-from test_interrupts import Thing, interrupted_callback
+from test_interrupts import Thing, raising_callback
 
 
 def test_a_ctrl_c_before_tunes_loop_stops_at_once_and_everything_is_restored(monkeypatch):
@@ -47,7 +47,7 @@ def test_a_ctrl_c_python_cannot_raise_in_a_weakref_callback_is_raised_again_not_
     with pytest.raises(KeyboardInterrupt):
         with interrupts_to_tune() as got:
             thing = Thing()
-            ref = weakref.ref(thing, interrupted_callback)  # noqa: F841 - kept alive so the callback runs
+            ref = weakref.ref(thing, raising_callback(signal.SIGINT))  # noqa: F841 - kept alive so the callback runs
             del thing  # the last reference: CPython runs the callback here
             time.sleep(10)  # where the main thread is next: the interrupt comes again there, at once
     assert got == [signal.SIGINT]
