@@ -467,7 +467,11 @@ class LoadedModel:
 
         from smile_ray.data import build_task
 
-        xs, ys = zip(*build_task(self.config, cache_dir).eval_batches(name))
+        task = build_task(self.config, cache_dir)
+        try:
+            xs, ys = zip(*task.eval_batches(name))
+        finally:
+            task.close()  # its decoding workers stop now (smile_ray.data.images._stop_workers)
         return torch.cat(xs), torch.cat(ys)
 
 

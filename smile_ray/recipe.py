@@ -260,30 +260,35 @@ def setup(
     if config.batch_size % world_size:
         raise SmileError(f"batch_size={config.batch_size} does not split evenly over {world_size} workers")
     device = device or resolve_device(config.device)
-    task = task or build_task(config, cache_dir)
-    source, source_weights = load_source(config, cache_dir, log=log, progress=progress)
-    if source.in_channels == 1 and task.in_channels != 1:
-        raise SmileError(f"backbone {config.backbone!r} takes 1-channel images; dataset {config.dataset!r} has {task.in_channels}")
-    method = build_method(config, rank=rank, world_size=world_size)
-    with torch.random.fork_rng():
-        torch.manual_seed(rng.derive_seed(config.seed, rng.INIT))
-        model = TransferNet(source, task.num_classes, source_head=method.uses_source_head,
-                            head_init=config.head_init)
-    fmt = torch.channels_last if uses_channels_last(config, device) else torch.contiguous_format
-    model.to(device, memory_format=fmt).train()
-    source.to(device, memory_format=fmt)
-    method.attach(model, source, task=task, cache_dir=cache_dir)
-    if prepare_model is not None:
-        model = prepare_model(model)
-    if config.compile:  # after the DDP wrapper: see compile_student
-        model = compile_student(model, method, config.threads)
-    task.train_on(device)  # after the methods' preparations, which read float batches
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
-    # only what trains: a method's frozen parameters (LwF's source head) get no update and no weight decay
-    optimizer = build_sgd([p for p in model.parameters() if p.requires_grad], lr=config.lr, momentum=config.momentum,
-                          weight_decay=config.weight_decay, nesterov=config.momentum > 0)
-    return Run(config, device, task, model, method, optimizer, source_weights, rank, world_size)
+    built, task = task is None, task or build_task(config, cache_dir)
+    try:
+        source, source_weights = load_source(config, cache_dir, log=log, progress=progress)
+        if source.in_channels == 1 and task.in_channels != 1:
+            raise SmileError(f"backbone {config.backbone!r} takes 1-channel images; dataset {config.dataset!r} has {task.in_channels}")
+        method = build_method(config, rank=rank, world_size=world_size)
+        with torch.random.fork_rng():
+            torch.manual_seed(rng.derive_seed(config.seed, rng.INIT))
+            model = TransferNet(source, task.num_classes, source_head=method.uses_source_head,
+                                head_init=config.head_init)
+        fmt = torch.channels_last if uses_channels_last(config, device) else torch.contiguous_format
+        model.to(device, memory_format=fmt).train()
+        source.to(device, memory_format=fmt)
+        method.attach(model, source, task=task, cache_dir=cache_dir)
+        if prepare_model is not None:
+            model = prepare_model(model)
+        if config.compile:  # after the DDP wrapper: see compile_student
+            model = compile_student(model, method, config.threads)
+        task.train_on(device)  # after the methods' preparations, which read float batches
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
+        # only what trains: a method's frozen parameters (LwF's source head) get no update and no weight decay
+        optimizer = build_sgd([p for p in model.parameters() if p.requires_grad], lr=config.lr, momentum=config.momentum,
+                              weight_decay=config.weight_decay, nesterov=config.momentum > 0)
+        return Run(config, device, task, model, method, optimizer, source_weights, rank, world_size)
+    except BaseException:
+        if built:  # a preparation may have started its workers
+            task.close()
+        raise
 
 
 def train_step(run: Run, step: int, x: Tensor, y: Tensor) -> Tensor:
@@ -364,23 +369,28 @@ def train(
         out / "checkpoint" if out is not None else None
     run = setup(config, cache_dir, rank=rank, world_size=world_size, device=device, prepare_model=prepare_model,
                 log=log, progress=progress and lead)
-    state = resume(run, ckpt_dir, resume_from, fresh, log=log if lead else None)
+    try:
+        state = resume(run, ckpt_dir, resume_from, fresh, log=log if lead else None)
 
-    bar = progress_bar(run, state, log) if progress and lead else None
-    with Loop(run, state, ckpt_dir, on_eval, bar=bar) as loop:
-        while state.step < config.steps:
-            x, y = loop.batch(state.step)
-            state.add_step(train_step(run, state.step, x, y))
-            loop.after_step()
+        bar = progress_bar(run, state, log) if progress and lead else None
+        with Loop(run, state, ckpt_dir, on_eval, bar=bar) as loop:
+            while state.step < config.steps:
+                x, y = loop.batch(state.step)
+                state.add_step(train_step(run, state.step, x, y))
+                loop.after_step()
 
-    consistent = ranks_consistent(run) if world_size > 1 else None
-    metrics = final_metrics(run, state, started_at, consistent) if lead else {"step": state.step}
-    if lead and out is not None:
-        save_torch(host_copy(unwrap(run.model).state_dict(), copy=False), out / "model.pt")
-        write_json(metrics, out / "metrics.json")
-    if on_end is not None:
-        on_end(metrics)
-    return metrics
+        consistent = ranks_consistent(run) if world_size > 1 else None
+        metrics = final_metrics(run, state, started_at, consistent) if lead else {"step": state.step}
+        if lead and out is not None:
+            save_torch(host_copy(unwrap(run.model).state_dict(), copy=False), out / "model.pt")
+            write_json(metrics, out / "metrics.json")
+        if on_end is not None:
+            on_end(metrics)
+        return metrics
+    finally:
+        # the data workers stop with the run: left to a later garbage collection, each
+        # loader's would stall it 5 s (smile_ray.data.images._stop_workers)
+        run.task.close()
 
 
 def resume(run: Run, ckpt_dir: Path | None, resume_from: str | Path | None, fresh: bool,

@@ -67,6 +67,10 @@ class Task(Protocol):
         """A uint8 batch (on any device) to the float input (the recipe calls it for uint8
         batches only)."""
 
+    def close(self) -> None:
+        """Stop what the task runs in the background (DataLoader workers) now; a later
+        batch starts it again. The recipe calls it when a run ends, failed or not."""
+
 
 class StepOrder:
     """The order training images are visited in: consecutive epochs, each a permutation

@@ -83,6 +83,9 @@ class TensorTask(StepOrder):
     def normalize(self, x: Tensor) -> Tensor:
         return x  # the batches are already the float input
 
+    def close(self) -> None:
+        """Nothing to stop: batches are built in the calling thread."""
+
 
 def shift_offsets(b: int, pad: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """Row and column offsets, each in ``[0, 2 * pad]``, of ``b`` images (rows drawn first)."""
