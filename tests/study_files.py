@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import yaml
 
+from conftest import FEW_IL_PAIRS
+
 SPACE = {
-    "base": {"method": "smile", "steps": 20, "eval_every": 10, "samples_per_class": 3},
+    "base": {"method": "smile", "steps": 20, "eval_every": 10, "samples_per_class": 3, **FEW_IL_PAIRS},
     "num_samples": 4,
     "max_concurrent": 2,
     "space": {
@@ -17,7 +19,7 @@ SPACE = {
 }
 
 DEFINITIONS = {
-    "base": {"method": "smile", "steps": 20, "eval_every": 10},
+    "base": {"method": "smile", "steps": 20, "eval_every": 10, **FEW_IL_PAIRS},
     "seeds": 2,
     "samples_per_class": [3],
     "max_concurrent": 2,
@@ -33,7 +35,7 @@ DEFINITIONS = {
 }
 
 SETTINGS = {
-    "base": {"steps": 20, "eval_every": 10},
+    "base": {"steps": 20, "eval_every": 10, **FEW_IL_PAIRS},
     "columns": {"3 per class": {"samples_per_class": 3},
                 # a setting that diverges at its first evaluation: its runs fail, the rest are kept
                 "diverging": {"samples_per_class": 3, "lr": 1.0e6}},

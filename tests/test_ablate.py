@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import assert_as_uninterrupted, interrupt_after_rows
+from conftest import FEW_IL_PAIRS, assert_as_uninterrupted, interrupt_after_rows
 from smile_ray.orchestration.ablate import run_ablation
 from smile_ray.stats import paired_stats
 from smile_ray.cli import main
@@ -65,21 +65,6 @@ def test_tiny_ablation_end_to_end(ray_local, tmp_path, mlflow_db, cache_dir, mon
     assert src.data.params["source_label"] == "False"
 
 
-def test_tune_budget_searches_each_arm_over_what_it_still_uses(ray_local, tmp_path, mlflow_db, cache_dir, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    out = tmp_path / "abl"
-    run_ablation(write_defs(tmp_path / "defs.yaml"), out, drops=["source_label"], tune_budget=2,
-                 cache_dir=cache_dir, verbose=0)
-    full = pq.read_table(out / "tuning" / "full" / "trials.parquet").to_pylist()
-    dropped = pq.read_table(out / "tuning" / "source_label" / "trials.parquet").to_pylist()
-    assert len(full) == 2 and len(dropped) == 2
-    assert "source_label_weight" in full[0] and "source_label_weight" not in dropped[0]
-    best = json.loads((out / "tuning" / "full" / "best.json").read_text())
-    rows = pq.read_table(out / "ablation.parquet").to_pylist()
-    used = json.loads(next(r for r in rows if r["arm"] == "full")["config"])
-    assert used["mixup_alpha"] == best["config"]["mixup_alpha"]  # the arm runs its own best config
-
-
 @pytest.mark.parametrize(
     "argv, expect",
     [
@@ -131,7 +116,7 @@ def test_an_interrupted_ablation_resumes_without_rerunning_finished_runs(ray_add
     import subprocess
     import sys
 
-    defs = write_defs(tmp_path / "defs.yaml", base={"method": "smile", "steps": 60, "eval_every": 20, "threads": 1},
+    defs = write_defs(tmp_path / "defs.yaml", base={"method": "smile", "steps": 60, "eval_every": 20, "threads": 1, **FEW_IL_PAIRS},
                       max_concurrent=1)
     out = tmp_path / "abl"
     env = {**os.environ, "SMILE_RAY_CACHE": str(cache_dir)}
@@ -231,7 +216,7 @@ def test_seeds_auto_runs_a_second_round_for_an_arm_that_cannot_resolve(ray_local
     test_adaptive_seeds_add_rounds_only_to_unresolved_arms, over recorded rows.)"""
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "abl"
-    defs = write_defs(tmp_path / "defs.yaml", base={"method": "smile", "steps": 10, "eval_every": 10},
+    defs = write_defs(tmp_path / "defs.yaml", base={"method": "smile", "steps": 10, "eval_every": 10, **FEW_IL_PAIRS},
                       components={**DEFINITIONS["components"], "nothing": {"head_l2": True}})
     code = main(["ablate", "--definitions", str(defs), "--output", str(out), "--drop", "nothing",
                  "--seeds", "auto", "--max-seeds", "3", "--cache-dir", str(cache_dir)])

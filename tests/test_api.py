@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import FEW_IL_PAIRS
 import smile_ray
 from smile_ray.errors import SmileError
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "python-api.md"
-SMALL = {"samples_per_class": 2, "steps": 20, "eval_every": 10, "threads": 1}
+SMALL = {"samples_per_class": 2, "steps": 20, "eval_every": 10, "threads": 1, **FEW_IL_PAIRS}
 
 
 def test_import_gives_every_function_documented_and_without_torch():

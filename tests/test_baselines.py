@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from conftest import FEW_IL_PAIRS
 from smile_ray.config import make_config
 from smile_ray.data import TensorTask, build_task
 from smile_ray.errors import SmileError
@@ -37,7 +38,7 @@ from smile_ray.pretrain import load_source
 from smile_ray.recipe import train
 
 BASELINES = ["l2sp", "bss", "lwf", "cotuning", "rifle", "stochnorm", "delta", "regsl"]
-SHORT = {"steps": 20, "eval_every": 10, "samples_per_class": 3}
+SHORT = {"steps": 20, "eval_every": 10, "samples_per_class": 3, **FEW_IL_PAIRS}
 
 # ---------------------------------------------------------------- penalties by hand
 

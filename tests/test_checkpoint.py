@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from conftest import FEW_IL_PAIRS
 from smile_ray.checkpoint import (CheckpointWriter, LoopState, check_same_config, folder_lock, read_checkpoint,
                                   restore_run, run_state, save_torch, write_json)
 from smile_ray.cli import main
@@ -17,8 +18,8 @@ from smile_ray.config import make_config
 from smile_ray.errors import SmileError
 from smile_ray.recipe import setup, train, train_step
 
-CONFIG = {"method": "smile", "steps": 6, "eval_every": 3, "samples_per_class": 3, "ema_every": 1}
-SHORT = {"steps": 30, "eval_every": 10, "samples_per_class": 3}
+CONFIG = {"method": "smile", "steps": 6, "eval_every": 3, "samples_per_class": 3, "ema_every": 1, **FEW_IL_PAIRS}
+SHORT = {"steps": 30, "eval_every": 10, "samples_per_class": 3, **FEW_IL_PAIRS}
 
 
 def run_cli(capfd, *argv):

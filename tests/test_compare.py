@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import assert_as_uninterrupted, interrupt_after_rows
+from conftest import FEW_IL_PAIRS, assert_as_uninterrupted, interrupt_after_rows
 from smile_ray.cli import main
 from smile_ray.orchestration.compare import run_compare
 from smile_ray.stats import paired_stats
@@ -67,7 +67,7 @@ def test_ctrl_c_while_the_last_run_trains_is_an_interrupt_and_resumes_as_uninter
     """No run left waiting: Tune hands back the stopped run as TERMINATED; the comparison
     used to exit 0 with that cell "(failed)". Now: exit 130, one line naming --resume, no
     MLflow run left RUNNING, and the resumed run ends as an uninterrupted one."""
-    settings = write_settings(tmp_path / "settings.yaml", base={"steps": 60, "eval_every": 20, "threads": 1},
+    settings = write_settings(tmp_path / "settings.yaml", base={"steps": 60, "eval_every": 20, "threads": 1, **FEW_IL_PAIRS},
                               columns={"samples_per_class": [3]}, max_concurrent=1, tune_space={})
     out = tmp_path / "cmp"
     env = {**os.environ, "SMILE_RAY_CACHE": str(cache_dir)}

@@ -23,6 +23,7 @@ import shutil
 import pytest
 import torch
 
+from conftest import FEW_IL_PAIRS
 from smile_ray.config import make_config
 from smile_ray.methods.base import unwrap
 from smile_ray.optim import SGD, build_sgd
@@ -33,7 +34,8 @@ from smile_ray.registry import METHODS
 STEPS = 6
 # RIFLE re-initialises its head after steps 2, 3 and 4; RegSL reweights from step 1 and
 # relabels from step 2; SMILE's teacher follows the student every step
-SMALL = {"steps": STEPS, "eval_every": STEPS, "batch_size": 16, "samples_per_class": 3, "ema_every": 1}
+SMALL = {"steps": STEPS, "eval_every": STEPS, "batch_size": 16, "samples_per_class": 3, "ema_every": 1,
+         **FEW_IL_PAIRS}
 
 
 @pytest.fixture(scope="module")

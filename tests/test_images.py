@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import native_layouts as nl
+from conftest import FEW_IL_PAIRS
 from smile_ray.config import make_config
 from smile_ray.data import build_task
 from smile_ray.data.images import ImageTask, resize_side
@@ -248,7 +249,7 @@ def breaks_naming_itself(t, position):
 def run_config(root, **values):
     return make_config({"dataset": "cub200", "data_root": str(root), "backbone": "resnet18", "weights": "none",
                         "image_size": SIZE, "steps": 4, "eval_every": 2, "batch_size": 8, "samples_per_class": 3,
-                        "data_workers": 1, "threads": 1, **values})
+                        "data_workers": 1, "threads": 1, **FEW_IL_PAIRS, **values})
 
 
 def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(cub, tmp_path):
@@ -316,7 +317,7 @@ def test_end_to_end_through_the_cli(cub, tmp_path, capsys):
     args = ["train", "--dataset", "cub200", "--set", f"data_root={root}", "--set", "backbone=resnet18",
             "--set", "weights=none", "--set", "image_size=32", "--set", "steps=4", "--set", "eval_every=2",
             "--set", "batch_size=8", "--set", "class_fraction=0.67", "--set", "train_images=5",
-            "--set", "data_workers=1", "--set", "threads=1", "--output", str(out), "--quiet",
+            "--set", "data_workers=1", "--set", "threads=1", "--set", "il_pairs=8", "--output", str(out), "--quiet",
             "--cache-dir", str(tmp_path / "cache")]
     assert main(args) == 0
     m = json.loads((out / "metrics.json").read_text())

@@ -11,6 +11,7 @@ import torch
 import torchvision
 from torch import nn
 
+from conftest import FEW_IL_PAIRS
 from smile_ray.config import make_config
 from smile_ray.data import DatasetSpec, TensorTask
 from smile_ray.errors import SmileError
@@ -298,7 +299,8 @@ def test_every_method_runs_on_a_torchvision_family_and_a_timm_model(tiny_rgb, ba
     # digits (test_baselines); here the timm body (not a sequence) takes the new path
     variant = "attention" if backbone.startswith("timm/") else "feature_map"
     cfg = make_config({"method": method, "dataset": tiny_rgb, "backbone": backbone, "weights": "none",
-                       "image_size": 16, "steps": 2, "eval_every": 2, "batch_size": 6, "delta_variant": variant})
+                       "image_size": 16, "steps": 2, "eval_every": 2, "batch_size": 6, "delta_variant": variant,
+                       **FEW_IL_PAIRS})
     train(cfg, tmp_path / "run", cache_dir=tmp_path / "cache", log=lambda msg: None)
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["steps"] == 2 and math.isfinite(m["test_nll"]) and 0 <= m["test_acc"] <= 1

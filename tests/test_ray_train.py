@@ -12,13 +12,13 @@ import sys
 import threading
 import time
 
-from conftest import own_processes_named
+from conftest import FEW_IL_PAIRS, own_processes_named
 
 from smile_ray.config import make_config
 from smile_ray.orchestration.ray_train import train_distributed
 from smile_ray.recipe import train
 
-CONFIG = {"steps": 60, "eval_every": 20, "samples_per_class": 5, "batch_size": 48}
+CONFIG = {"steps": 60, "eval_every": 20, "samples_per_class": 5, "batch_size": 48, **FEW_IL_PAIRS}
 
 
 def _registered_checkpoint_step(out):

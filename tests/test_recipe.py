@@ -7,12 +7,14 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import torch
 
+from conftest import FEW_IL_PAIRS
 from smile_ray.config import make_config
 from smile_ray.errors import SmileError
 from smile_ray.checkpoint import CheckpointWriter, LoopState, host_copy, read_checkpoint, run_state
 from smile_ray.recipe import setup, train, train_step, uses_bf16, uses_channels_last
 
-SHORT = {"steps": 30, "eval_every": 10, "samples_per_class": 3}
+RUN = {"steps": 30, "eval_every": 10, "samples_per_class": 3}
+SHORT = {**RUN, **FEW_IL_PAIRS}
 
 
 class Interrupt(Exception):
@@ -134,7 +136,7 @@ def test_the_public_api_can_be_called_again(tmp_path, cache_dir):
 
 
 def test_metrics_json_is_complete(tmp_path, cache_dir):
-    cfg = make_config({**SHORT, "method": "mixup"})
+    cfg = make_config({**RUN, "method": "mixup"})  # the interpolation losses at their default
     before = datetime.now(timezone.utc)
     train(cfg, tmp_path, cache_dir=cache_dir)
     after = datetime.now(timezone.utc)

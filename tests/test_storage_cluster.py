@@ -33,7 +33,7 @@ pytestmark = pytest.mark.joins_cluster
 hides = pytest.mark.skipif(not can_hide_folders(), reason="needs root for a mount namespace per Ray node")
 
 BUCKET = "smile-ray-test"
-STEPS = ["--set", "steps=20", "--set", "eval_every=10", "--set", "samples_per_class=3"]
+STEPS = ["--set", "steps=20", "--set", "eval_every=10", "--set", "samples_per_class=3", "--set", "il_pairs=8"]
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def keys(client, prefix):
 def space_file(cluster):
     path = cluster.outputs / "space.yaml"
     path.write_text(yaml.safe_dump({
-        "base": {"method": "mixup", "steps": 20, "eval_every": 10, "samples_per_class": 3},
+        "base": {"method": "mixup", "steps": 20, "eval_every": 10, "samples_per_class": 3, "il_pairs": 8},
         "num_samples": 2, "max_concurrent": 2, "search": "random",
         "space": {"mixup_alpha": {"uniform": [0.1, 1.0]}},
     }))

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import assert_as_uninterrupted, interrupt_after_rows
+from conftest import FEW_IL_PAIRS, assert_as_uninterrupted, interrupt_after_rows
 from smile_ray.cli import main
 from smile_ray.errors import SmileError
 from smile_ray.orchestration.tune import run_study
@@ -174,7 +174,8 @@ def test_ctrl_c_while_the_last_trial_runs_is_an_interrupt_and_resumes_as_uninter
     its table, prints none of Tune's or MLflow's output, and the interrupted trial ends as
     an uninterrupted one."""
     space = write_space(tmp_path / "space.yaml", num_samples=2, max_concurrent=1,
-                        base={"method": "smile", "steps": 60, "eval_every": 20, "samples_per_class": 3, "threads": 1})
+                        base={"method": "smile", "steps": 60, "eval_every": 20, "samples_per_class": 3, "threads": 1,
+                              **FEW_IL_PAIRS})
     out = tmp_path / "study"
     env = {**os.environ, "SMILE_RAY_CACHE": str(cache_dir)}
     joined = ["--address", ray_address, "--cache-dir", str(cache_dir)]
