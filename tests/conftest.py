@@ -33,6 +33,16 @@ os.environ["SMILE_RAY_OFFLINE"] = "1"
 # threshold is the raylets' own setting, read from the environment of every Ray that the
 # tests start (in this process, the CLI's subprocesses and `ray start`).
 os.environ.setdefault("RAY_local_fs_capacity_threshold", "1")
+# torch.compile's caches (inductor's kernels and FX graphs) go to a folder of this
+# session's, removed at its end, unless the caller names one. Torch's default,
+# /tmp/torchinductor_<user>, is the machine's: a test there would read what an earlier
+# session compiled (the compile test took 4-7 s warm and 25 s cold, as on a fresh CI
+# machine) and leave gigabytes behind. Set for the whole process, so Ray's workers and
+# the commands' subprocesses that the tests start inherit it too.
+_INDUCTOR_CACHE = None if "TORCHINDUCTOR_CACHE_DIR" in os.environ else \
+    tempfile.mkdtemp(prefix="smile-ray-test-inductor-")
+if _INDUCTOR_CACHE is not None:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _INDUCTOR_CACHE
 
 
 #: The interpolation losses, measured once a run ends, on 8 image pairs per split instead
@@ -95,6 +105,8 @@ def _stop_pretraining() -> None:
 
 def pytest_sessionfinish(session, exitstatus):
     _stop_pretraining()
+    if _INDUCTOR_CACHE is not None:
+        shutil.rmtree(_INDUCTOR_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
