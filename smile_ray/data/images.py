@@ -505,7 +505,6 @@ class ImageTask(StepOrder):
         key = (batch_size, rank, world_size)
         if self._train_iter is None or self._train_key != key or self._next_step != step:
             _stop_workers(self._train_iter)
-            self._train_iter = None
             self._train_iter = iter(self._loader(_Steps(self, step, batch_size, rank, world_size)))
             self._train_key = key
         batch = next(self._train_iter)
